@@ -1,0 +1,53 @@
+#pragma once
+
+// The affinity axis: input rows (hidden states, or logits already computed by the caller) -> fp32
+// T×E router logits.
+
+#include <cmath>
+#include <concepts>
+#include <string>
+#include <vector>
+
+#include "../backend/backend.hpp"
+#include "../core/concepts.hpp"
+#include "../core/error.hpp"
+#include "../core/view.hpp"
+
+namespace resonance {
+
+// An affinity policy says how many experts an input of `cols` columns routes to, and validates itself
+// against that width. Its compute(backend, x, storage) returns fp32 logits (possibly a view of x).
+template <class A>
+concept affinity_policy = policy_struct<A> && requires(const A& a, index cols) {
+  { a.num_experts(cols) } -> std::convertible_to<index>;
+  a.validate(cols);
+};
+
+namespace detail {
+
+// NaN or Inf anywhere in the logits is an error (it would make every top-k order meaningless).
+inline void check_finite(matrix_view<const float> m, std::string_view name) {
+  for (index r = 0; r < m.rows; ++r) {
+    const float* p = m.row(r);
+    for (index c = 0; c < m.cols; ++c)
+      if (!std::isfinite(p[c])) fail(name, "finite values", p[c], " at row ", r, ", column ", c);
+  }
+}
+
+// Converts (or views) an input matrix as fp32. A float input is returned as is, without a copy.
+template <execution_backend Backend, input_scalar T>
+matrix_view<const float> as_float(const Backend& be, matrix_view<const T> x, std::vector<float>& storage) {
+  if constexpr (std::is_same_v<std::remove_cv_t<T>, float>) {
+    return x;
+  } else {
+    storage.resize(static_cast<std::size_t>(x.rows * x.cols));
+    be.parallel_for_blocks(x.rows, 1024, [&](index begin, index end) {
+      for (index r = begin; r < end; ++r)
+        for (index c = 0; c < x.cols; ++c) storage[static_cast<std::size_t>(r * x.cols + c)] = static_cast<float>(x(r, c));
+    });
+    return {storage.data(), x.rows, x.cols, x.cols};
+  }
+}
+
+}  // namespace detail
+}  // namespace resonance

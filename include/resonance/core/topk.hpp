@@ -1,0 +1,113 @@
+#pragma once
+
+// Per-row selection kernels, written once for host and device: raw pointers and extents only, no
+// allocation, no std:: calls that are not constexpr. Ties always go to the lowest index.
+
+#include "config.hpp"
+
+namespace resonance::detail {
+
+// Inserts (value, id) into the descending list (vals, ids) of length n <= k. Scanning candidates in
+// ascending id order and moving only strictly smaller entries keeps ties in ascending id order.
+RESONANCE_INLINE_FUNCTION void topk_insert(float value, id_type id, float* vals, id_type* ids, index& n, index k) {
+  if (n == k) {
+    if (!(value > vals[k - 1])) return;
+    --n;
+  }
+  index pos = n;
+  while (pos > 0 && value > vals[pos - 1]) {
+    vals[pos] = vals[pos - 1];
+    ids[pos] = ids[pos - 1];
+    --pos;
+  }
+  vals[pos] = value;
+  ids[pos] = id;
+  ++n;
+}
+
+// Top-k of key(i) over i in [begin, end), appended to a list that already holds n entries. Requires
+// the ids of the list to be lower than begin (ascending scan), so ties stay lowest-index first.
+template <class Key>
+RESONANCE_INLINE_FUNCTION void topk_scan(index begin, index end, const Key& key, float* vals, id_type* ids, index& n,
+                                         index k) {
+  for (index i = begin; i < end; ++i) topk_insert(key(i), static_cast<id_type>(i), vals, ids, n, k);
+}
+
+// Top-k of a whole row (k <= n): vals descending, ids ascending among equal values.
+template <class Key>
+RESONANCE_INLINE_FUNCTION void topk_row(index n, index k, const Key& key, float* vals, id_type* ids) {
+  index filled = 0;
+  topk_scan(0, n, key, vals, ids, filled, k);
+}
+
+// Sorts (ids, vals) pairs of length n by ascending id (insertion sort: n is a small k).
+RESONANCE_INLINE_FUNCTION void sort_by_id(id_type* ids, float* vals, index n) {
+  for (index i = 1; i < n; ++i) {
+    const id_type id = ids[i];
+    const float v = vals[i];
+    index j = i;
+    while (j > 0 && ids[j - 1] > id) {
+      ids[j] = ids[j - 1];
+      vals[j] = vals[j - 1];
+      --j;
+    }
+    ids[j] = id;
+    vals[j] = v;
+  }
+}
+
+// How a group of experts is scored in group-limited (device- or node-limited) top-k.
+enum class group_score_kind : unsigned char {
+  top_m_sum,  // sum of the top m = top_k / group_topk keys of the group (Megatron-Core)
+  top2_sum,   // sum of the top 2 keys of the group (DeepSeek-V3, vLLM, TensorRT-LLM)
+  max,        // the group's largest key (vLLM without a correction bias)
+};
+
+// Scratch a group-limited selection needs: floats and ids, each of this length.
+RESONANCE_INLINE_FUNCTION index group_topk_scratch(index num_groups, index top_k, index group_topk) {
+  const index m = top_k / (group_topk > 0 ? group_topk : 1);
+  return 2 * num_groups + (m > 2 ? m : 2);
+}
+
+// Group-limited top-k: split the n ids into num_groups contiguous groups, score each group, keep the
+// best group_topk groups (ties to the lowest group), then take the top-k of key over their members.
+// Preconditions (checked by the host policy): n % num_groups == 0, 1 <= group_topk <= num_groups,
+// k <= group_topk * n / num_groups, and m >= 1 for top_m_sum.
+template <class Key>
+RESONANCE_INLINE_FUNCTION void group_limited_topk_row(index n, index k, index num_groups, index group_topk,
+                                                      group_score_kind kind, const Key& key, float* vals, id_type* ids,
+                                                      float* fscratch, id_type* iscratch) {
+  const index group_size = n / num_groups;
+  const index m = kind == group_score_kind::top_m_sum ? k / group_topk : (kind == group_score_kind::top2_sum ? 2 : 1);
+  float* group_vals = fscratch;
+  id_type* group_ids = iscratch;
+  float* tmp_vals = fscratch + 2 * num_groups;
+  id_type* tmp_ids = iscratch + 2 * num_groups;
+  index ngroups_kept = 0;
+  for (index g = 0; g < num_groups; ++g) {
+    const index first = g * group_size;
+    const index take = m < group_size ? m : group_size;
+    index filled = 0;
+    topk_scan(first, first + group_size, key, tmp_vals, tmp_ids, filled, take);
+    float s = 0.0f;
+    for (index j = 0; j < filled; ++j) s += tmp_vals[j];
+    topk_insert(s, static_cast<id_type>(g), group_vals, group_ids, ngroups_kept, group_topk);
+  }
+  // Scan the kept groups in ascending group order so that expert ties still go to the lowest id.
+  for (index i = 1; i < ngroups_kept; ++i) {
+    const id_type gid = group_ids[i];
+    index j = i;
+    while (j > 0 && group_ids[j - 1] > gid) {
+      group_ids[j] = group_ids[j - 1];
+      --j;
+    }
+    group_ids[j] = gid;
+  }
+  index filled = 0;
+  for (index i = 0; i < ngroups_kept; ++i) {
+    const index first = static_cast<index>(group_ids[i]) * group_size;
+    topk_scan(first, first + group_size, key, vals, ids, filled, k);
+  }
+}
+
+}  // namespace resonance::detail

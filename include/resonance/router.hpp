@@ -1,0 +1,79 @@
+#pragma once
+
+// router<Affinity, Direction, Capacity>: one routing step composed from three policies. The backend
+// is passed first to every call; the overload without it runs on backend::serial.
+
+#include <limits>
+#include <vector>
+
+#include "affinity/affinity.hpp"
+#include "backend/serial.hpp"
+#include "capacity/capacity.hpp"
+#include "core/view.hpp"
+#include "plan/build.hpp"
+#include "routing/routing.hpp"
+
+namespace resonance {
+
+template <affinity_policy Affinity, routing_policy Direction, capacity_policy Capacity>
+struct router {
+  using affinity_type = Affinity;
+  using direction_type = Direction;
+  using capacity_type = Capacity;
+
+  Affinity affinity{};
+  Direction direction{};
+  Capacity capacity{};
+
+  // Validates the policies against an input of `cols` columns; returns the number of experts.
+  index validate(index cols) const {
+    affinity.validate(cols);
+    const index E = affinity.num_experts(cols);
+    direction.validate(E);
+    capacity.validate();
+    return E;
+  }
+
+  // The fp32 router logits for x (a view of x itself for precomputed float logits).
+  template <execution_backend Backend, input_scalar T>
+  matrix_view<const float> logits(const Backend& be, matrix_view<const T> x, std::vector<float>& storage) const {
+    detail::check_matrix(x, "input");
+    validate(x.cols);
+    const matrix_view<const float> l = affinity.compute(be, x, storage);
+    detail::check_finite(l, "logits");
+    return l;
+  }
+
+  template <execution_backend Backend, input_scalar T>
+  routing_plan route(const Backend& be, matrix_view<const T> x) const {
+    detail::check_matrix(x, "input");
+    const index E = validate(x.cols);
+    const index T_ = x.rows;
+    const index k = direction.candidates_per_token(E);
+    detail::require(static_cast<double>(T_) * static_cast<double>(k) <
+                        static_cast<double>(std::numeric_limits<id_type>::max()),
+                    "input", "num_tokens * top_k < 2^31", T_, " tokens x ", k);
+    const capacity_limits lim = capacity.limits(T_, E, k);
+    detail::check_slot_budget(E, T_ * k, lim);
+    std::vector<float> storage;
+    const matrix_view<const float> l = affinity.compute(be, x, storage);
+    detail::check_finite(l, "logits");
+    candidate_set cands;
+    select(be, direction, l, cands);
+    return detail::build_plan_unchecked(be, cands, lim);
+  }
+
+  template <execution_backend Backend, input_scalar T>
+  routing_plan route(const Backend& be, matrix_view<T> x) const {
+    return route(be, matrix_view<const T>(x));
+  }
+
+  template <class T>
+  routing_plan route(matrix_view<T> x) const {
+    return route(backend::serial{}, matrix_view<const T>(x));
+  }
+
+  friend constexpr bool operator==(const router&, const router&) = default;
+};
+
+}  // namespace resonance

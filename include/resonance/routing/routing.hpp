@@ -1,0 +1,37 @@
+#pragma once
+
+// The routing-direction axis: turns a T×E score matrix into candidate (token, expert, weight) triples.
+
+#include <concepts>
+#include <vector>
+
+#include "../backend/backend.hpp"
+#include "../core/concepts.hpp"
+#include "../core/view.hpp"
+
+namespace resonance {
+
+// Candidate assignments before capacity, token-major CSR: token t's candidates are
+// [offsets[t], offsets[t+1]), with strictly ascending expert ids. `priority` ranks candidates for
+// drop_policy::score (higher is kept first); when empty, the weight is the priority.
+struct candidate_set {
+  index num_tokens = 0;
+  index num_experts = 0;
+  std::vector<id_type> offsets{0};
+  std::vector<id_type> expert;
+  std::vector<float> weight;
+  std::vector<float> priority;
+
+  index size() const { return static_cast<index>(expert.size()); }
+  const std::vector<float>& ranking() const { return priority.empty() ? weight : priority; }
+};
+
+// A routing direction validates itself against E, says how many candidates a token may propose, and
+// selects candidates from fp32 logits on a backend.
+template <class D>
+concept routing_policy = policy_struct<D> && requires(const D& d, index experts) {
+  d.validate(experts);
+  { d.candidates_per_token(experts) } -> std::convertible_to<index>;
+};
+
+}  // namespace resonance

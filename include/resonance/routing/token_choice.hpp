@@ -1,0 +1,189 @@
+#pragma once
+
+// Token choice: every token picks its top-k experts. With default options this reproduces
+// Megatron-Core's topk_routing_with_score_function:
+//   softmax (default):   top-k on the logits, then softmax over the k selected logits;
+//   softmax, pre:        softmax over all E, then top-k of the probabilities (no renormalisation);
+//   sigmoid/sqrt_softplus: score all E, top-k, renormalise over the k when k > 1 (s / (sum + eps));
+//   expert_bias:         added to the selection key only, never to the weights;
+//   groups:              group-limited top-k, the group score pluggable;
+//   scaling_factor:      multiplies the final weights.
+// Megatron rejects an expert bias with softmax; we accept it with the same selection-only meaning: the
+// bias is added to the quantity that is ranked (the logits, or the probabilities when pre_softmax).
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../core/error.hpp"
+#include "../core/topk.hpp"
+#include "../score/score.hpp"
+#include "routing.hpp"
+
+namespace resonance::routing {
+
+using group_score = detail::group_score_kind;
+
+// When the k selected weights are divided by their sum.
+enum class renormalize : unsigned char {
+  automatic,  // as Megatron: sigmoid and sqrt_softplus with k > 1; never for pre-softmax or identity
+  always,     // every score function (softmax after top-k is normalised by construction)
+  never,      // never (sigmoid weights stay raw)
+};
+
+struct token_choice {
+  index top_k = 1;
+  resonance::score score = resonance::score::softmax;
+  bool pre_softmax = false;                   // softmax over all experts before top-k
+  float temperature = 1.0f;                   // logits are divided by it before scoring
+  renormalize renorm = renormalize::automatic;
+  float renorm_epsilon = 1e-20f;              // Megatron's; a larger one resists aux-loss "hacking"
+  float scaling_factor = 1.0f;                // moe_router_topk_scaling_factor / routed_scaling_factor
+  vector_view<const float> expert_bias = {};  // E entries, selection only; empty for none
+  index num_groups = 0;                       // 0 or 1: no group limit
+  index group_topk = 0;                       // groups kept per token when num_groups > 1
+  group_score group_scoring = group_score::top_m_sum;
+
+  RESONANCE_HOST_DEVICE constexpr bool grouped() const { return num_groups > 1; }
+
+  void validate(index num_experts) const {
+    using detail::require;
+    require(num_experts >= 1, "num_experts", "at least 1 expert", num_experts);
+    require(top_k >= 1 && top_k <= num_experts, "top_k", "1 <= top_k <= num_experts (" + std::to_string(num_experts) + ")",
+            top_k);
+    require(score == resonance::score::softmax || score == resonance::score::sigmoid ||
+                score == resonance::score::sqrt_softplus || score == resonance::score::identity,
+            "score", "softmax, sigmoid, sqrt_softplus or identity", static_cast<int>(score));
+    require(!pre_softmax || score == resonance::score::softmax, "pre_softmax", "score == softmax");
+    require(std::isfinite(temperature) && temperature > 0.0f, "temperature", "a finite value > 0", temperature);
+    require(std::isfinite(scaling_factor) && scaling_factor > 0.0f, "scaling_factor", "a finite value > 0",
+            scaling_factor);
+    require(std::isfinite(renorm_epsilon) && renorm_epsilon >= 0.0f, "renorm_epsilon", "a finite value >= 0",
+            renorm_epsilon);
+    if (!expert_bias.empty()) {
+      require(expert_bias.size == num_experts, "expert_bias",
+              std::to_string(num_experts) + " entries (one per expert)", expert_bias.size);
+      require(expert_bias.data != nullptr, "expert_bias", "non-null data");
+      for (index e = 0; e < num_experts; ++e)
+        require(std::isfinite(expert_bias[e]), "expert_bias", "finite values", "expert_bias[", e,
+                "] = ", expert_bias[e]);
+    }
+    require(num_groups >= 0, "num_groups", "num_groups >= 0", num_groups);
+    if (grouped()) {
+      require(num_experts % num_groups == 0, "num_groups",
+              "a divisor of num_experts (" + std::to_string(num_experts) + ")", num_groups);
+      require(group_topk >= 1 && group_topk <= num_groups, "group_topk",
+              "1 <= group_topk <= num_groups (" + std::to_string(num_groups) + ")", group_topk);
+      require(top_k <= group_topk * (num_experts / num_groups), "top_k",
+              "at most group_topk * experts per group (" + std::to_string(group_topk * (num_experts / num_groups)) +
+                  ")",
+              top_k);
+      require(group_scoring != group_score::top_m_sum || top_k / group_topk >= 1, "group_topk",
+              "group_topk <= top_k, so that each group is scored by its top top_k/group_topk experts", group_topk);
+      require(group_scoring == group_score::top_m_sum || group_scoring == group_score::top2_sum ||
+                  group_scoring == group_score::max,
+              "group_scoring", "top_m_sum, top2_sum or max", static_cast<int>(group_scoring));
+    } else {
+      require(group_topk == 0 || num_groups <= 1, "group_topk", "0 when num_groups <= 1", group_topk);
+    }
+  }
+
+  index candidates_per_token(index) const { return top_k; }
+
+  // Scratch one row needs, in floats and in ids.
+  RESONANCE_HOST_DEVICE constexpr index scratch_size(index num_experts) const {
+    const index g = grouped() ? detail::group_topk_scratch(num_groups, top_k, group_topk) : 0;
+    return num_experts + top_k + g;
+  }
+
+  friend constexpr bool operator==(const token_choice&, const token_choice&) = default;
+};
+
+static_assert(routing_policy<token_choice>);
+
+namespace kernel {
+
+// One token's selection: writes top_k (expert, weight) pairs ordered by expert id. `fscratch` and
+// `iscratch` hold p.scratch_size(E) entries. Host/device; no allocation.
+RESONANCE_INLINE_FUNCTION void token_choice_row(const token_choice& p, const float* logits, index num_experts,
+                                                const float* bias, id_type* out_expert, float* out_weight,
+                                                float* fscratch, id_type* iscratch) {
+  const index k = p.top_k;
+  const float inv_t = 1.0f / p.temperature;
+  float* vals = fscratch;                    // k selected keys
+  float* scores = fscratch + k;              // E scores (when the score is computed before selection)
+  float* gf = fscratch + k + num_experts;    // group scratch
+  id_type* gi = iscratch + k;
+  const bool post_softmax = p.score == resonance::score::softmax && !p.pre_softmax;
+
+  // The selection key: logits (post softmax) or scores, plus the selection-only bias.
+  const float* base = logits;
+  float scale = inv_t;
+  if (!post_softmax) {
+    detail::score_row(p.score, logits, scores, num_experts, inv_t);
+    base = scores;
+    scale = 1.0f;
+  }
+  auto key = [&](index e) { return base[e] * scale + (bias != nullptr ? bias[e] : 0.0f); };
+  if (p.grouped()) {
+    detail::group_limited_topk_row(num_experts, k, p.num_groups, p.group_topk, p.group_scoring, key, vals, out_expert,
+                                   gf, gi);
+  } else {
+    detail::topk_row(num_experts, k, key, vals, out_expert);
+  }
+
+  // Weights from the unbiased quantity.
+  if (post_softmax) {
+    float m = logits[out_expert[0]] * inv_t;
+    for (index j = 1; j < k; ++j) m = logits[out_expert[j]] * inv_t > m ? logits[out_expert[j]] * inv_t : m;
+    float sum = 0.0f;
+    for (index j = 0; j < k; ++j) {
+      out_weight[j] = ::expf(logits[out_expert[j]] * inv_t - m);
+      sum += out_weight[j];
+    }
+    for (index j = 0; j < k; ++j) out_weight[j] /= sum;
+  } else {
+    for (index j = 0; j < k; ++j) out_weight[j] = scores[out_expert[j]];
+    const bool elementwise = p.score == resonance::score::sigmoid || p.score == resonance::score::sqrt_softplus;
+    const bool renorm = p.renorm == renormalize::always || (p.renorm == renormalize::automatic && elementwise && k > 1);
+    if (renorm) {
+      float sum = 0.0f;
+      for (index j = 0; j < k; ++j) sum += out_weight[j];
+      const float denom = sum + p.renorm_epsilon;
+      for (index j = 0; j < k; ++j) out_weight[j] /= denom;
+    }
+  }
+  if (p.scaling_factor != 1.0f)
+    for (index j = 0; j < k; ++j) out_weight[j] *= p.scaling_factor;
+  detail::sort_by_id(out_expert, out_weight, k);
+}
+
+}  // namespace kernel
+
+// Host driver: runs token_choice_row over every token on the backend.
+template <execution_backend Backend>
+void select(const Backend& be, const token_choice& p, matrix_view<const float> logits, candidate_set& out) {
+  const index T = logits.rows;
+  const index E = logits.cols;
+  const index k = p.top_k;
+  out.num_tokens = T;
+  out.num_experts = E;
+  out.offsets.resize(static_cast<std::size_t>(T + 1));
+  out.expert.resize(static_cast<std::size_t>(T * k));
+  out.weight.resize(static_cast<std::size_t>(T * k));
+  out.priority.clear();
+  const float* bias = p.expert_bias.empty() ? nullptr : p.expert_bias.data;
+  const index scratch = p.scratch_size(E);
+  be.parallel_for_blocks(T, 1024, [&](index begin, index end) {
+    std::vector<float> fs(static_cast<std::size_t>(scratch));
+    std::vector<id_type> is(static_cast<std::size_t>(scratch));
+    for (index t = begin; t < end; ++t) {
+      kernel::token_choice_row(p, logits.row(t), E, bias, out.expert.data() + t * k, out.weight.data() + t * k,
+                               fs.data(), is.data());
+      out.offsets[static_cast<std::size_t>(t + 1)] = static_cast<id_type>((t + 1) * k);
+    }
+  });
+  out.offsets[0] = 0;
+}
+
+}  // namespace resonance::routing

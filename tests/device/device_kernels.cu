@@ -1,0 +1,42 @@
+// Instantiates the core's per-row kernels in device code. Compiled, never run: if a host-only call
+// slips into a RESONANCE_HOST_DEVICE function, nvcc rejects this file.
+#include <resonance/core/topk.hpp>
+#include <resonance/plan/build.hpp>
+#include <resonance/routing/token_choice.hpp>
+#include <resonance/score/score.hpp>
+
+namespace rs = resonance;
+
+__global__ void token_choice_kernel(rs::routing::token_choice p, const float* logits, rs::index T, rs::index E,
+                                    const float* bias, rs::id_type* experts, float* weights, float* fscratch,
+                                    rs::id_type* iscratch) {
+  const rs::index t = blockIdx.x * static_cast<rs::index>(blockDim.x) + threadIdx.x;
+  if (t >= T) return;
+  const rs::index s = p.scratch_size(E);
+  rs::routing::kernel::token_choice_row(p, logits + t * E, E, bias, experts + t * p.top_k, weights + t * p.top_k,
+                                        fscratch + t * s, iscratch + t * s);
+}
+
+__global__ void score_kernel(const float* in, float* out, rs::index T, rs::index E, float* lse) {
+  const rs::index t = blockIdx.x * static_cast<rs::index>(blockDim.x) + threadIdx.x;
+  if (t >= T) return;
+  rs::detail::score_row(rs::score::softmax, in + t * E, out + t * E, E, 1.0f);
+  rs::detail::score_row(rs::score::sqrt_softplus, in + t * E, out + t * E, E, 1.0f);
+  lse[t] = rs::detail::logsumexp_row(in + t * E, E);
+}
+
+__global__ void topk_kernel(const float* in, rs::index T, rs::index E, rs::index k, float* vals, rs::id_type* ids,
+                            float* fs, rs::id_type* is) {
+  const rs::index t = blockIdx.x * static_cast<rs::index>(blockDim.x) + threadIdx.x;
+  if (t >= T) return;
+  const float* row = in + t * E;
+  auto key = [row](rs::index e) { return row[e]; };
+  rs::detail::topk_row(E, k, key, vals + t * k, ids + t * k);
+  rs::detail::group_limited_topk_row(E, k, 4, 2, rs::detail::group_score_kind::top2_sum, key, vals + t * k,
+                                     ids + t * k, fs + t * E, is + t * E);
+  rs::detail::sort_by_id(ids + t * k, vals + t * k, k);
+}
+
+__global__ void random_priority_kernel(unsigned long long seed, unsigned long long* out) {
+  out[threadIdx.x] = rs::detail::random_priority(seed, threadIdx.x, blockIdx.x);
+}
