@@ -2,7 +2,7 @@
 
 // Switch / GShard load-balancing loss as Megatron-Core computes it for logging and training
 // (compute_routing_scores_for_aux_loss + switch_load_balancing_loss_func, coefficient 1):
-//   s   = softmax over all E, or sigmoid / sqrt_softplus divided by their per-token sum when k > 1;
+//   s   = softmax over all E, or sigmoid / sqrt_softplus divided by their per-token sum (+1e-20);
 //   f_e = count_e / (T·k), counts of a plain top-k over s (no bias, no groups);
 //   P_e = (1/T) Σ_t s_te;      loss = E · Σ_e f_e · P_e.
 // Forward only here; gradients and the other losses arrive with the training support.
@@ -37,7 +37,7 @@ double switch_aux_loss(const Backend& be, matrix_view<const float> logits, reson
       id_type* cnt = counts.data() + b * E;
       for (index t = b * block; t < (b + 1) * block && t < T; ++t) {
         detail::score_row(fn, logits.row(t), s.data(), E, 1.0f);
-        if (fn != resonance::score::softmax && top_k > 1) {
+        if (fn != resonance::score::softmax) {
           float sum = 0.0f;
           for (index e = 0; e < E; ++e) sum += s[static_cast<std::size_t>(e)];
           for (index e = 0; e < E; ++e) s[static_cast<std::size_t>(e)] /= sum + 1e-20f;
