@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages a task needs when any is missing (see shared research/env.md).
+#   scripts/deps.sh demo   compiler, CMake, Ninja
+#   scripts/deps.sh test   + Eigen, xsimd, oneTBB, doctest, Google Benchmark, NumPy (CLI reference test)
+set -euo pipefail
+
+packages=(g++ cmake ninja-build)
+if [[ "${1:-test}" == "test" ]]; then
+  packages+=(libeigen3-dev libxsimd-dev libtbb-dev doctest-dev libbenchmark-dev python3-numpy)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[[ ${#missing[@]} -eq 0 ]] && exit 0
+
+echo "resonance: installing ${missing[*]}" >&2
+sudo=()
+[[ $(id -u) -ne 0 ]] && sudo=(sudo)
+export DEBIAN_FRONTEND=noninteractive
+"${sudo[@]}" apt-get update -qq
+"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
