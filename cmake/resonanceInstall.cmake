@@ -3,7 +3,7 @@ include(CMakePackageConfigHelpers)
 set(RESONANCE_INSTALL_CMAKEDIR "${CMAKE_INSTALL_DATADIR}/cmake/resonance"
     CACHE STRING "Where the CMake package files are installed")
 
-install(TARGETS resonance EXPORT resonanceTargets FILE_SET HEADERS)
+install(TARGETS resonance EXPORT resonanceTargets FILE_SET HEADERS FILE_SET optional_headers)
 install(EXPORT resonanceTargets NAMESPACE resonance:: DESTINATION "${RESONANCE_INSTALL_CMAKEDIR}")
 
 configure_package_config_file(cmake/resonanceConfig.cmake.in "${PROJECT_BINARY_DIR}/resonanceConfig.cmake"
