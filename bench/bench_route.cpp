@@ -1,11 +1,11 @@
 // Route (score + select + capacity + plan) and dispatch/combine on the serial backend.
 // Counters: items = tokens, bytes = logits read (route) or rows moved (dispatch, combine).
+#include <random>
+#include <vector>
+
 #include <benchmark/benchmark.h>
 
 #include <resonance/resonance.hpp>
-
-#include <random>
-#include <vector>
 
 namespace rs = resonance;
 
@@ -39,7 +39,8 @@ BENCHMARK(bm_route)
 void bm_dispatch_combine(benchmark::State& state) {
   const rs::index T = state.range(0), E = 64, k = 2, d = 1024;
   const auto logits = random_logits(T, E);
-  const rs::router<rs::affinity::precomputed, rs::routing::token_choice, rs::capacity::dropless> r{{}, {.top_k = k}, {}};
+  const rs::router<rs::affinity::precomputed, rs::routing::token_choice, rs::capacity::dropless> r{
+      {}, {.top_k = k}, {}};
   const rs::routing_plan plan = r.route(rs::matrix_view<const float>{logits.data(), T, E});
   std::vector<float> x(static_cast<std::size_t>(T * d), 1.0f), buf(static_cast<std::size_t>(plan.num_slots() * d)),
       y(static_cast<std::size_t>(T * d));

@@ -1,9 +1,9 @@
 // The README's quick start: top-2 token choice with a capacity factor on the caller's gate logits.
-#include <resonance/resonance.hpp>
-
 #include <cstdio>
 #include <random>
 #include <vector>
+
+#include <resonance/resonance.hpp>
 
 namespace rs = resonance;
 

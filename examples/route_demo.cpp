@@ -3,8 +3,6 @@
 //
 // The logits mimic a trained router: a few popular experts (a Zipf-like per-expert offset), tokens
 // drawn from topics that each prefer a handful of experts, and Gaussian noise.
-#include <resonance/resonance.hpp>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -14,6 +12,8 @@
 #include <random>
 #include <string>
 #include <vector>
+
+#include <resonance/resonance.hpp>
 
 namespace rs = resonance;
 using tc = rs::routing::token_choice;
@@ -98,13 +98,13 @@ int main(int argc, char** argv) {
   report("pre-softmax, cf 1.25",
          rs::router<precomputed, tc, factor>{{}, {.top_k = k, .pre_softmax = true}, {.factor = 1.25}}, b);
   report("sigmoid, 8 groups, keep 4, cf 1.25",
-         rs::router<precomputed, tc, factor>{
-             {}, {.top_k = k,
-              .score = rs::score::sigmoid,
-              .num_groups = 8,
-              .group_topk = 4,
-              .group_scoring = rs::routing::group_score::top2_sum},
-             {.factor = 1.25}},
+         rs::router<precomputed, tc, factor>{{},
+                                             {.top_k = k,
+                                              .score = rs::score::sigmoid,
+                                              .num_groups = 8,
+                                              .group_topk = 4,
+                                              .group_scoring = rs::routing::group_score::top2_sum},
+                                             {.factor = 1.25}},
          b);
 
   // Selection-only bias that cancels the popularity skew (what an aux-loss-free balancer converges to).
@@ -114,7 +114,8 @@ int main(int argc, char** argv) {
   report("selection bias = -skew, dropless", rs::router<precomputed, tc, dropless>{{}, biased, {}}, b);
   report("selection bias = -skew, cf 1.25", rs::router<precomputed, tc, factor>{{}, biased, {.factor = 1.25}}, b);
 
-  std::printf("\ncapacity: slots per expert (- = dropless); drop: assignments dropped / demanded; padding: empty\n"
-              "slots / all slots; load CV: std/mean of kept tokens per expert; ms: median of 7 routes (score,\n"
-              "select, capacity and plan).\n");
+  std::printf(
+      "\ncapacity: slots per expert (- = dropless); drop: assignments dropped / demanded; padding: empty\n"
+      "slots / all slots; load CV: std/mean of kept tokens per expert; ms: median of 7 routes (score,\n"
+      "select, capacity and plan).\n");
 }

@@ -1,2 +1,543 @@
-// Temporary entry point; replaced by the full CLI in this same change.
-int main() { return 2; }
+// resonance-route: routes logits saved with numpy.save and writes the routing plan, its statistics and
+// the auxiliary losses (DESIGN.md section 6 is the contract). Bad input exits with status 2, prints one
+// line on stderr, and leaves no output directory behind: everything is written into a temporary
+// directory next to --out and renamed into place only when complete.
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+#include <map>
+#include <new>
+#include <optional>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <sys/stat.h>
+#include <system_error>
+#include <type_traits>
+#include <vector>
+
+#include <resonance/resonance.hpp>
+
+#include "npy.hpp"
+
+namespace rs = resonance;
+namespace fs = std::filesystem;
+namespace npy = resonance::tools::npy;
+
+namespace {
+
+constexpr const char* usage_text =
+    "usage: resonance-route --logits L.npy --out DIR [options]\n"
+    "\n"
+    "Routes T x E router logits (float32 or float64, C order, saved with numpy.save) and writes\n"
+    "DIR/probs.npy, routing_map.npy, expert_counts.npy, expert_demand.npy, expert_offsets.npy,\n"
+    "slot_token.npy and stats.json; the same JSON is printed on stdout.\n"
+    "\n"
+    "options:\n"
+    "  --logits L.npy              T x E logits (required)\n"
+    "  --out DIR                   output directory (required; its parent must exist)\n"
+    "  --direction D               token (default); expert, bidirectional and sinkhorn are not\n"
+    "                              available in this version\n"
+    "  --top-k K                   experts per token (default 1)\n"
+    "  --score F                   softmax (default), sigmoid or sqrt_softplus\n"
+    "  --pre-softmax               softmax over all experts before the top-k (softmax only)\n"
+    "  --scaling-factor F          multiplies the routing weights (default 1)\n"
+    "  --num-groups G              group-limited top-k: G groups of experts ...\n"
+    "  --group-topk M              ... of which each token uses the best M\n"
+    "  --expert-bias B.npy         E selection-only biases (float32 or float64, 1-D)\n"
+    "  --capacity-factor F         C = max(ceil(T*K/E*F), min-capacity) slots per expert; omitted: dropless\n"
+    "  --drop P                    score (default), position or random: who stays when an expert is full\n"
+    "  --seed S                    seed of --drop random (default 0)\n"
+    "  --pad-to-capacity           every expert gets exactly C slots (padding: token -1)\n"
+    "  --min-capacity N            lower bound on C (default 0)\n"
+    "  --align N                   round every expert's slot count up to a multiple of N (default 1)\n"
+    "  --backend B                 serial (default; the only backend of this build)\n"
+    "  --help                      this text\n"
+    "  --version                   the library version\n"
+    "\n"
+    "Bad input: exit status 2, one line on stderr, and DIR is not created.\n";
+
+// Every user-facing failure: the message becomes the single stderr line.
+struct usage_error : std::runtime_error {
+  explicit usage_error(const std::string& what) : std::runtime_error(what) {}
+};
+
+[[noreturn]] void fail(const std::string& what) { throw usage_error(what); }
+
+// ---- strict number parsing ------------------------------------------------------------------------
+
+template <class Int>
+Int parse_int(std::string_view option, std::string_view text) {
+  Int v{};
+  const char* end = text.data() + text.size();
+  const auto [ptr, ec] = std::from_chars(text.data(), end, v);
+  if (text.empty() || ec == std::errc::invalid_argument || ptr != end)
+    fail(std::string(option) + (std::is_signed_v<Int> ? ": expected an integer" : ": expected a non-negative integer") +
+         ", got '" + std::string(text) + "'");
+  if (ec == std::errc::result_out_of_range)
+    fail(std::string(option) + ": integer out of range: '" + std::string(text) + "'");
+  return v;
+}
+
+double parse_double(std::string_view option, std::string_view text) {
+  double v = 0.0;
+  const char* end = text.data() + text.size();
+  const auto [ptr, ec] = std::from_chars(text.data(), end, v);
+  if (text.empty() || ec == std::errc::invalid_argument || ptr != end)
+    fail(std::string(option) + ": expected a number, got '" + std::string(text) + "'");
+  if (ec == std::errc::result_out_of_range || !std::isfinite(v))
+    fail(std::string(option) + ": expected a finite number, got '" + std::string(text) + "'");
+  return v;
+}
+
+// ---- command line ---------------------------------------------------------------------------------
+
+struct options {
+  std::string logits;
+  std::string out;
+  std::string direction = "token";
+  rs::index top_k = 1;
+  rs::score score = rs::score::softmax;
+  std::string score_name = "softmax";
+  bool pre_softmax = false;
+  double scaling_factor = 1.0;
+  rs::index num_groups = 0;
+  rs::index group_topk = 0;
+  std::string expert_bias;
+  std::optional<double> capacity_factor;
+  rs::drop_policy drop = rs::drop_policy::score;
+  std::uint64_t seed = 0;
+  bool pad_to_capacity = false;
+  rs::index min_capacity = 0;
+  rs::index align = 1;
+  std::string backend = "serial";
+  // Capacity-only options given, for the "needs --capacity-factor" check.
+  std::vector<std::string> capacity_only;
+};
+
+enum class action { route, help, version };
+
+action parse_args(int argc, char** argv, options& o) {
+  const std::vector<std::string_view> args(argv + 1, argv + argc);
+  // --help and --version win over everything else, wherever they appear.
+  for (std::string_view a : args) {
+    if (a == "--help" || a == "-h") return action::help;
+    if (a == "--version") return action::version;
+  }
+  std::map<std::string, bool> seen;
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    std::string_view arg = args[i];
+    if (arg.size() < 3 || arg.substr(0, 2) != "--") fail("unexpected argument '" + std::string(arg) + "'");
+    std::string name(arg);
+    std::optional<std::string_view> inline_value;
+    if (const auto eq = arg.find('='); eq != std::string_view::npos) {
+      name = std::string(arg.substr(0, eq));
+      inline_value = arg.substr(eq + 1);
+    }
+    if (seen[name]) fail(name + ": given more than once");
+    seen[name] = true;
+
+    auto flag = [&](bool& target) {
+      if (inline_value) fail(name + ": takes no value");
+      target = true;
+    };
+    auto value = [&]() -> std::string_view {
+      if (inline_value) return *inline_value;
+      if (i + 1 >= args.size()) fail(name + ": missing value");
+      return args[++i];
+    };
+
+    if (name == "--logits") {
+      o.logits = value();
+      if (o.logits.empty()) fail("--logits: expected a file name");
+    } else if (name == "--out") {
+      o.out = value();
+      if (o.out.empty()) fail("--out: expected a directory name");
+    } else if (name == "--direction") {
+      const std::string_view v = value();
+      if (v == "expert" || v == "bidirectional" || v == "sinkhorn")
+        fail("--direction " + std::string(v) + ": not available in this version (token only)");
+      if (v != "token")
+        fail("--direction: expected token, expert, bidirectional or sinkhorn, got '" + std::string(v) + "'");
+      o.direction = v;
+    } else if (name == "--top-k") {
+      o.top_k = parse_int<rs::index>(name, value());
+    } else if (name == "--score") {
+      const std::string_view v = value();
+      if (v == "softmax") {
+        o.score = rs::score::softmax;
+      } else if (v == "sigmoid") {
+        o.score = rs::score::sigmoid;
+      } else if (v == "sqrt_softplus") {
+        o.score = rs::score::sqrt_softplus;
+      } else {
+        fail("--score: expected softmax, sigmoid or sqrt_softplus, got '" + std::string(v) + "'");
+      }
+      o.score_name = v;
+    } else if (name == "--pre-softmax") {
+      flag(o.pre_softmax);
+    } else if (name == "--scaling-factor") {
+      o.scaling_factor = parse_double(name, value());
+    } else if (name == "--num-groups") {
+      o.num_groups = parse_int<rs::index>(name, value());
+    } else if (name == "--group-topk") {
+      o.group_topk = parse_int<rs::index>(name, value());
+    } else if (name == "--expert-bias") {
+      o.expert_bias = value();
+      if (o.expert_bias.empty()) fail("--expert-bias: expected a file name");
+    } else if (name == "--capacity-factor") {
+      const std::string_view v = value();
+      o.capacity_factor = parse_double(name, v);
+      // Megatron reads a negative factor as dropless and Tutel as adaptive: make the user say which.
+      if (!(*o.capacity_factor > 0.0))
+        fail("--capacity-factor: expected a value > 0 (omit the option for dropless routing), got " + std::string(v));
+    } else if (name == "--drop") {
+      const std::string_view v = value();
+      if (v == "score") {
+        o.drop = rs::drop_policy::score;
+      } else if (v == "position") {
+        o.drop = rs::drop_policy::position;
+      } else if (v == "random") {
+        o.drop = rs::drop_policy::random;
+      } else {
+        fail("--drop: expected score, position or random, got '" + std::string(v) + "'");
+      }
+      o.capacity_only.push_back(name);
+    } else if (name == "--seed") {
+      o.seed = parse_int<std::uint64_t>(name, value());
+      o.capacity_only.push_back(name);
+    } else if (name == "--pad-to-capacity") {
+      flag(o.pad_to_capacity);
+      o.capacity_only.push_back(name);
+    } else if (name == "--min-capacity") {
+      o.min_capacity = parse_int<rs::index>(name, value());
+      o.capacity_only.push_back(name);
+    } else if (name == "--align") {
+      o.align = parse_int<rs::index>(name, value());
+    } else if (name == "--backend") {
+      const std::string_view v = value();
+      if (v == "simd" || v == "tbb" || v == "cuda" || v == "kokkos")
+        fail("--backend " + std::string(v) + ": not available in this build (serial only)");
+      if (v != "serial") fail("--backend: expected serial, got '" + std::string(v) + "'");
+      o.backend = v;
+    } else {
+      fail("unknown option '" + name + "' (see --help)");
+    }
+  }
+  if (o.logits.empty()) fail("--logits is required (see --help)");
+  if (o.out.empty()) fail("--out is required (see --help)");
+  if (!o.capacity_factor && !o.capacity_only.empty())
+    fail(o.capacity_only.front() + ": needs --capacity-factor (dropless routing has no capacity)");
+  return action::route;
+}
+
+// ---- library errors -------------------------------------------------------------------------------
+
+// The library's errors read "resonance: <argument>: expected ..."; name the command-line option instead
+// of the library's parameter where there is one.
+std::string cli_message(const std::string& what) {
+  static const std::map<std::string, std::string, std::less<>> option_of = {
+      {"top_k", "--top-k"},
+      {"num_groups", "--num-groups"},
+      {"group_topk", "--group-topk"},
+      {"expert_bias", "--expert-bias"},
+      {"scaling_factor", "--scaling-factor"},
+      {"pre_softmax", "--pre-softmax"},
+      {"capacity factor", "--capacity-factor"},
+      {"min_capacity", "--min-capacity"},
+      {"align", "--align"},
+      {"logits", "--logits"},
+      {"input", "--logits"},
+  };
+  std::string_view m = what;
+  if (m.substr(0, 11) == "resonance: ") m.remove_prefix(11);
+  const auto colon = m.find(": ");
+  if (colon != std::string_view::npos) {
+    const auto it = option_of.find(m.substr(0, colon));
+    if (it != option_of.end()) return it->second + std::string(m.substr(colon));
+  }
+  return std::string(m);
+}
+
+// ---- input ----------------------------------------------------------------------------------------
+
+npy::array load_input(const std::string& option, const std::string& path, std::size_t ndim,
+                      std::string_view shape_text) {
+  try {
+    npy::array a = npy::load(path);
+    npy::require_float(a, ndim, shape_text);
+    return a;
+  } catch (const npy::error& e) {
+    fail(option + " '" + path + "': " + e.what());
+  }
+}
+
+rs::index extent(std::size_t n, const std::string& option) {
+  if (n > static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()))
+    fail(option + ": dimension " + std::to_string(n) + " does not fit in 32-bit ids");
+  return static_cast<rs::index>(n);
+}
+
+// ---- output ---------------------------------------------------------------------------------------
+
+std::string short_number(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.9g", v);
+  return buf;
+}
+
+std::string json_number(double v) {
+  if (!std::isfinite(v)) return "null";
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  return buf;
+}
+
+struct results {
+  rs::routing_plan plan;
+  std::vector<float> probs;
+  std::vector<std::uint8_t> map;
+  double aux_loss = 0.0;
+  double z_loss = 0.0;
+};
+
+std::string stats_json(const options& o, const results& r) {
+  const rs::balance::routing_stats s = rs::balance::compute_stats(r.plan);
+  std::string j = "{\n";
+  auto field = [&](const char* key, const std::string& value, bool last = false) {
+    j += "  \"";
+    j += key;
+    j += "\": ";
+    j += value;
+    j += last ? "\n" : ",\n";
+  };
+  auto quoted = [](const std::string& v) { return "\"" + v + "\""; };
+  field("num_tokens", std::to_string(r.plan.num_tokens()));
+  field("num_experts", std::to_string(r.plan.num_experts()));
+  field("top_k", std::to_string(o.top_k));
+  field("direction", quoted(o.direction));
+  field("score", quoted(o.score_name));
+  field("pre_softmax", o.pre_softmax ? "true" : "false");
+  field("backend", quoted(o.backend));
+  field("capacity", std::to_string(s.capacity));
+  field("num_slots", std::to_string(s.slots));
+  field("demanded", std::to_string(s.demanded));
+  field("kept", std::to_string(s.kept));
+  field("dropped", std::to_string(s.dropped));
+  field("drop_rate", json_number(s.drop_rate));
+  field("padding_fraction", json_number(s.padding_fraction));
+  field("mean_load", json_number(s.mean_load));
+  field("max_load", json_number(s.max_load));
+  field("load_cv", json_number(s.load_cv));
+  field("max_over_mean", json_number(s.max_over_mean));
+  field("aux_loss", json_number(r.aux_loss));
+  field("z_loss", json_number(r.z_loss), true);
+  j += "}\n";
+  return j;
+}
+
+template <class T>
+void save_npy(const fs::path& dir, const char* name, std::span<const T> values, std::vector<std::size_t> shape) {
+  npy::save(std::string(dir / name), values, std::span<const std::size_t>(shape));
+}
+
+void write_outputs(const fs::path& dir, const results& r, const std::string& json) {
+  const auto T = static_cast<std::size_t>(r.plan.num_tokens());
+  const auto E = static_cast<std::size_t>(r.plan.num_experts());
+  const auto S = static_cast<std::size_t>(r.plan.num_slots());
+  save_npy<float>(dir, "probs.npy", r.probs, {T, E});
+  save_npy<std::uint8_t>(dir, "routing_map.npy", r.map, {T, E});
+  save_npy<std::int32_t>(dir, "expert_counts.npy", r.plan.expert_counts(), {E});
+  save_npy<std::int32_t>(dir, "expert_demand.npy", r.plan.expert_demand(), {E});
+  save_npy<std::int32_t>(dir, "expert_offsets.npy", r.plan.expert_offsets(), {E + 1});
+  save_npy<std::int32_t>(dir, "slot_token.npy", r.plan.slot_token(), {S});
+  npy::write_file(std::string(dir / "stats.json"), json);
+}
+
+constexpr const char* output_names[] = {"probs.npy",         "routing_map.npy",    "expert_counts.npy",
+                                        "expert_demand.npy", "expert_offsets.npy", "slot_token.npy",
+                                        "stats.json"};
+
+// The temporary directory next to --out; removed unless release()d, so an error leaves nothing behind.
+class temp_dir {
+ public:
+  explicit temp_dir(const fs::path& target) {
+    std::string pattern = target.string() + ".tmp-XXXXXX";
+    if (::mkdtemp(pattern.data()) == nullptr)
+      fail("--out '" + target.string() + "': cannot create a directory next to it: " + std::strerror(errno));
+    path_ = pattern;
+    // mkdtemp makes it 0700; give the final directory the permissions mkdir would have.
+    const mode_t mask = ::umask(0);
+    ::umask(mask);
+    ::chmod(path_.c_str(), 0777 & ~mask);
+  }
+  temp_dir(const temp_dir&) = delete;
+  temp_dir& operator=(const temp_dir&) = delete;
+  ~temp_dir() {
+    if (!path_.empty()) {
+      std::error_code ec;
+      fs::remove_all(path_, ec);
+    }
+  }
+  const fs::path& path() const { return path_; }
+  void release() { path_.clear(); }
+
+ private:
+  fs::path path_;
+};
+
+// Writes every output into a fresh temporary directory, then moves it to `out`: by a rename of the
+// whole directory when `out` does not exist, file by file when it is an existing directory.
+void publish(const fs::path& out, const results& r, const std::string& json) {
+  temp_dir tmp(out);
+  try {
+    write_outputs(tmp.path(), r, json);
+  } catch (const npy::error& e) {
+    fail(std::string("--out: ") + e.what());
+  }
+  std::error_code ec;
+  const fs::file_status st = fs::status(out, ec);
+  if (!fs::exists(st)) {
+    fs::rename(tmp.path(), out, ec);
+    if (ec) fail("--out '" + out.string() + "': cannot rename the temporary directory: " + ec.message());
+    tmp.release();
+    return;
+  }
+  if (!fs::is_directory(st)) fail("--out '" + out.string() + "': exists and is not a directory");
+  for (const char* name : output_names)
+    if (fs::is_directory(out / name, ec))
+      fail("--out '" + out.string() + "': " + name + " exists there and is a directory");
+  for (const char* name : output_names) {
+    fs::rename(tmp.path() / name, out / name, ec);
+    if (ec) fail("--out '" + out.string() + "': cannot move " + name + " into it: " + ec.message());
+  }
+}
+
+// ---- routing --------------------------------------------------------------------------------------
+
+template <class Capacity, class Scalar>
+results route_with(const rs::routing::token_choice& tc, const Capacity& cap, const std::vector<Scalar>& logits,
+                   rs::index T, rs::index E) {
+  const rs::backend::serial be;
+  const rs::router<rs::affinity::precomputed, rs::routing::token_choice, Capacity> r{{}, tc, cap};
+  const rs::matrix_view<const Scalar> x{logits.data(), T, E};
+  // fp32 logits (validated, finite): routed, and the losses are computed on the same values.
+  std::vector<float> storage;
+  const rs::matrix_view<const float> l = r.logits(be, x, storage);
+  results out;
+  out.plan = r.route(be, l);
+  out.aux_loss = rs::loss::switch_aux_loss(be, l, tc.score, tc.top_k);
+  out.z_loss = rs::loss::z_loss(be, l);
+  out.probs.resize(static_cast<std::size_t>(T * E));
+  out.map.resize(static_cast<std::size_t>(T * E));
+  rs::to_dense(out.plan, rs::matrix_view<float>{out.probs.data(), T, E},
+               rs::matrix_view<std::uint8_t>{out.map.data(), T, E});
+  return out;
+}
+
+template <class Scalar>
+results route_all(const options& o, const rs::routing::token_choice& tc, const std::vector<Scalar>& logits, rs::index T,
+                  rs::index E) {
+  if (o.capacity_factor) {
+    const rs::capacity::factor cap{.factor = *o.capacity_factor,
+                                   .drop = o.drop,
+                                   .min_capacity = o.min_capacity,
+                                   .pad_to_capacity = o.pad_to_capacity,
+                                   .align = o.align,
+                                   .seed = o.seed};
+    return route_with(tc, cap, logits, T, E);
+  }
+  return route_with(tc, rs::capacity::dropless{.align = o.align}, logits, T, E);
+}
+
+int run(const options& o) {
+  const fs::path out = [&] {
+    std::string s = o.out;
+    while (s.size() > 1 && s.back() == '/') s.pop_back();
+    return fs::path(s);
+  }();
+  {
+    std::error_code ec;
+    const fs::file_status st = fs::status(out, ec);
+    if (fs::exists(st) && !fs::is_directory(st)) fail("--out '" + o.out + "': exists and is not a directory");
+  }
+
+  const npy::array logits = load_input("--logits", o.logits, 2, "a 2-D array (tokens x experts)");
+  const rs::index T = extent(logits.shape[0], "--logits");
+  const rs::index E = extent(logits.shape[1], "--logits");
+
+  std::vector<float> bias;
+  if (!o.expert_bias.empty()) {
+    const npy::array b = load_input("--expert-bias", o.expert_bias, 1, "a 1-D array (one bias per expert)");
+    if (b.type == npy::dtype::float32) {
+      bias = b.values<float>();
+    } else {
+      for (double v : b.values<double>()) bias.push_back(static_cast<float>(v));
+    }
+    // An empty view means "no bias" to the library; an empty file is a wrong length, not no bias.
+    if (bias.empty()) fail("--expert-bias '" + o.expert_bias + "': expected " + std::to_string(E) + " entries, got 0");
+  }
+
+  if (o.scaling_factor > static_cast<double>(std::numeric_limits<float>::max()))
+    fail("--scaling-factor: expected a finite value > 0 that fits in float, got " + short_number(o.scaling_factor));
+  const rs::routing::token_choice tc{.top_k = o.top_k,
+                                     .score = o.score,
+                                     .pre_softmax = o.pre_softmax,
+                                     .scaling_factor = static_cast<float>(o.scaling_factor),
+                                     .expert_bias = {bias.data(), static_cast<rs::index>(bias.size())},
+                                     .num_groups = o.num_groups,
+                                     .group_topk = o.group_topk};
+
+  const results r = logits.type == npy::dtype::float32 ? route_all(o, tc, logits.values<float>(), T, E)
+                                                       : route_all(o, tc, logits.values<double>(), T, E);
+  const std::string json = stats_json(o, r);
+  publish(out, r, json);
+  std::fputs(json.c_str(), stdout);
+  std::fflush(stdout);
+  return 0;
+}
+
+// One line, whatever the message holds.
+void report(const std::string& what) {
+  std::string line = what;
+  std::replace(line.begin(), line.end(), '\n', ' ');
+  std::fprintf(stderr, "resonance-route: %s\n", line.c_str());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    options o;
+    switch (parse_args(argc, argv, o)) {
+      case action::help:
+        std::fputs(usage_text, stdout);
+        return 0;
+      case action::version:
+        std::printf("resonance-route %d.%d.%d\n", RESONANCE_VERSION_MAJOR, RESONANCE_VERSION_MINOR,
+                    RESONANCE_VERSION_PATCH);
+        return 0;
+      case action::route:
+        return run(o);
+    }
+  } catch (const usage_error& e) {
+    report(e.what());
+  } catch (const rs::error& e) {
+    report(cli_message(e.what()));
+  } catch (const std::bad_alloc&) {
+    report("out of memory");
+  } catch (const std::exception& e) {
+    report(std::string("unexpected error: ") + e.what());
+  } catch (...) {
+    report("unexpected error");
+  }
+  return 2;
+}

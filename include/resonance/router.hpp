@@ -3,6 +3,7 @@
 // router<Affinity, Direction, Capacity>: one routing step composed from three policies. The backend
 // is passed first to every call; the overload without it runs on backend::serial.
 
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -50,9 +51,9 @@ struct router {
     const index E = validate(x.cols);
     const index T_ = x.rows;
     const index k = direction.candidates_per_token(E);
-    detail::require(static_cast<double>(T_) * static_cast<double>(k) <
-                        static_cast<double>(std::numeric_limits<id_type>::max()),
-                    "input", "num_tokens * top_k < 2^31", T_, " tokens x ", k);
+    detail::require(
+        static_cast<double>(T_) * static_cast<double>(k) < static_cast<double>(std::numeric_limits<id_type>::max()),
+        "input", "num_tokens * top_k < 2^31", T_, " tokens x ", k);
     const capacity_limits lim = capacity.limits(T_, E, k);
     detail::check_slot_budget(E, T_ * k, lim);
     std::vector<float> storage;
@@ -60,6 +61,14 @@ struct router {
     detail::check_finite(l, "logits");
     candidate_set cands;
     select(be, direction, l, cands);
+    // Finite logits can still overflow fp32 once divided by a tiny temperature or scaled by a huge
+    // scaling factor: a NaN or Inf weight must not reach the plan.
+    const auto sz = [](index n) { return static_cast<std::size_t>(n); };
+    for (index t = 0; t < cands.num_tokens; ++t)
+      for (index i = cands.offsets[sz(t)]; i < cands.offsets[sz(t + 1)]; ++i)
+        detail::require(std::isfinite(cands.weight[sz(i)]) && std::isfinite(cands.ranking()[sz(i)]), "routing weight",
+                        "a finite fp32 value (logits / temperature or weight * scaling_factor overflowed)",
+                        cands.weight[sz(i)], " for token ", t);
     return detail::build_plan_unchecked(be, cands, lim);
   }
 

@@ -32,8 +32,8 @@ __global__ void topk_kernel(const float* in, rs::index T, rs::index E, rs::index
   const float* row = in + t * E;
   auto key = [row](rs::index e) { return row[e]; };
   rs::detail::topk_row(E, k, key, vals + t * k, ids + t * k);
-  rs::detail::group_limited_topk_row(E, k, 4, 2, rs::detail::group_score_kind::top2_sum, key, vals + t * k,
-                                     ids + t * k, fs + t * E, is + t * E);
+  rs::detail::group_limited_topk_row(E, k, 4, 2, rs::detail::group_score_kind::top2_sum, key, vals + t * k, ids + t * k,
+                                     fs + t * E, is + t * E);
   rs::detail::sort_by_id(ids + t * k, vals + t * k, k);
 }
 

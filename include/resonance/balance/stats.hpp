@@ -10,17 +10,17 @@
 namespace resonance::balance {
 
 struct routing_stats {
-  index capacity = -1;          // -1 when dropless
-  index demanded = 0;           // candidate (token, expert) pairs before capacity
-  index kept = 0;               // assignments in the plan
-  index dropped = 0;            // demanded - kept
-  index slots = 0;              // buffer rows, padding included
-  double drop_rate = 0.0;       // dropped / demanded
+  index capacity = -1;            // -1 when dropless
+  index demanded = 0;             // candidate (token, expert) pairs before capacity
+  index kept = 0;                 // assignments in the plan
+  index dropped = 0;              // demanded - kept
+  index slots = 0;                // buffer rows, padding included
+  double drop_rate = 0.0;         // dropped / demanded
   double padding_fraction = 0.0;  // (slots - kept) / slots
-  double mean_load = 0.0;       // mean kept tokens per expert
-  double max_load = 0.0;        // largest kept count
-  double load_cv = 0.0;         // population standard deviation / mean of kept counts
-  double max_over_mean = 0.0;   // max_load / mean_load
+  double mean_load = 0.0;         // mean kept tokens per expert
+  double max_load = 0.0;          // largest kept count
+  double load_cv = 0.0;           // population standard deviation / mean of kept counts
+  double max_over_mean = 0.0;     // max_load / mean_load
 };
 
 inline routing_stats compute_stats(const plan_view& plan) {

@@ -7,7 +7,8 @@ namespace resonance {
 
 // Element types accepted as routing input: scores are always computed in fp32, inputs may be wider.
 template <class T>
-concept input_scalar = std::same_as<std::remove_cv_t<T>, float> || std::same_as<std::remove_cv_t<T>, double>;
+concept input_scalar = std::same_as < std::remove_cv_t<T>,
+float > || std::same_as<std::remove_cv_t<T>, double>;
 
 // A policy is a small regular struct of parameters: copyable, default-constructible and comparable, so
 // it can be designated-initialised, stored in a router and compared in tests.

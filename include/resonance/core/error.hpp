@@ -10,7 +10,7 @@ namespace resonance {
 // Every precondition failure of the public API. The message names the argument and what was expected,
 // and the call that throws has written nothing to its outputs.
 class error : public std::invalid_argument {
-public:
+ public:
   explicit error(const std::string& what) : std::invalid_argument(what) {}
 };
 

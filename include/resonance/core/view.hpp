@@ -27,8 +27,7 @@ struct matrix_view {
 
   // matrix_view<float> converts to matrix_view<const float>.
   template <class U = T>
-    requires(!std::is_const_v<U>)
-  RESONANCE_HOST_DEVICE constexpr operator matrix_view<const U>() const {
+  requires(!std::is_const_v<U>) RESONANCE_HOST_DEVICE constexpr operator matrix_view<const U>() const {
     return {data, rows, cols, stride};
   }
 
@@ -49,8 +48,7 @@ struct vector_view {
   RESONANCE_HOST_DEVICE constexpr bool empty() const { return size == 0; }
 
   template <class U = T>
-    requires(!std::is_const_v<U>)
-  RESONANCE_HOST_DEVICE constexpr operator vector_view<const U>() const {
+  requires(!std::is_const_v<U>) RESONANCE_HOST_DEVICE constexpr operator vector_view<const U>() const {
     return {data, size};
   }
 
@@ -77,8 +75,8 @@ void check_matrix(const matrix_view<T>& m, std::string_view name) {
 template <class T>
 void check_matrix(const matrix_view<T>& m, std::string_view name, index rows, index cols) {
   check_matrix(m, name);
-  require(m.rows == rows && m.cols == cols, name, std::string("shape ") + std::to_string(rows) + "x" + std::to_string(cols),
-          m.rows, "x", m.cols);
+  require(m.rows == rows && m.cols == cols, name,
+          std::string("shape ") + std::to_string(rows) + "x" + std::to_string(cols), m.rows, "x", m.cols);
 }
 
 }  // namespace detail

@@ -13,7 +13,7 @@ namespace resonance::dist {
 
 struct expert_placement {
   index num_ranks = 1;
-  index ranks_per_node = 1;           // DeepEP groups 8 NVLink ranks per RDMA rank
+  index ranks_per_node = 1;             // DeepEP groups 8 NVLink ranks per RDMA rank
   std::vector<id_type> rank_of_expert;  // E entries in [0, num_ranks)
 
   // Experts split into num_ranks contiguous blocks (E % num_ranks == 0), as Megatron and DeepEP do.
@@ -23,7 +23,8 @@ struct expert_placement {
                     "a positive multiple of num_ranks (" + std::to_string(num_ranks) + ")", num_experts);
     expert_placement p{num_ranks, ranks_per_node, std::vector<id_type>(static_cast<std::size_t>(num_experts))};
     const index per_rank = num_experts / num_ranks;
-    for (index e = 0; e < num_experts; ++e) p.rank_of_expert[static_cast<std::size_t>(e)] = static_cast<id_type>(e / per_rank);
+    for (index e = 0; e < num_experts; ++e)
+      p.rank_of_expert[static_cast<std::size_t>(e)] = static_cast<id_type>(e / per_rank);
     p.validate(num_experts);
     return p;
   }

@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "../affinity/affinity.hpp"
 #include "../backend/backend.hpp"
 #include "../core/error.hpp"
 #include "../core/topk.hpp"
@@ -23,6 +24,7 @@ double switch_aux_loss(const Backend& be, matrix_view<const float> logits, reson
   const index T = logits.rows, E = logits.cols;
   detail::require(E >= 1, "logits", "at least 1 column (expert)", E);
   detail::require(top_k >= 1 && top_k <= E, "top_k", "1 <= top_k <= num_experts (" + std::to_string(E) + ")", top_k);
+  detail::check_finite(logits, "logits");
   if (T == 0) return 0.0;
   const index block = 1024;
   const index nblocks = (T + block - 1) / block;
@@ -42,7 +44,8 @@ double switch_aux_loss(const Backend& be, matrix_view<const float> logits, reson
           for (index e = 0; e < E; ++e) sum += s[static_cast<std::size_t>(e)];
           for (index e = 0; e < E; ++e) s[static_cast<std::size_t>(e)] /= sum + 1e-20f;
         }
-        detail::topk_row(E, top_k, [&](index e) { return s[static_cast<std::size_t>(e)]; }, vals.data(), ids.data());
+        detail::topk_row(
+            E, top_k, [&](index e) { return s[static_cast<std::size_t>(e)]; }, vals.data(), ids.data());
         for (index j = 0; j < top_k; ++j) ++cnt[ids[static_cast<std::size_t>(j)]];
         for (index e = 0; e < E; ++e) ps[e] += s[static_cast<std::size_t>(e)];
       }
@@ -65,6 +68,7 @@ template <execution_backend Backend>
 double z_loss(const Backend& be, matrix_view<const float> logits) {
   detail::check_matrix(logits, "logits");
   detail::require(logits.cols >= 1, "logits", "at least 1 column (expert)", logits.cols);
+  detail::check_finite(logits, "logits");
   const index T = logits.rows;
   if (T == 0) return 0.0;
   std::vector<double> sq(static_cast<std::size_t>(T));

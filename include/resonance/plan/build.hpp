@@ -94,10 +94,10 @@ routing_plan build_plan_unchecked(const Backend& be, const candidate_set& c, con
         });
       } else {
         std::nth_element(order.begin(), order.begin() + cap - 1, order.end(), [&](id_type x, id_type y) {
-          const auto px = random_priority(lim.seed, static_cast<std::uint64_t>(bucket_token[sz(x)]),
-                                          static_cast<std::uint64_t>(e));
-          const auto py = random_priority(lim.seed, static_cast<std::uint64_t>(bucket_token[sz(y)]),
-                                          static_cast<std::uint64_t>(e));
+          const auto px =
+              random_priority(lim.seed, static_cast<std::uint64_t>(bucket_token[sz(x)]), static_cast<std::uint64_t>(e));
+          const auto py =
+              random_priority(lim.seed, static_cast<std::uint64_t>(bucket_token[sz(y)]), static_cast<std::uint64_t>(e));
           return px > py || (px == py && x < y);
         });
       }
@@ -168,7 +168,8 @@ inline void check_limits(const capacity_limits& lim) {
 // Total slot count a plan will need, checked to fit 32-bit ids before anything is allocated.
 inline void check_slot_budget(index num_experts, index nnz, const capacity_limits& lim) {
   const double per_expert_pad = lim.pad_to_capacity && lim.capacity >= 0 ? static_cast<double>(lim.capacity) : 0.0;
-  const double worst = static_cast<double>(nnz) + static_cast<double>(num_experts) * (per_expert_pad + static_cast<double>(lim.align));
+  const double worst =
+      static_cast<double>(nnz) + static_cast<double>(num_experts) * (per_expert_pad + static_cast<double>(lim.align));
   require(worst < static_cast<double>(std::numeric_limits<id_type>::max()), "capacity",
           "a plan whose slot count fits in 32-bit ids", worst, " slots");
 }
@@ -192,7 +193,8 @@ routing_plan build_plan(const Backend& be, const candidate_set& c, const capacit
           "offsets[num_tokens] == number of candidates", c.offsets.back());
   for (index t = 0; t < c.num_tokens; ++t) {
     const id_type b = c.offsets[sz(t)], e = c.offsets[sz(t + 1)];
-    require(b <= e, "candidates.offsets", "non-decreasing offsets", "offsets[", t, "] > offsets[", t + 1, "]");
+    require(b <= e && e <= c.offsets.back(), "candidates.offsets", "non-decreasing offsets", "offsets[", t, "] = ", b,
+            ", offsets[", t + 1, "] = ", e, ", offsets[num_tokens] = ", c.offsets.back());
     for (id_type i = b; i < e; ++i) {
       const id_type x = c.expert[sz(i)];
       require(x >= 0 && x < c.num_experts, "candidates.expert", "ids in [0, num_experts)", x);

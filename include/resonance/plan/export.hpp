@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "../core/error.hpp"
@@ -58,7 +59,11 @@ inline block_aligned_layout to_block_aligned(const plan_view& plan, index block)
   out.block = block;
   std::vector<id_type> start(static_cast<std::size_t>(E + 1), 0);
   for (index e = 0; e < E; ++e) {
-    const index padded = (counts[static_cast<std::size_t>(e)] + block - 1) / block * block;
+    // Rounded up without forming count + block - 1, which overflows for a huge block.
+    const index n = counts[static_cast<std::size_t>(e)];
+    const index padded = n == 0 ? 0 : ((n - 1) / block + 1) * block;
+    detail::require(padded <= std::numeric_limits<id_type>::max() - start[static_cast<std::size_t>(e)], "block",
+                    "a block size whose padded layout fits in 32-bit ids", block);
     start[static_cast<std::size_t>(e + 1)] = static_cast<id_type>(start[static_cast<std::size_t>(e)] + padded);
   }
   out.num_tokens_post_pad = start[static_cast<std::size_t>(E)];
@@ -66,7 +71,8 @@ inline block_aligned_layout to_block_aligned(const plan_view& plan, index block)
   out.sorted_token_ids.assign(static_cast<std::size_t>(out.num_tokens_post_pad), pad);
   out.expert_ids.resize(static_cast<std::size_t>(out.num_tokens_post_pad / block));
   for (index e = 0; e < E; ++e) {
-    for (id_type b = start[static_cast<std::size_t>(e)]; b < start[static_cast<std::size_t>(e + 1)]; b += static_cast<id_type>(block))
+    for (id_type b = start[static_cast<std::size_t>(e)]; b < start[static_cast<std::size_t>(e + 1)];
+         b += static_cast<id_type>(block))
       out.expert_ids[static_cast<std::size_t>(b / block)] = static_cast<id_type>(e);
   }
   // Kept tokens fill the first expert_counts[e] slots of expert e; map each slot to its CSR position.

@@ -47,7 +47,7 @@ struct plan_view {
   std::span<const float> token_weight() const { return {token_weight_, size(num_assignments_)}; }
   std::span<const id_type> token_slot() const { return {token_slot_, size(num_assignments_)}; }
 
-private:
+ private:
   static constexpr std::size_t size(index n) { return static_cast<std::size_t>(n); }
 };
 
@@ -71,7 +71,7 @@ struct plan_data {
 
 // Owning host plan. Built by router::route or build_plan; read-only afterwards.
 class routing_plan {
-public:
+ public:
   routing_plan() = default;
   explicit routing_plan(detail::plan_data data) : d_(std::move(data)) {}
 
@@ -101,10 +101,20 @@ public:
   std::span<const id_type> token_slot() const { return d_.token_slot; }
 
   plan_view view() const {
-    return {d_.num_tokens,           d_.num_experts,          d_.capacity,           num_slots(),
-            num_assignments(),       d_.expert_offsets.data(), d_.expert_counts.data(), d_.expert_demand.data(),
-            d_.slot_token.data(),    d_.slot_weight.data(),   d_.token_offsets.data(), d_.token_expert.data(),
-            d_.token_weight.data(),  d_.token_slot.data()};
+    return {d_.num_tokens,
+            d_.num_experts,
+            d_.capacity,
+            num_slots(),
+            num_assignments(),
+            d_.expert_offsets.data(),
+            d_.expert_counts.data(),
+            d_.expert_demand.data(),
+            d_.slot_token.data(),
+            d_.slot_weight.data(),
+            d_.token_offsets.data(),
+            d_.token_expert.data(),
+            d_.token_weight.data(),
+            d_.token_slot.data()};
   }
   operator plan_view() const { return view(); }
 
@@ -115,11 +125,11 @@ public:
     return x.num_tokens == y.num_tokens && x.num_experts == y.num_experts && x.capacity == y.capacity &&
            x.expert_offsets == y.expert_offsets && x.expert_counts == y.expert_counts &&
            x.expert_demand == y.expert_demand && x.slot_token == y.slot_token && x.slot_weight == y.slot_weight &&
-           x.token_offsets == y.token_offsets && x.token_expert == y.token_expert &&
-           x.token_weight == y.token_weight && x.token_slot == y.token_slot;
+           x.token_offsets == y.token_offsets && x.token_expert == y.token_expert && x.token_weight == y.token_weight &&
+           x.token_slot == y.token_slot;
   }
 
-private:
+ private:
   detail::plan_data d_;
 };
 

@@ -34,8 +34,8 @@ enum class renormalize : unsigned char {
 struct token_choice {
   index top_k = 1;
   resonance::score score = resonance::score::softmax;
-  bool pre_softmax = false;                   // softmax over all experts before top-k
-  float temperature = 1.0f;                   // logits are divided by it before scoring
+  bool pre_softmax = false;  // softmax over all experts before top-k
+  float temperature = 1.0f;  // logits are divided by it before scoring
   renormalize renorm = renormalize::automatic;
   float renorm_epsilon = 1e-20f;              // Megatron's; a larger one resists aux-loss "hacking"
   float scaling_factor = 1.0f;                // moe_router_topk_scaling_factor / routed_scaling_factor
@@ -49,8 +49,8 @@ struct token_choice {
   void validate(index num_experts) const {
     using detail::require;
     require(num_experts >= 1, "num_experts", "at least 1 expert", num_experts);
-    require(top_k >= 1 && top_k <= num_experts, "top_k", "1 <= top_k <= num_experts (" + std::to_string(num_experts) + ")",
-            top_k);
+    require(top_k >= 1 && top_k <= num_experts, "top_k",
+            "1 <= top_k <= num_experts (" + std::to_string(num_experts) + ")", top_k);
     require(score == resonance::score::softmax || score == resonance::score::sigmoid ||
                 score == resonance::score::sqrt_softplus || score == resonance::score::identity,
             "score", "softmax, sigmoid, sqrt_softplus or identity", static_cast<int>(score));
@@ -61,8 +61,8 @@ struct token_choice {
     require(std::isfinite(renorm_epsilon) && renorm_epsilon >= 0.0f, "renorm_epsilon", "a finite value >= 0",
             renorm_epsilon);
     if (!expert_bias.empty()) {
-      require(expert_bias.size == num_experts, "expert_bias",
-              std::to_string(num_experts) + " entries (one per expert)", expert_bias.size);
+      require(expert_bias.size == num_experts, "expert_bias", std::to_string(num_experts) + " entries (one per expert)",
+              expert_bias.size);
       require(expert_bias.data != nullptr, "expert_bias", "non-null data");
       for (index e = 0; e < num_experts; ++e)
         require(std::isfinite(expert_bias[e]), "expert_bias", "finite values", "expert_bias[", e,
@@ -74,17 +74,18 @@ struct token_choice {
               "a divisor of num_experts (" + std::to_string(num_experts) + ")", num_groups);
       require(group_topk >= 1 && group_topk <= num_groups, "group_topk",
               "1 <= group_topk <= num_groups (" + std::to_string(num_groups) + ")", group_topk);
-      require(top_k <= group_topk * (num_experts / num_groups), "top_k",
-              "at most group_topk * experts per group (" + std::to_string(group_topk * (num_experts / num_groups)) +
-                  ")",
-              top_k);
+      require(
+          top_k <= group_topk * (num_experts / num_groups), "top_k",
+          "at most group_topk * experts per group (" + std::to_string(group_topk * (num_experts / num_groups)) + ")",
+          top_k);
       require(group_scoring != group_score::top_m_sum || top_k / group_topk >= 1, "group_topk",
               "group_topk <= top_k, so that each group is scored by its top top_k/group_topk experts", group_topk);
       require(group_scoring == group_score::top_m_sum || group_scoring == group_score::top2_sum ||
                   group_scoring == group_score::max,
               "group_scoring", "top_m_sum, top2_sum or max", static_cast<int>(group_scoring));
     } else {
-      require(group_topk == 0 || num_groups <= 1, "group_topk", "0 when num_groups <= 1", group_topk);
+      require(group_topk == 0 || (num_groups == 1 && group_topk == 1), "group_topk",
+              "0 (or 1 with a single group) when num_groups <= 1", group_topk);
     }
   }
 
@@ -110,9 +111,9 @@ RESONANCE_INLINE_FUNCTION void token_choice_row(const token_choice& p, const flo
                                                 float* fscratch, id_type* iscratch) {
   const index k = p.top_k;
   const float inv_t = 1.0f / p.temperature;
-  float* vals = fscratch;                    // k selected keys
-  float* scores = fscratch + k;              // E scores (when the score is computed before selection)
-  float* gf = fscratch + k + num_experts;    // group scratch
+  float* vals = fscratch;                  // k selected keys
+  float* scores = fscratch + k;            // E scores (when the score is computed before selection)
+  float* gf = fscratch + k + num_experts;  // group scratch
   id_type* gi = iscratch + k;
   const bool post_softmax = p.score == resonance::score::softmax && !p.pre_softmax;
 

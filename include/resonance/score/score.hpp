@@ -28,9 +28,12 @@ RESONANCE_INLINE_FUNCTION float sqrt_softplus(float x) { return ::sqrtf(softplus
 // Elementwise score of one logit (softmax is a row operation and is handled by softmax_row).
 RESONANCE_INLINE_FUNCTION float elementwise_score(score fn, float x) {
   switch (fn) {
-    case score::sigmoid: return sigmoid(x);
-    case score::sqrt_softplus: return sqrt_softplus(x);
-    default: return x;
+    case score::sigmoid:
+      return sigmoid(x);
+    case score::sqrt_softplus:
+      return sqrt_softplus(x);
+    default:
+      return x;
   }
 }
 

@@ -1,10 +1,10 @@
 // Built against an installed (or build-tree, or add_subdirectory) resonance: routes a small batch with
 // the core and with the Eigen component, and checks the result against a hand-computed answer.
-#include <resonance/affinity/linear.hpp>
-#include <resonance/resonance.hpp>
-
 #include <cstdio>
 #include <vector>
+
+#include <resonance/affinity/linear.hpp>
+#include <resonance/resonance.hpp>
 
 #ifndef RESONANCE_HAS_EIGEN
 #error "resonance::eigen must define RESONANCE_HAS_EIGEN"

@@ -1,0 +1,508 @@
+// End-to-end tests of resonance-route: run the built binary, read its outputs back with tools/npy.hpp
+// and compare them with a brute-force reference computed here (softmax after top-k, the capacity
+// C = max(ceil(T*k/E*cf), min_capacity), drops by score or position, the expert-major slot layout,
+// the switch aux loss and the z-loss). Bad input must exit 2 with one line on stderr and no output.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <numeric>
+#include <optional>
+#include <random>
+#include <sstream>
+#include <string>
+#include <sys/wait.h>
+#include <vector>
+
+#include <doctest/doctest.h>
+
+#include "npy.hpp"
+
+namespace fs = std::filesystem;
+namespace npy = resonance::tools::npy;
+
+namespace {
+
+// ---- running the tool -----------------------------------------------------------------------------
+
+std::string quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+std::string read_text(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::ostringstream os;
+  os << f.rdbuf();
+  return os.str();
+}
+
+struct run_result {
+  int status = -1;
+  std::string out;
+  std::string err;
+};
+
+// A scratch directory of its own per test case (CTest may run the cases in parallel).
+fs::path scratch(const std::string& name) {
+  const fs::path d = fs::path(RESONANCE_TEST_TMPDIR) / "cli" / name;
+  fs::remove_all(d);
+  fs::create_directories(d);
+  return d;
+}
+
+run_result run_tool(const fs::path& dir, const std::vector<std::string>& args) {
+  std::string cmd = quote(RESONANCE_ROUTE_EXE);
+  for (const auto& a : args) cmd += " " + quote(a);
+  const fs::path out = dir / "stdout.txt", err = dir / "stderr.txt";
+  cmd += " >" + quote(out.string()) + " 2>" + quote(err.string());
+  const int raw = std::system(cmd.c_str());
+  run_result r;
+  r.status = raw != -1 && WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
+  r.out = read_text(out);
+  r.err = read_text(err);
+  return r;
+}
+
+// ---- inputs ---------------------------------------------------------------------------------------
+
+// Platform-independent pseudo-normal logits: std::mt19937's raw output is specified by the standard,
+// the distributions are not. A sum of four uniforms, so values are tie-free in practice.
+std::vector<double> random_logits(std::size_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::vector<double> v(n);
+  for (auto& x : v) {
+    double s = 0.0;
+    for (int i = 0; i < 4; ++i) s += static_cast<double>(rng() >> 8) / 16777216.0;
+    x = 1.7 * (s - 2.0);
+  }
+  return v;
+}
+
+template <class T>
+void save_matrix(const fs::path& p, const std::vector<T>& v, std::size_t rows, std::size_t cols) {
+  const std::vector<std::size_t> shape{rows, cols};
+  npy::save<T>(p.string(), v, shape);
+}
+
+std::vector<float> to_float(const std::vector<double>& v) { return {v.begin(), v.end()}; }
+
+// ---- the brute-force reference --------------------------------------------------------------------
+
+struct capacity_options {
+  double factor = 1.0;
+  bool by_position = false;
+  bool pad = false;
+  long min_capacity = 0;
+};
+
+struct reference {
+  long capacity = -1;
+  std::vector<double> probs;      // T*E, kept pairs only
+  std::vector<std::uint8_t> map;  // T*E
+  std::vector<std::int32_t> counts, demand, offsets, slots;
+  double aux_loss = 0.0, z_loss = 0.0;
+};
+
+// Token choice with Megatron's default softmax: top-k of the logits (ties to the lower expert), softmax
+// over the k selected. Logits are rounded to fp32 first, as the tool scores in fp32.
+reference route_reference(const std::vector<double>& logits_in, std::size_t T, std::size_t E, std::size_t k,
+                          std::optional<capacity_options> cap, long align) {
+  std::vector<double> l(logits_in.size());
+  for (std::size_t i = 0; i < l.size(); ++i) l[i] = static_cast<float>(logits_in[i]);
+  reference r;
+  std::vector<double> probs(T * E, 0.0);
+  std::vector<std::uint8_t> chosen(T * E, 0);
+  for (std::size_t t = 0; t < T; ++t) {
+    std::vector<std::size_t> order(E);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](std::size_t a, std::size_t b) { return l[t * E + a] > l[t * E + b]; });
+    double m = l[t * E + order[0]], sum = 0.0;
+    for (std::size_t j = 0; j < k; ++j) sum += std::exp(l[t * E + order[j]] - m);
+    for (std::size_t j = 0; j < k; ++j) {
+      probs[t * E + order[j]] = std::exp(l[t * E + order[j]] - m) / sum;
+      chosen[t * E + order[j]] = 1;
+    }
+  }
+  r.map = chosen;
+  if (cap) {
+    r.capacity = static_cast<long>(std::ceil(static_cast<double>(T * k) / static_cast<double>(E) * cap->factor));
+    r.capacity = std::max(r.capacity, cap->min_capacity);
+  }
+  r.offsets.push_back(0);
+  for (std::size_t e = 0; e < E; ++e) {
+    std::vector<std::size_t> tokens;
+    for (std::size_t t = 0; t < T; ++t)
+      if (chosen[t * E + e]) tokens.push_back(t);
+    r.demand.push_back(static_cast<std::int32_t>(tokens.size()));
+    if (r.capacity >= 0 && tokens.size() > static_cast<std::size_t>(r.capacity)) {
+      std::vector<std::size_t> ranked = tokens;
+      if (!cap->by_position)  // highest weight first, equal weights to the lower token
+        std::stable_sort(ranked.begin(), ranked.end(),
+                         [&](std::size_t a, std::size_t b) { return probs[a * E + e] > probs[b * E + e]; });
+      for (std::size_t j = static_cast<std::size_t>(r.capacity); j < ranked.size(); ++j) r.map[ranked[j] * E + e] = 0;
+      tokens.clear();
+      for (std::size_t t = 0; t < T; ++t)
+        if (r.map[t * E + e]) tokens.push_back(t);
+    }
+    r.counts.push_back(static_cast<std::int32_t>(tokens.size()));
+    long n = static_cast<long>(tokens.size());
+    if (cap && cap->pad) n = r.capacity;
+    n = (n + align - 1) / align * align;
+    for (std::size_t t : tokens) r.slots.push_back(static_cast<std::int32_t>(t));
+    for (long j = static_cast<long>(tokens.size()); j < n; ++j) r.slots.push_back(-1);
+    r.offsets.push_back(static_cast<std::int32_t>(r.offsets.back() + n));
+  }
+  r.probs.assign(T * E, 0.0);
+  for (std::size_t i = 0; i < T * E; ++i)
+    if (r.map[i]) r.probs[i] = probs[i];
+
+  // Switch aux loss: softmax over all E, f_e from a plain top-k; z-loss: mean logsumexp^2.
+  if (T > 0) {
+    std::vector<double> p_sum(E, 0.0), f(E, 0.0);
+    double z = 0.0;
+    for (std::size_t t = 0; t < T; ++t) {
+      const double* row = &l[t * E];
+      const double m = *std::max_element(row, row + E);
+      double s = 0.0;
+      for (std::size_t e = 0; e < E; ++e) s += std::exp(row[e] - m);
+      for (std::size_t e = 0; e < E; ++e) {
+        p_sum[e] += std::exp(row[e] - m) / s;
+        f[e] += chosen[t * E + e];
+      }
+      z += (m + std::log(s)) * (m + std::log(s));
+    }
+    double aux = 0.0;
+    for (std::size_t e = 0; e < E; ++e)
+      aux += (f[e] / static_cast<double>(T * k)) * (p_sum[e] / static_cast<double>(T));
+    r.aux_loss = static_cast<double>(E) * aux;
+    r.z_loss = z / static_cast<double>(T);
+  }
+  return r;
+}
+
+// ---- reading the outputs --------------------------------------------------------------------------
+
+// A flat JSON object {"key": number | "string" | true | false | null, ...}, keys in order; anything
+// else fails the test. Enough to check that stats.json is valid and complete.
+struct json_object {
+  std::vector<std::string> keys;
+  std::map<std::string, std::string> values;  // raw text of each value (strings without quotes)
+  double number(const std::string& key) const {
+    const auto it = values.find(key);
+    REQUIRE_MESSAGE(it != values.end(), "stats.json has no key " << key);
+    char* end = nullptr;
+    const double v = std::strtod(it->second.c_str(), &end);
+    REQUIRE_MESSAGE((end != it->second.c_str() && *end == '\0'), key << " is not a number: " << it->second);
+    return v;
+  }
+};
+
+json_object parse_flat_json(const std::string& s) {
+  json_object o;
+  std::size_t i = 0;
+  auto space = [&] {
+    while (i < s.size() && (s[i] == ' ' || s[i] == '\n' || s[i] == '\t' || s[i] == '\r')) ++i;
+  };
+  auto string = [&] {
+    REQUIRE((i < s.size() && s[i] == '"'));
+    const std::size_t end = s.find('"', i + 1);
+    REQUIRE(end != std::string::npos);
+    std::string v = s.substr(i + 1, end - i - 1);
+    REQUIRE(v.find('\\') == std::string::npos);
+    i = end + 1;
+    return v;
+  };
+  space();
+  REQUIRE((i < s.size() && s[i] == '{'));
+  ++i;
+  for (;;) {
+    space();
+    const std::string key = string();
+    space();
+    REQUIRE((i < s.size() && s[i] == ':'));
+    ++i;
+    space();
+    std::string value;
+    if (i < s.size() && s[i] == '"') {
+      value = string();
+    } else {
+      const std::size_t end = s.find_first_of(",}\n ", i);
+      REQUIRE(end != std::string::npos);
+      value = s.substr(i, end - i);
+      i = end;
+      const bool literal = value == "true" || value == "false" || value == "null";
+      char* num_end = nullptr;
+      std::strtod(value.c_str(), &num_end);
+      REQUIRE_MESSAGE((literal || (!value.empty() && *num_end == '\0')), "bad JSON value " << value);
+    }
+    REQUIRE_MESSAGE(o.values.count(key) == 0, "duplicate key " << key);
+    o.keys.push_back(key);
+    o.values[key] = value;
+    space();
+    REQUIRE(i < s.size());
+    if (s[i] == '}') break;
+    REQUIRE(s[i] == ',');
+    ++i;
+  }
+  ++i;
+  space();
+  REQUIRE(i == s.size());
+  return o;
+}
+
+template <class T>
+std::vector<T> load_values(const fs::path& dir, const char* name, const std::vector<std::size_t>& shape) {
+  const npy::array a = npy::load((dir / name).string());
+  CHECK_MESSAGE(a.shape == shape, name << " has shape " << npy::shape_string(a.shape));
+  return a.values<T>();
+}
+
+void check_close(double got, double want, const char* what) {
+  CHECK_MESSAGE(std::abs(got - want) <= 1e-5 * std::abs(want) + 1e-7, what << ": " << got << " vs " << want);
+}
+
+// Every output against the reference, and stats.json against the reference and stdout.
+json_object check_outputs(const fs::path& out, const run_result& r, const reference& ref, std::size_t T,
+                          std::size_t E) {
+  REQUIRE_MESSAGE(r.status == 0, r.err);
+  CHECK(r.err.empty());
+  const auto probs = load_values<float>(out, "probs.npy", {T, E});
+  REQUIRE(probs.size() == ref.probs.size());
+  for (std::size_t i = 0; i < probs.size(); ++i) {
+    CAPTURE(i);
+    check_close(probs[i], ref.probs[i], "probs");
+  }
+  CHECK(load_values<std::uint8_t>(out, "routing_map.npy", {T, E}) == ref.map);
+  CHECK(load_values<std::int32_t>(out, "expert_counts.npy", {E}) == ref.counts);
+  CHECK(load_values<std::int32_t>(out, "expert_demand.npy", {E}) == ref.demand);
+  CHECK(load_values<std::int32_t>(out, "expert_offsets.npy", {E + 1}) == ref.offsets);
+  CHECK(load_values<std::int32_t>(out, "slot_token.npy", {ref.slots.size()}) == ref.slots);
+
+  const std::string text = read_text(out / "stats.json");
+  CHECK(text == r.out);
+  const json_object j = parse_flat_json(text);
+  for (const char* key : {"capacity", "drop_rate", "padding_fraction", "load_cv", "aux_loss", "z_loss", "num_tokens",
+                          "num_experts", "top_k", "num_slots", "demanded", "kept", "max_load", "mean_load"})
+    CHECK_MESSAGE(j.values.count(key) == 1, "stats.json lacks " << key);
+  CHECK(j.values.at("backend") == "serial");
+  CHECK(j.number("capacity") == static_cast<double>(ref.capacity));
+  CHECK(j.number("num_tokens") == static_cast<double>(T));
+  CHECK(j.number("num_experts") == static_cast<double>(E));
+  const double demanded = std::accumulate(ref.demand.begin(), ref.demand.end(), 0.0);
+  const double kept = std::accumulate(ref.counts.begin(), ref.counts.end(), 0.0);
+  const double slots = static_cast<double>(ref.slots.size());
+  CHECK(j.number("demanded") == demanded);
+  CHECK(j.number("kept") == kept);
+  CHECK(j.number("num_slots") == slots);
+  check_close(j.number("drop_rate"), demanded > 0 ? (demanded - kept) / demanded : 0.0, "drop_rate");
+  check_close(j.number("padding_fraction"), slots > 0 ? (slots - kept) / slots : 0.0, "padding_fraction");
+  const double mean = kept / static_cast<double>(E);
+  double var = 0.0, mx = 0.0;
+  for (auto c : ref.counts) {
+    var += (c - mean) * (c - mean);
+    mx = std::max(mx, static_cast<double>(c));
+  }
+  check_close(j.number("mean_load"), mean, "mean_load");
+  check_close(j.number("max_load"), mx, "max_load");
+  check_close(j.number("load_cv"), mean > 0 ? std::sqrt(var / static_cast<double>(E)) / mean : 0.0, "load_cv");
+  check_close(j.number("aux_loss"), ref.aux_loss, "aux_loss");
+  check_close(j.number("z_loss"), ref.z_loss, "z_loss");
+  return j;
+}
+
+bool has_temp_leftovers(const fs::path& dir) {
+  for (const auto& entry : fs::directory_iterator(dir))
+    if (entry.path().filename().string().find(".tmp-") != std::string::npos) return true;
+  return false;
+}
+
+}  // namespace
+
+TEST_CASE("cli: default options route top-1 softmax, dropless") {
+  const fs::path d = scratch("default");
+  const std::size_t T = 40, E = 6;
+  const auto logits = random_logits(T * E, 1);
+  save_matrix(d / "logits.npy", to_float(logits), T, E);
+  const run_result r = run_tool(d, {"--logits", (d / "logits.npy").string(), "--out", (d / "out").string()});
+  const json_object j = check_outputs(d / "out", r, route_reference(logits, T, E, 1, std::nullopt, 1), T, E);
+  CHECK(j.number("capacity") == -1);
+  CHECK(j.number("drop_rate") == 0);
+  CHECK(j.number("top_k") == 1);
+  CHECK(j.keys.front() == "num_tokens");
+  CHECK(!has_temp_leftovers(d));
+}
+
+TEST_CASE("cli: top-2, capacity factor, drop by score, float64 logits") {
+  const fs::path d = scratch("score");
+  const std::size_t T = 50, E = 8;
+  const auto logits = random_logits(T * E, 2);
+  save_matrix(d / "logits.npy", logits, T, E);
+  const run_result r = run_tool(d, {"--logits", (d / "logits.npy").string(), "--out", (d / "out").string(), "--top-k",
+                                    "2", "--capacity-factor", "1.0", "--drop", "score"});
+  const reference ref = route_reference(logits, T, E, 2, capacity_options{.factor = 1.0}, 1);
+  REQUIRE(ref.capacity == 13);  // ceil(50 * 2 / 8 * 1.0)
+  const json_object j = check_outputs(d / "out", r, ref, T, E);
+  CHECK(j.number("drop_rate") > 0);  // the data does overflow some experts
+}
+
+TEST_CASE("cli: drop by position, pad to capacity, alignment and min capacity") {
+  const fs::path d = scratch("position");
+  const std::size_t T = 64, E = 8;
+  const auto logits = random_logits(T * E, 3);
+  save_matrix(d / "logits.npy", to_float(logits), T, E);
+  const std::string in = (d / "logits.npy").string();
+  SUBCASE("position, padded, aligned") {
+    const run_result r = run_tool(d, {"--logits", in, "--out", (d / "a").string(), "--top-k", "3", "--capacity-factor",
+                                      "0.75", "--drop", "position", "--pad-to-capacity", "--align", "4"});
+    const reference ref =
+        route_reference(logits, T, E, 3, capacity_options{.factor = 0.75, .by_position = true, .pad = true}, 4);
+    REQUIRE(ref.capacity == 18);  // ceil(64 * 3 / 8 * 0.75)
+    const json_object j = check_outputs(d / "a", r, ref, T, E);
+    CHECK(j.number("num_slots") == 8 * 20);  // 18 rounded up to 20 slots per expert
+    CHECK(j.number("padding_fraction") > 0);
+  }
+  SUBCASE("min capacity above the computed one, ties among top-1 weights go to the earliest tokens") {
+    // Top-1 softmax-after-top-k weights are all exactly 1: drop by score keeps the earliest tokens.
+    const run_result r = run_tool(d, {"--logits", in, "--out", (d / "b").string(), "--capacity-factor", "1",
+                                      "--min-capacity", "9", "--drop", "score"});
+    const reference ref =
+        route_reference(logits, T, E, 1, capacity_options{.factor = 1.0, .by_position = true, .min_capacity = 9}, 1);
+    REQUIRE(ref.capacity == 9);
+    check_outputs(d / "b", r, ref, T, E);
+  }
+}
+
+TEST_CASE("cli: drop random is seeded and reproducible") {
+  const fs::path d = scratch("random");
+  const std::size_t T = 60, E = 6;
+  const auto logits = random_logits(T * E, 4);
+  save_matrix(d / "logits.npy", to_float(logits), T, E);
+  const std::string in = (d / "logits.npy").string();
+  auto route = [&](const char* name, const char* seed) {
+    const run_result r = run_tool(d, {"--logits", in, "--out", (d / name).string(), "--top-k", "2", "--capacity-factor",
+                                      "0.5", "--drop", "random", "--seed", seed});
+    REQUIRE_MESSAGE(r.status == 0, r.err);
+    return load_values<std::int32_t>(d / name, "slot_token.npy", {E * 10});  // C = ceil(60*2/6*0.5) = 10
+  };
+  const auto a = route("a", "7"), b = route("b", "7"), c = route("c", "8");
+  CHECK(a == b);
+  CHECK(a != c);
+  // Whatever is kept is a subset of each token's top-2, and every full expert keeps exactly C.
+  const reference ref = route_reference(logits, T, E, 2, std::nullopt, 1);
+  const auto counts = load_values<std::int32_t>(d / "a", "expert_counts.npy", {E});
+  const auto map = load_values<std::uint8_t>(d / "a", "routing_map.npy", {T, E});
+  for (std::size_t e = 0; e < E; ++e) {
+    CHECK(counts[e] == std::min(ref.demand[e], 10));
+    for (std::size_t t = 0; t < T; ++t) CHECK(map[t * E + e] <= ref.map[t * E + e]);
+  }
+}
+
+TEST_CASE("cli: an existing output directory receives the files") {
+  const fs::path d = scratch("existing");
+  const std::size_t T = 12, E = 4;
+  const auto logits = random_logits(T * E, 5);
+  save_matrix(d / "logits.npy", to_float(logits), T, E);
+  const fs::path out = d / "out";
+  fs::create_directories(out);
+  std::ofstream(out / "keep.txt") << "mine";
+  std::ofstream(out / "probs.npy") << "stale";
+  const run_result r = run_tool(
+      d, {"--logits", (d / "logits.npy").string(), "--out", out.string() + "/", "--top-k", "2", "--align", "2"});
+  check_outputs(out, r, route_reference(logits, T, E, 2, std::nullopt, 2), T, E);
+  CHECK(read_text(out / "keep.txt") == "mine");
+  CHECK(!has_temp_leftovers(d));
+}
+
+TEST_CASE("cli: zero tokens") {
+  const fs::path d = scratch("empty");
+  save_matrix(d / "logits.npy", std::vector<double>{}, 0, 5);
+  const run_result r = run_tool(d, {"--logits", (d / "logits.npy").string(), "--out", (d / "out").string(),
+                                    "--capacity-factor", "2", "--pad-to-capacity"});
+  const json_object j =
+      check_outputs(d / "out", r, route_reference({}, 0, 5, 1, capacity_options{.factor = 2, .pad = true}, 1), 0, 5);
+  CHECK(j.number("capacity") == 0);
+  CHECK(j.number("aux_loss") == 0);
+}
+
+TEST_CASE("cli: --help and --version") {
+  const fs::path d = scratch("help");
+  const run_result h = run_tool(d, {"--top-k", "2", "--help"});
+  CHECK(h.status == 0);
+  CHECK(h.out.find("usage: resonance-route") != std::string::npos);
+  CHECK(h.out.find("--capacity-factor") != std::string::npos);
+  const run_result v = run_tool(d, {"--version"});
+  CHECK(v.status == 0);
+  CHECK(v.out.rfind("resonance-route ", 0) == 0);
+}
+
+TEST_CASE("cli: bad input exits 2 with one line on stderr and no output directory") {
+  const fs::path d = scratch("bad");
+  const std::size_t T = 10, E = 4;
+  auto logits = to_float(random_logits(T * E, 6));
+  const std::string good = (d / "logits.npy").string();
+  save_matrix(d / "logits.npy", logits, T, E);
+  logits[7] = std::nanf("");
+  save_matrix(d / "nan.npy", logits, T, E);
+  const std::vector<std::size_t> one_d{E};
+  npy::save<float>((d / "vector.npy").string(), std::vector<float>(E, 0.0f), one_d);
+  const std::vector<std::size_t> short_shape{E - 1};
+  npy::save<double>((d / "bias3.npy").string(), std::vector<double>(E - 1, 0.0), short_shape);
+  std::ofstream(d / "garbage.npy") << "not an array";
+  std::ofstream(d / "a_file") << "x";
+  const std::string out = (d / "out").string();
+
+  struct bad_case {
+    std::vector<std::string> args;
+    std::string expect;  // a piece of the stderr line
+  };
+  const std::vector<bad_case> cases = {
+      {{"--out", out}, "--logits is required"},
+      {{"--logits", good}, "--out is required"},
+      {{"--logits", (d / "missing.npy").string(), "--out", out}, "cannot open"},
+      {{"--logits", (d / "garbage.npy").string(), "--out", out}, "bad magic"},
+      {{"--logits", (d / "nan.npy").string(), "--out", out}, "finite"},
+      {{"--logits", (d / "vector.npy").string(), "--out", out}, "2-D"},
+      {{"--logits", good, "--out", out, "--top-k", "0"}, "--top-k"},
+      {{"--logits", good, "--out", out, "--top-k", "5"}, "--top-k"},
+      {{"--logits", good, "--out", out, "--top-k", "2x"}, "--top-k: expected an integer, got '2x'"},
+      {{"--logits", good, "--out", out, "--top-k", ""}, "--top-k: expected an integer"},
+      {{"--logits", good, "--out", out, "--top-k", "99999999999999999999"}, "out of range"},
+      {{"--logits", good, "--out", out, "--capacity-factor", "-1"}, "--capacity-factor"},
+      {{"--logits", good, "--out", out, "--capacity-factor", "nan"}, "--capacity-factor"},
+      {{"--logits", good, "--out", out, "--top-k", "2", "--num-groups", "3", "--group-topk", "1"}, "--num-groups"},
+      {{"--logits", good, "--out", out, "--frobnicate"}, "unknown option '--frobnicate'"},
+      {{"--logits", good, "--out", out, "--direction", "expert"},
+       "--direction expert: not available in this version (token only)"},
+      {{"--logits", good, "--out", out, "--direction", "sideways"}, "--direction"},
+      {{"--logits", good, "--out", out, "--score", "tanh"}, "--score"},
+      {{"--logits", good, "--out", out, "--capacity-factor", "1", "--drop", "oldest"}, "--drop"},
+      {{"--logits", good, "--out", out, "--drop", "position"}, "needs --capacity-factor"},
+      {{"--logits", good, "--out", out, "--backend", "tbb"}, "--backend tbb"},
+      {{"--logits", good, "--out", out, "--score", "sigmoid", "--expert-bias", (d / "bias3.npy").string()},
+       "--expert-bias"},
+      {{"--logits", good, "--out", (d / "a_file").string()}, "not a directory"},
+      {{"--logits", good, "--out", (d / "no" / "such").string()}, "--out"},
+  };
+  for (const auto& c : cases) {
+    std::string cmd;
+    for (const auto& a : c.args) cmd += a + " ";
+    CAPTURE(cmd);
+    const run_result r = run_tool(d, c.args);
+    CHECK(r.status == 2);
+    CHECK(r.out.empty());
+    CHECK(r.err.rfind("resonance-route: ", 0) == 0);
+    CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+    CHECK((!r.err.empty() && r.err.back() == '\n'));
+    CHECK_MESSAGE(r.err.find(c.expect) != std::string::npos, "stderr: " << r.err);
+    CHECK(!fs::exists(out));
+    CHECK(!has_temp_leftovers(d));
+  }
+  CHECK(read_text(d / "a_file") == "x");
+}
