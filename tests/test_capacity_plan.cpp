@@ -14,12 +14,14 @@
 
 #include <resonance/resonance.hpp>
 
+#include "error_of.hpp"
 #include "reference.hpp"
 
 namespace {
 
 namespace rs = resonance;
 namespace rt = resonance::routing;
+using resonance_test::error_of;
 using resonance_test::sz;
 
 using factor_router = rs::router<rs::affinity::precomputed, rt::token_choice, rs::capacity::factor>;
@@ -104,19 +106,6 @@ std::vector<std::vector<rs::id_type>> kept_tokens(const rs::routing_plan& plan) 
                       plan.slot_token().begin() + static_cast<std::ptrdiff_t>(b + sz(plan.expert_counts()[sz(e)])));
   }
   return out;
-}
-
-// Message of the resonance::error `f` throws; "no throw" or "other exception" otherwise.
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const rs::error& e) {
-    return e.what();
-  } catch (...) {
-    return "other exception";
-  }
-  return "no throw";
 }
 
 // A hand-made candidate set: token t's (expert, weight) pairs.

@@ -18,28 +18,17 @@
 #include <resonance/affinity/linear.hpp>
 #include <resonance/resonance.hpp>
 
+#include "error_of.hpp"
 #include "random_inputs.hpp"
 
 namespace {
 
 namespace rs = resonance;
 namespace rt = resonance::routing;
+using resonance_test::error_of;
 using resonance_test::usz;
 
 static_assert(std::is_base_of_v<std::invalid_argument, rs::error>);
-
-// The message of the resonance::error that f throws, or a marker saying what happened instead.
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const rs::error& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("<not a resonance::error> ") + e.what();
-  }
-  return "<no exception>";
-}
 
 bool names_all(const std::string& msg, std::initializer_list<std::string_view> needles) {
   if (msg.rfind("resonance: ", 0) != 0) return false;
