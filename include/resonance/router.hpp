@@ -45,8 +45,45 @@ struct router {
     return l;
   }
 
+  // One routing step with a stateless capacity policy.
   template <execution_backend Backend, input_scalar T>
-  routing_plan route(const Backend& be, matrix_view<const T> x) const {
+  requires stateless_capacity_policy<Capacity> routing_plan route(const Backend& be, matrix_view<const T> x)
+  const {
+    return route_impl(be, x, [&](const capacity_context& ctx) {
+      return capacity.limits(ctx.num_tokens, ctx.num_experts, ctx.top_k);
+    });
+  }
+
+  // One routing step with a stateful scheduler: `state` (owned by the caller) is read and advanced,
+  // and left untouched when the call throws.
+  template <execution_backend Backend, input_scalar T>
+  requires stateful_capacity_policy<Capacity> routing_plan route(const Backend& be, matrix_view<const T> x,
+                                                                 capacity_state_t<Capacity>& state)
+  const {
+    capacity_state_t<Capacity> next = state;
+    routing_plan plan = route_impl(be, x, [&](const capacity_context& ctx) { return capacity.limits(ctx, next); });
+    state = next;
+    return plan;
+  }
+
+  template <execution_backend Backend, input_scalar T>
+  requires stateful_capacity_policy<Capacity> routing_plan route(const Backend& be, matrix_view<T> x,
+                                                                 capacity_state_t<Capacity>& state)
+  const { return route(be, matrix_view<const T>(x), state); }
+
+  template <execution_backend Backend, input_scalar T>
+  requires stateless_capacity_policy<Capacity> routing_plan route(const Backend& be, matrix_view<T> x)
+  const { return route(be, matrix_view<const T>(x)); }
+
+  template <class T>
+  requires stateless_capacity_policy<Capacity> routing_plan route(matrix_view<T> x)
+  const { return route(backend::serial{}, matrix_view<const T>(x)); }
+
+  friend constexpr bool operator==(const router&, const router&) = default;
+
+ private:
+  template <execution_backend Backend, input_scalar T, class LimitsFn>
+  routing_plan route_impl(const Backend& be, matrix_view<const T> x, LimitsFn&& limits_of) const {
     detail::check_matrix(x, "input");
     const index E = validate(x.cols);
     const index T_ = x.rows;
@@ -54,13 +91,13 @@ struct router {
     detail::require(
         static_cast<double>(T_) * static_cast<double>(k) < static_cast<double>(std::numeric_limits<id_type>::max()),
         "input", "num_tokens * top_k < 2^31", T_, " tokens x ", k);
-    const capacity_limits lim = capacity.limits(T_, E, k);
-    detail::check_slot_budget(E, T_ * k, lim);
     std::vector<float> storage;
     const matrix_view<const float> l = affinity.compute(be, x, storage);
     detail::check_finite(l, "logits");
+    capacity_limits lim = limits_of(capacity_context{T_, E, k, x.cols, l});
+    detail::check_limits(lim);
     candidate_set cands;
-    select(be, direction, l, cands);
+    select(be, direction, l, lim, cands);
     // Finite logits can still overflow fp32 once divided by a tiny temperature or scaled by a huge
     // scaling factor: a NaN or Inf weight must not reach the plan.
     const auto sz = [](index n) { return static_cast<std::size_t>(n); };
@@ -69,20 +106,9 @@ struct router {
         detail::require(std::isfinite(cands.weight[sz(i)]) && std::isfinite(cands.ranking()[sz(i)]), "routing weight",
                         "a finite fp32 value (logits / temperature or weight * scaling_factor overflowed)",
                         cands.weight[sz(i)], " for token ", t);
+    detail::check_slot_budget(E, cands.size(), lim);
     return detail::build_plan_unchecked(be, cands, lim);
   }
-
-  template <execution_backend Backend, input_scalar T>
-  routing_plan route(const Backend& be, matrix_view<T> x) const {
-    return route(be, matrix_view<const T>(x));
-  }
-
-  template <class T>
-  routing_plan route(matrix_view<T> x) const {
-    return route(backend::serial{}, matrix_view<const T>(x));
-  }
-
-  friend constexpr bool operator==(const router&, const router&) = default;
 };
 
 }  // namespace resonance

@@ -50,5 +50,23 @@ matrix_view<const float> as_float(const Backend& be, matrix_view<const T> x, std
   }
 }
 
+// compute() for an affinity that has forward(be, x, logits) in the input's precision: a float input is
+// written straight into the fp32 storage, a double one is computed in double, then rounded once.
+template <class Affinity, execution_backend Backend, input_scalar T>
+matrix_view<const float> compute_via_forward(const Affinity& a, const Backend& be, matrix_view<const T> x,
+                                             std::vector<float>& storage) {
+  using S = std::remove_cv_t<T>;
+  const index rows = x.rows, E = a.num_experts(x.cols);
+  storage.resize(static_cast<std::size_t>(rows * E));
+  if constexpr (std::is_same_v<S, float>) {
+    a.forward(be, x, matrix_view<float>{storage.data(), rows, E, E});
+  } else {
+    std::vector<S> wide(static_cast<std::size_t>(rows * E));
+    a.forward(be, x, matrix_view<S>{wide.data(), rows, E, E});
+    for (std::size_t i = 0; i < wide.size(); ++i) storage[i] = static_cast<float>(wide[i]);
+  }
+  return {storage.data(), rows, E, E};
+}
+
 }  // namespace detail
 }  // namespace resonance

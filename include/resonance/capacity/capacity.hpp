@@ -7,6 +7,7 @@
 
 #include "../core/concepts.hpp"
 #include "../core/config.hpp"
+#include "../core/view.hpp"
 
 namespace resonance {
 
@@ -28,11 +29,52 @@ struct capacity_limits {
   friend constexpr bool operator==(const capacity_limits&, const capacity_limits&) = default;
 };
 
-// A capacity policy maps (tokens, experts, candidates per token) to limits, and validates itself.
+// What a capacity scheduler may look at: the batch's shape and its fp32 router logits (the affinities,
+// for GrAP-cosine routing), computed before any selection.
+struct capacity_context {
+  index num_tokens = 0;
+  index num_experts = 0;
+  index top_k = 1;        // candidates per token of the direction (nominal for expert choice)
+  index hidden_size = 0;  // columns of the router input (d for hidden states, E for precomputed logits)
+  matrix_view<const float> logits = {};
+};
+
+// A stateless capacity policy maps (tokens, experts, candidates per token) to limits.
 template <class C>
-concept capacity_policy = policy_struct<C> && requires(const C& c, index tokens, index experts, index k) {
+concept stateless_capacity_policy = policy_struct<C> && requires(const C& c, index tokens, index experts, index k) {
   { c.limits(tokens, experts, k) } -> std::same_as<capacity_limits>;
   c.validate();
 };
+
+// A stateful scheduler keeps its state in an object the caller owns (C::state_type): limits() reads
+// and advances it, so a routing call stays a pure function of its inputs and that state.
+template <class C>
+concept stateful_capacity_policy = policy_struct<C> && std::regular<typename C::state_type> &&
+    requires(const C& c, const capacity_context& ctx, typename C::state_type& state) {
+  { c.limits(ctx, state) } -> std::same_as<capacity_limits>;
+  c.validate();
+};
+
+template <class C>
+concept capacity_policy = stateless_capacity_policy<C> || stateful_capacity_policy<C>;
+
+namespace detail {
+struct no_capacity_state {
+  friend constexpr bool operator==(const no_capacity_state&, const no_capacity_state&) = default;
+};
+template <class C>
+struct capacity_state {
+  using type = no_capacity_state;
+};
+template <class C>
+requires requires { typename C::state_type; }
+struct capacity_state<C> {
+  using type = typename C::state_type;
+};
+}  // namespace detail
+
+// The state a scheduler keeps between steps (an empty tag for stateless policies).
+template <class C>
+using capacity_state_t = typename detail::capacity_state<C>::type;
 
 }  // namespace resonance

@@ -45,11 +45,12 @@ routing_plan build_plan_unchecked(const Backend& be, const candidate_set& c, con
   d.num_experts = E;
   d.capacity = lim.capacity;
 
-  // 1. Histogram of demand, then exclusive scan into bucket starts.
-  d.expert_demand.assign(sz(E), 0);
-  for (index i = 0; i < nnz; ++i) ++d.expert_demand[sz(c.expert[sz(i)])];
+  // 1. Histogram of candidates per expert, then exclusive scan into bucket starts.
+  std::vector<id_type> bucket_size(sz(E), 0);
+  for (index i = 0; i < nnz; ++i) ++bucket_size[sz(c.expert[sz(i)])];
   std::vector<id_type> bucket_start(sz(E + 1), 0);
-  for (index e = 0; e < E; ++e) bucket_start[sz(e + 1)] = bucket_start[sz(e)] + d.expert_demand[sz(e)];
+  for (index e = 0; e < E; ++e) bucket_start[sz(e + 1)] = bucket_start[sz(e)] + bucket_size[sz(e)];
+  d.expert_demand = c.demand.empty() ? bucket_size : c.demand;
 
   // 2. Stable scatter: candidates in ascending token order within each expert bucket.
   std::vector<id_type> bucket_cand(sz(nnz));
@@ -73,7 +74,7 @@ routing_plan build_plan_unchecked(const Backend& be, const candidate_set& c, con
     std::vector<id_type> order;
     for (index e = e_begin; e < e_end; ++e) {
       const id_type b = bucket_start[sz(e)];
-      const index n = d.expert_demand[sz(e)];
+      const index n = bucket_size[sz(e)];
       if (cap < 0 || n <= cap) {
         d.expert_counts[sz(e)] = static_cast<id_type>(n);
         continue;
@@ -189,6 +190,8 @@ routing_plan build_plan(const Backend& be, const candidate_set& c, const capacit
   require(c.weight.size() == c.expert.size(), "candidates.weight", "one weight per candidate", c.weight.size());
   require(c.priority.empty() || c.priority.size() == c.expert.size(), "candidates.priority",
           "empty or one priority per candidate", c.priority.size());
+  require(c.demand.empty() || c.demand.size() == sz(c.num_experts), "candidates.demand",
+          "empty or one demand per expert", c.demand.size());
   require(static_cast<index>(c.offsets.back()) == c.size(), "candidates.offsets",
           "offsets[num_tokens] == number of candidates", c.offsets.back());
   for (index t = 0; t < c.num_tokens; ++t) {

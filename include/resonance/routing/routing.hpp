@@ -13,7 +13,9 @@ namespace resonance {
 
 // Candidate assignments before capacity, token-major CSR: token t's candidates are
 // [offsets[t], offsets[t+1]), with strictly ascending expert ids. `priority` ranks candidates for
-// drop_policy::score (higher is kept first); when empty, the weight is the priority.
+// drop_policy::score (higher is kept first); when empty, the weight is the priority. `demand`, when
+// not empty, overrides the per-expert demand the plan reports (expert choice selects inside the
+// direction: its candidates are already the kept pairs, while every token was a candidate).
 struct candidate_set {
   index num_tokens = 0;
   index num_experts = 0;
@@ -21,13 +23,17 @@ struct candidate_set {
   std::vector<id_type> expert;
   std::vector<float> weight;
   std::vector<float> priority;
+  std::vector<id_type> demand;
 
   index size() const { return static_cast<index>(expert.size()); }
   const std::vector<float>& ranking() const { return priority.empty() ? weight : priority; }
 };
 
-// A routing direction validates itself against E, says how many candidates a token may propose, and
-// selects candidates from fp32 logits on a backend.
+// A routing direction validates itself against E, says how many candidates a token proposes (the k
+// of the capacity formula), and selects candidates from fp32 logits on a backend through an
+// overload `select(backend, direction, logits, limits, candidates)` found by ADL. `limits` is in/out:
+// a direction may fix the drop policy its definition implies (bidirectional ranks by affinity, causal
+// variants keep position priority).
 template <class D>
 concept routing_policy = policy_struct<D> && requires(const D& d, index experts) {
   d.validate(experts);

@@ -15,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "../capacity/capacity.hpp"
 #include "../core/error.hpp"
 #include "../core/topk.hpp"
 #include "../score/score.hpp"
@@ -163,7 +164,8 @@ RESONANCE_INLINE_FUNCTION void token_choice_row(const token_choice& p, const flo
 
 // Host driver: runs token_choice_row over every token on the backend.
 template <execution_backend Backend>
-void select(const Backend& be, const token_choice& p, matrix_view<const float> logits, candidate_set& out) {
+void select(const Backend& be, const token_choice& p, matrix_view<const float> logits, capacity_limits&,
+            candidate_set& out) {
   const index T = logits.rows;
   const index E = logits.cols;
   const index k = p.top_k;
