@@ -1,0 +1,68 @@
+#pragma once
+
+// LocMoE's capacity (arXiv 2401.13920, Theorem 1, Eq. 9): the lower bound
+//   ec_min = 1 / (n · erfc(sqrt(δ²d / (2 − δ²))))       tokens per expert per sample,
+// computed ONCE, from the first batch routed with this state, then fixed for every later batch (as
+// ETR describes LocMoE). δ is the cosine above which a token counts as class-discriminative: given
+// (`delta`, LocMoE measured about 0.03), or estimated from the first batch as a quantile of the
+// affinities of its token-choice assignments. The batch capacity is C = ⌈samples · ec_min⌉ with
+// samples = ⌈T / tokens_per_sample⌉, clamped to [1, T]: never below one slot, never above dropless
+// (no expert can be proposed by more than T tokens).
+
+#include <cmath>
+#include <cstdint>
+
+#include "../core/error.hpp"
+#include "capacity.hpp"
+#include "statistics.hpp"
+
+namespace resonance::capacity {
+
+struct lower_bound {
+  double delta = 0.0;           // δ; 0 = estimate it from the first batch
+  double quantile = 0.5;        // which quantile of the TCR affinities estimates δ
+  index tokens_per_sample = 0;  // s; 0 = the whole batch is one sample
+  drop_policy drop = drop_policy::score;
+  bool pad_to_capacity = false;
+  index align = 1;
+  std::uint64_t seed = 0;
+
+  struct state_type {
+    index capacity = -1;  // -1 until the first batch fixes it
+    double delta = 0.0;   // the δ that was used
+    friend constexpr bool operator==(const state_type&, const state_type&) = default;
+  };
+
+  void validate() const {
+    detail::require(std::isfinite(delta) && delta >= 0.0 && delta < 1.0, "lower_bound.delta",
+                    "0 (estimate) or a cosine threshold in (0, 1)", delta);
+    detail::require(quantile >= 0.0 && quantile <= 1.0, "lower_bound.quantile", "a value in [0, 1]", quantile);
+    detail::require(tokens_per_sample >= 0, "lower_bound.tokens_per_sample", "a value >= 0", tokens_per_sample);
+    detail::require(align >= 1, "align", "align >= 1", align);
+  }
+
+  capacity_limits limits(const capacity_context& ctx, state_type& state) const {
+    if (state.capacity < 0) {
+      double d = delta;
+      if (d == 0.0) {
+        d = capacity::quantile(tcr_pairs(ctx).affinity, quantile);
+        detail::check_cosine_statistic(d, "lower_bound (estimated delta)");
+        d = std::abs(d);
+      }
+      const double ec = locmoe_bound(d, ctx.hidden_size, ctx.num_experts);
+      const index T = ctx.num_tokens;
+      const double samples =
+          tokens_per_sample > 0 ? std::ceil(static_cast<double>(T) / static_cast<double>(tokens_per_sample)) : 1.0;
+      const double c = std::ceil(samples * ec);
+      state.capacity = std::max<index>(1, c >= static_cast<double>(T) ? T : static_cast<index>(c));
+      state.delta = d;
+    }
+    return {.capacity = state.capacity, .drop = drop, .pad_to_capacity = pad_to_capacity, .align = align, .seed = seed};
+  }
+
+  friend constexpr bool operator==(const lower_bound&, const lower_bound&) = default;
+};
+
+static_assert(stateful_capacity_policy<lower_bound>);
+
+}  // namespace resonance::capacity

@@ -1,0 +1,68 @@
+#pragma once
+
+// Statistics of the affinities of the token-choice (TCR) assignments, and the capacity bounds of
+// LocMoE and ETR that read them. Shared by capacity::lower_bound and capacity::adaptive.
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../core/error.hpp"
+#include "../core/topk.hpp"
+#include "capacity.hpp"
+
+namespace resonance::capacity {
+
+// The affinities of the TCR-assigned pairs: each token's top-k logits (the pairs token choice would
+// propose), with the expert of each, token-major.
+struct tcr_assignments {
+  std::vector<float> affinity;
+  std::vector<id_type> expert;
+};
+
+inline tcr_assignments tcr_pairs(const capacity_context& ctx) {
+  const index T = ctx.logits.rows, E = ctx.logits.cols, k = std::min(ctx.top_k, E);
+  tcr_assignments out;
+  out.affinity.resize(static_cast<std::size_t>(T * k));
+  out.expert.resize(static_cast<std::size_t>(T * k));
+  for (index t = 0; t < T; ++t) {
+    const float* row = ctx.logits.row(t);
+    detail::topk_row(
+        E, k, [row](index e) { return row[e]; }, out.affinity.data() + t * k, out.expert.data() + t * k);
+  }
+  return out;
+}
+
+// The q-quantile (0 <= q <= 1, nearest rank) of values; 0 for an empty set.
+inline double quantile(std::vector<float> values, double q) {
+  if (values.empty()) return 0.0;
+  const auto n = values.size();
+  const auto rank =
+      static_cast<std::size_t>(std::min<double>(static_cast<double>(n - 1), std::floor(q * static_cast<double>(n))));
+  std::nth_element(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(rank), values.end());
+  return values[rank];
+}
+
+// LocMoE Theorem 1, Eq. 9 (large-d form): ec_min = 1 / (n · erfc(sqrt(δ²d / (2 − δ²)))), tokens per
+// expert per sample that make at least one class-discriminative token (cosine >= δ) reach an expert.
+inline double locmoe_bound(double delta, index hidden_size, index num_experts) {
+  const double d2 = delta * delta;
+  const double tail = std::erfc(std::sqrt(d2 * static_cast<double>(hidden_size) / (2.0 - d2)));
+  return tail > 0.0 ? 1.0 / (static_cast<double>(num_experts) * tail) : std::numeric_limits<double>::infinity();
+}
+
+// ETR Remark 7 (the exp form of the same bound): C_min = (1/n) · exp(d·δ² / (2 − δ²)).
+inline double etr_bound(double delta, index hidden_size, index num_experts) {
+  const double d2 = delta * delta;
+  return std::exp(static_cast<double>(hidden_size) * d2 / (2.0 - d2)) / static_cast<double>(num_experts);
+}
+
+}  // namespace resonance::capacity
+
+namespace resonance::detail {
+inline void check_cosine_statistic(double delta, const char* argument) {
+  require(std::isfinite(delta) && std::abs(delta) < 1.0, argument,
+          "a cosine affinity |δ| < 1 (these bounds assume cosine or GrAP-cosine affinities)", delta);
+}
+}  // namespace resonance::detail

@@ -1,0 +1,90 @@
+#pragma once
+
+// ETR bidirectional routing (arXiv 2406.00023, Eq. 5-6): every token proposes its top-ℓ experts
+// (token choice, TCR), then every expert keeps the top-C of the tokens that proposed it (expert choice
+// restricted to its candidates, ECR), ranked by affinity; the other candidates are dropped and empty
+// slots are padded. A pair is kept only when the token chose the expert and the expert chose it back.
+//   C >= the largest demand   -> no drop: exactly token choice with the same options (the TCR regime);
+//   C smaller                 -> candidate-restricted expert choice (the ECR regime).
+// The capacity scheduler (capacity::adaptive) moves C between the two: the TCR -> ECR transition.
+//
+// The proposal step and the weights are token choice's (every option of token_choice is here, under
+// the same name); only the ranking inside an expert differs. `causal` replaces the ranking by position
+// priority (earliest candidates first), so a token's fate depends only on tokens at or before it.
+
+#include <vector>
+
+#include "../capacity/capacity.hpp"
+#include "../core/error.hpp"
+#include "../score/score.hpp"
+#include "routing.hpp"
+#include "token_choice.hpp"
+
+namespace resonance::routing {
+
+// How an expert ranks the tokens that proposed it.
+enum class rank_by : unsigned char {
+  affinity,  // the raw affinity (router logit, e.g. ETR's GrAP-cosine δ): ETR Eq. 6, the default
+  score,     // the token's full score s_te (softmax over all E, sigmoid, ...), as expert choice ranks
+  weight,    // the combine weight (token choice with drop_policy::score)
+};
+
+struct bidirectional {
+  index top_k = 1;  // ℓ, experts each token proposes (the paper's experiments use 1)
+  resonance::score score = resonance::score::softmax;
+  bool pre_softmax = false;
+  float temperature = 1.0f;
+  renormalize renorm = renormalize::automatic;
+  float renorm_epsilon = 1e-20f;
+  float scaling_factor = 1.0f;
+  vector_view<const float> expert_bias = {};
+  index num_groups = 0;
+  index group_topk = 0;
+  group_score group_scoring = group_score::top_m_sum;
+  rank_by rank = rank_by::affinity;
+  bool causal = false;
+
+  // The token-choice policy of the proposal step.
+  token_choice proposal() const {
+    return {top_k,          score,       pre_softmax, temperature, renorm,       renorm_epsilon,
+            scaling_factor, expert_bias, num_groups,  group_topk,  group_scoring};
+  }
+
+  void validate(index num_experts) const {
+    proposal().validate(num_experts);
+    detail::require(rank == rank_by::affinity || rank == rank_by::score || rank == rank_by::weight, "rank",
+                    "affinity, score or weight", static_cast<int>(rank));
+  }
+
+  index candidates_per_token(index) const { return top_k; }
+
+  friend constexpr bool operator==(const bidirectional&, const bidirectional&) = default;
+};
+
+static_assert(routing_policy<bidirectional>);
+
+template <execution_backend Backend>
+void select(const Backend& be, const bidirectional& p, matrix_view<const float> logits, capacity_limits& lim,
+            candidate_set& out) {
+  const token_choice tc = p.proposal();
+  select(be, tc, logits, lim, out);
+  // The expert's side of the handshake: position priority when causal, else ranking by `rank`.
+  lim.drop = p.causal ? drop_policy::position : drop_policy::score;
+  if (p.causal || p.rank == rank_by::weight) return;  // the weight is already the default priority
+  const index E = logits.cols;
+  out.priority.resize(out.weight.size());
+  be.parallel_for_blocks(out.num_tokens, 1024, [&](index begin, index end) {
+    std::vector<float> s(p.rank == rank_by::score ? static_cast<std::size_t>(E) : 0);
+    for (index t = begin; t < end; ++t) {
+      const float* row = logits.row(t);
+      if (p.rank == rank_by::score) detail::score_row(p.score, row, s.data(), E, 1.0f / p.temperature);
+      for (id_type i = out.offsets[static_cast<std::size_t>(t)]; i < out.offsets[static_cast<std::size_t>(t + 1)];
+           ++i) {
+        const id_type e = out.expert[static_cast<std::size_t>(i)];
+        out.priority[static_cast<std::size_t>(i)] = p.rank == rank_by::score ? s[static_cast<std::size_t>(e)] : row[e];
+      }
+    }
+  });
+}
+
+}  // namespace resonance::routing
