@@ -44,8 +44,11 @@ constexpr const char* usage_text =
     "options:\n"
     "  --logits L.npy              T x E logits (required)\n"
     "  --out DIR                   output directory (required; its parent must exist)\n"
-    "  --direction D               token (default); expert, bidirectional and sinkhorn are not\n"
-    "                              available in this version\n"
+    "  --direction D               token (default), expert, bidirectional or sinkhorn\n"
+    "  --causal                    expert/bidirectional: a token's fate depends only on earlier tokens\n"
+    "                              (each expert keeps its earliest candidates)\n"
+    "  --sinkhorn-iterations N     sinkhorn: at most N iterations (default 100)\n"
+    "  --sinkhorn-tolerance F      sinkhorn: stop when mean |d1 - d1_old| < F (default 1e-4)\n"
     "  --top-k K                   experts per token (default 1)\n"
     "  --score F                   softmax (default), sigmoid or sqrt_softplus\n"
     "  --pre-softmax               softmax over all experts before the top-k (softmax only)\n"
@@ -54,6 +57,14 @@ constexpr const char* usage_text =
     "  --group-topk M              ... of which each token uses the best M\n"
     "  --expert-bias B.npy         E selection-only biases (float32 or float64, 1-D)\n"
     "  --capacity-factor F         C = max(ceil(T*K/E*F), min-capacity) slots per expert; omitted: dropless\n"
+    "  --capacity S                instead of --capacity-factor, a scheduler's first step:\n"
+    "                              lower-bound (LocMoE Eq. 9) or adaptive (ETR); both read cosine logits\n"
+    "  --hidden-size D             d of the bounds (default: the number of experts)\n"
+    "  --tokens-per-sample S       samples = ceil(T / S) in the bounds (default: one sample)\n"
+    "  --delta F                   lower-bound: the cosine threshold (default: median TCR affinity)\n"
+    "  --estimate E                adaptive: resonance (default), etr_bound or locmoe_bound\n"
+    "  --capacity-floor F          adaptive: C >= F*T*K/E (default 0.5)\n"
+    "  --capacity-ceiling F        adaptive: C <= F*T*K/E (default 2)\n"
     "  --drop P                    score (default), position or random: who stays when an expert is full\n"
     "  --seed S                    seed of --drop random (default 0)\n"
     "  --pad-to-capacity           every expert gets exactly C slots (padding: token -1)\n"
@@ -119,8 +130,24 @@ struct options {
   rs::index min_capacity = 0;
   rs::index align = 1;
   std::string backend = "serial";
-  // Capacity-only options given, for the "needs --capacity-factor" check.
-  std::vector<std::string> capacity_only;
+  bool causal = false;
+  rs::index sinkhorn_iterations = 100;
+  double sinkhorn_tolerance = 1e-4;
+  std::string scheduler;  // "", "lower-bound" or "adaptive"
+  rs::index hidden_size = 0;
+  rs::index tokens_per_sample = 0;
+  double delta = 0.0;
+  rs::capacity::capacity_estimate estimate = rs::capacity::capacity_estimate::resonance;
+  double capacity_floor = 0.5;
+  double capacity_ceiling = 2.0;
+  // Options given that only some configurations use, for the checks after parsing.
+  std::vector<std::string> capacity_only;  // need a capacity (factor or scheduler)
+  std::vector<std::string> factor_only;    // need --capacity-factor
+  std::vector<std::string> proposal_only;  // token choice / bidirectional proposal options
+  std::vector<std::string> sinkhorn_only;
+  std::vector<std::string> scheduler_only;  // need --capacity lower-bound|adaptive
+  std::vector<std::string> adaptive_only;
+  std::vector<std::string> lower_bound_only;
 };
 
 enum class action { route, help, version };
@@ -163,11 +190,50 @@ action parse_args(int argc, char** argv, options& o) {
       if (o.out.empty()) fail("--out: expected a directory name");
     } else if (name == "--direction") {
       const std::string_view v = value();
-      if (v == "expert" || v == "bidirectional" || v == "sinkhorn")
-        fail("--direction " + std::string(v) + ": not available in this version (token only)");
-      if (v != "token")
+      if (v != "token" && v != "expert" && v != "bidirectional" && v != "sinkhorn")
         fail("--direction: expected token, expert, bidirectional or sinkhorn, got '" + std::string(v) + "'");
       o.direction = v;
+    } else if (name == "--causal") {
+      flag(o.causal);
+    } else if (name == "--sinkhorn-iterations") {
+      o.sinkhorn_iterations = parse_int<rs::index>(name, value());
+      o.sinkhorn_only.push_back(name);
+    } else if (name == "--sinkhorn-tolerance") {
+      o.sinkhorn_tolerance = parse_double(name, value());
+      o.sinkhorn_only.push_back(name);
+    } else if (name == "--capacity") {
+      const std::string_view v = value();
+      if (v != "lower-bound" && v != "adaptive")
+        fail("--capacity: expected lower-bound or adaptive, got '" + std::string(v) + "'");
+      o.scheduler = v;
+    } else if (name == "--hidden-size") {
+      o.hidden_size = parse_int<rs::index>(name, value());
+      if (o.hidden_size < 1) fail("--hidden-size: expected a value >= 1, got " + std::to_string(o.hidden_size));
+      o.scheduler_only.push_back(name);
+    } else if (name == "--tokens-per-sample") {
+      o.tokens_per_sample = parse_int<rs::index>(name, value());
+      o.scheduler_only.push_back(name);
+    } else if (name == "--delta") {
+      o.delta = parse_double(name, value());
+      o.lower_bound_only.push_back(name);
+    } else if (name == "--estimate") {
+      const std::string_view v = value();
+      if (v == "resonance") {
+        o.estimate = rs::capacity::capacity_estimate::resonance;
+      } else if (v == "etr_bound") {
+        o.estimate = rs::capacity::capacity_estimate::etr_bound;
+      } else if (v == "locmoe_bound") {
+        o.estimate = rs::capacity::capacity_estimate::locmoe_bound;
+      } else {
+        fail("--estimate: expected resonance, etr_bound or locmoe_bound, got '" + std::string(v) + "'");
+      }
+      o.adaptive_only.push_back(name);
+    } else if (name == "--capacity-floor") {
+      o.capacity_floor = parse_double(name, value());
+      o.adaptive_only.push_back(name);
+    } else if (name == "--capacity-ceiling") {
+      o.capacity_ceiling = parse_double(name, value());
+      o.adaptive_only.push_back(name);
     } else if (name == "--top-k") {
       o.top_k = parse_int<rs::index>(name, value());
     } else if (name == "--score") {
@@ -184,15 +250,20 @@ action parse_args(int argc, char** argv, options& o) {
       o.score_name = v;
     } else if (name == "--pre-softmax") {
       flag(o.pre_softmax);
+      o.proposal_only.push_back(name);
     } else if (name == "--scaling-factor") {
       o.scaling_factor = parse_double(name, value());
+      o.proposal_only.push_back(name);
     } else if (name == "--num-groups") {
       o.num_groups = parse_int<rs::index>(name, value());
+      o.proposal_only.push_back(name);
     } else if (name == "--group-topk") {
       o.group_topk = parse_int<rs::index>(name, value());
+      o.proposal_only.push_back(name);
     } else if (name == "--expert-bias") {
       o.expert_bias = value();
       if (o.expert_bias.empty()) fail("--expert-bias: expected a file name");
+      o.proposal_only.push_back(name);
     } else if (name == "--capacity-factor") {
       const std::string_view v = value();
       o.capacity_factor = parse_double(name, v);
@@ -219,7 +290,7 @@ action parse_args(int argc, char** argv, options& o) {
       o.capacity_only.push_back(name);
     } else if (name == "--min-capacity") {
       o.min_capacity = parse_int<rs::index>(name, value());
-      o.capacity_only.push_back(name);
+      o.factor_only.push_back(name);
     } else if (name == "--align") {
       o.align = parse_int<rs::index>(name, value());
     } else if (name == "--backend") {
@@ -234,8 +305,27 @@ action parse_args(int argc, char** argv, options& o) {
   }
   if (o.logits.empty()) fail("--logits is required (see --help)");
   if (o.out.empty()) fail("--out is required (see --help)");
-  if (!o.capacity_factor && !o.capacity_only.empty())
+  const bool scheduled = !o.scheduler.empty();
+  if (o.capacity_factor && scheduled) fail("--capacity: give either --capacity-factor or --capacity, not both");
+  if (!o.capacity_factor && !scheduled && !o.capacity_only.empty())
     fail(o.capacity_only.front() + ": needs --capacity-factor (dropless routing has no capacity)");
+  if (!o.capacity_factor && !o.factor_only.empty()) fail(o.factor_only.front() + ": needs --capacity-factor");
+  if (!scheduled && !o.scheduler_only.empty())
+    fail(o.scheduler_only.front() + ": needs --capacity lower-bound or --capacity adaptive");
+  if (o.scheduler != "adaptive" && !o.adaptive_only.empty())
+    fail(o.adaptive_only.front() + ": needs --capacity adaptive");
+  if (o.scheduler != "lower-bound" && !o.lower_bound_only.empty())
+    fail(o.lower_bound_only.front() + ": needs --capacity lower-bound");
+  if (o.direction != "sinkhorn" && !o.sinkhorn_only.empty())
+    fail(o.sinkhorn_only.front() + ": needs --direction sinkhorn");
+  if ((o.direction == "expert" || o.direction == "sinkhorn") && !o.proposal_only.empty())
+    fail(o.proposal_only.front() + ": not used by --direction " + o.direction + " (token and bidirectional only)");
+  if (o.causal && o.direction != "expert" && o.direction != "bidirectional")
+    fail("--causal: needs --direction expert or bidirectional");
+  if (o.direction == "sinkhorn" && o.score != rs::score::softmax)
+    fail("--score: not used by --direction sinkhorn (its weights are sigmoid for k = 1, softmax otherwise)");
+  if (o.direction == "expert" && !o.capacity_factor && !scheduled)
+    fail("--direction expert: needs a capacity (--capacity-factor or --capacity): each expert takes its top-C tokens");
   return action::route;
 }
 
@@ -256,6 +346,17 @@ std::string cli_message(const std::string& what) {
       {"align", "--align"},
       {"logits", "--logits"},
       {"input", "--logits"},
+      {"max_iterations", "--sinkhorn-iterations"},
+      {"tolerance", "--sinkhorn-tolerance"},
+      {"lower_bound.delta", "--delta"},
+      {"lower_bound.tokens_per_sample", "--tokens-per-sample"},
+      {"lower_bound.hidden_size", "--hidden-size"},
+      {"lower_bound (estimated delta)", "--capacity lower-bound (estimated delta)"},
+      {"adaptive.tokens_per_sample", "--tokens-per-sample"},
+      {"adaptive.hidden_size", "--hidden-size"},
+      {"adaptive.floor", "--capacity-floor"},
+      {"adaptive.ceiling", "--capacity-ceiling"},
+      {"adaptive (estimated delta)", "--capacity adaptive (estimated delta)"},
   };
   std::string_view m = what;
   if (m.substr(0, 11) == "resonance: ") m.remove_prefix(11);
@@ -423,18 +524,26 @@ void publish(const fs::path& out, const results& r, const std::string& json) {
 
 // ---- routing --------------------------------------------------------------------------------------
 
-template <class Capacity, class Scalar>
-results route_with(const rs::routing::token_choice& tc, const Capacity& cap, const std::vector<Scalar>& logits,
+// Routes once with any direction and capacity policy; a stateful scheduler runs its first step.
+template <class Direction, class Capacity, class Scalar>
+results route_with(const Direction& dir, const Capacity& cap, const options& o, const std::vector<Scalar>& logits,
                    rs::index T, rs::index E) {
   const rs::backend::serial be;
-  const rs::router<rs::affinity::precomputed, rs::routing::token_choice, Capacity> r{{}, tc, cap};
+  const rs::router<rs::affinity::precomputed, Direction, Capacity> r{{}, dir, cap};
   const rs::matrix_view<const Scalar> x{logits.data(), T, E};
   // fp32 logits (validated, finite): routed, and the losses are computed on the same values.
   std::vector<float> storage;
   const rs::matrix_view<const float> l = r.logits(be, x, storage);
   results out;
-  out.plan = r.route(be, l);
-  out.aux_loss = rs::loss::switch_aux_loss(be, l, tc.score, tc.top_k);
+  if constexpr (rs::stateful_capacity_policy<Capacity>) {
+    // One batch is a scheduler's first step (its state starts fresh). The bounds read d, the width of
+    // the hidden states behind the logits: --hidden-size, else the number of experts.
+    rs::capacity_state_t<Capacity> state{};
+    out.plan = r.route(be, l, state);
+  } else {
+    out.plan = r.route(be, l);
+  }
+  out.aux_loss = rs::loss::switch_aux_loss(be, l, o.score, o.top_k);
   out.z_loss = rs::loss::z_loss(be, l);
   out.probs.resize(static_cast<std::size_t>(T * E));
   out.map.resize(static_cast<std::size_t>(T * E));
@@ -443,9 +552,9 @@ results route_with(const rs::routing::token_choice& tc, const Capacity& cap, con
   return out;
 }
 
-template <class Scalar>
-results route_all(const options& o, const rs::routing::token_choice& tc, const std::vector<Scalar>& logits, rs::index T,
-                  rs::index E) {
+template <class Direction, class Scalar>
+results route_capacity(const Direction& dir, const options& o, const std::vector<Scalar>& logits, rs::index T,
+                       rs::index E) {
   if (o.capacity_factor) {
     const rs::capacity::factor cap{.factor = *o.capacity_factor,
                                    .drop = o.drop,
@@ -453,9 +562,59 @@ results route_all(const options& o, const rs::routing::token_choice& tc, const s
                                    .pad_to_capacity = o.pad_to_capacity,
                                    .align = o.align,
                                    .seed = o.seed};
-    return route_with(tc, cap, logits, T, E);
+    return route_with(dir, cap, o, logits, T, E);
   }
-  return route_with(tc, rs::capacity::dropless{.align = o.align}, logits, T, E);
+  if (o.scheduler == "lower-bound") {
+    const rs::capacity::lower_bound cap{.delta = o.delta,
+                                        .tokens_per_sample = o.tokens_per_sample,
+                                        .hidden_size = o.hidden_size,
+                                        .drop = o.drop,
+                                        .pad_to_capacity = o.pad_to_capacity,
+                                        .align = o.align,
+                                        .seed = o.seed};
+    return route_with(dir, cap, o, logits, T, E);
+  }
+  if (o.scheduler == "adaptive") {
+    const rs::capacity::adaptive cap{.estimate = o.estimate,
+                                     .tokens_per_sample = o.tokens_per_sample,
+                                     .hidden_size = o.hidden_size,
+                                     .floor = o.capacity_floor,
+                                     .ceiling = o.capacity_ceiling,
+                                     .drop = o.drop,
+                                     .pad_to_capacity = o.pad_to_capacity,
+                                     .align = o.align,
+                                     .seed = o.seed};
+    return route_with(dir, cap, o, logits, T, E);
+  }
+  return route_with(dir, rs::capacity::dropless{.align = o.align}, o, logits, T, E);
+}
+
+template <class Scalar>
+results route_all(const options& o, const rs::routing::token_choice& tc, const std::vector<Scalar>& logits, rs::index T,
+                  rs::index E) {
+  if (o.direction == "expert") {
+    const rs::routing::expert_choice ec{.top_k = o.top_k, .score = o.score, .causal = o.causal};
+    return route_capacity(ec, o, logits, T, E);
+  }
+  if (o.direction == "sinkhorn") {
+    const rs::routing::sinkhorn sk{
+        .top_k = o.top_k, .max_iterations = o.sinkhorn_iterations, .tolerance = o.sinkhorn_tolerance};
+    return route_capacity(sk, o, logits, T, E);
+  }
+  if (o.direction == "bidirectional") {
+    // DESIGN §6: each expert keeps the top-C of its candidates by score.
+    const rs::routing::bidirectional bd{.top_k = tc.top_k,
+                                        .score = tc.score,
+                                        .pre_softmax = tc.pre_softmax,
+                                        .scaling_factor = tc.scaling_factor,
+                                        .expert_bias = tc.expert_bias,
+                                        .num_groups = tc.num_groups,
+                                        .group_topk = tc.group_topk,
+                                        .rank = rs::routing::rank_by::score,
+                                        .causal = o.causal};
+    return route_capacity(bd, o, logits, T, E);
+  }
+  return route_capacity(tc, o, logits, T, E);
 }
 
 int run(const options& o) {

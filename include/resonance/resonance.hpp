@@ -5,6 +5,9 @@
 // simd / tbb / kokkos / cuda backends.
 
 #include "affinity/affinity.hpp"
+#include "affinity/cosine.hpp"
+#include "affinity/grap.hpp"
+#include "affinity/grap_cosine.hpp"
 #include "affinity/precomputed.hpp"
 #include "backend/backend.hpp"
 #include "backend/serial.hpp"
@@ -29,7 +32,9 @@
 #include "plan/plan.hpp"
 #include "router.hpp"
 #include "routing/bidirectional.hpp"
+#include "routing/expert_choice.hpp"
 #include "routing/routing.hpp"
+#include "routing/sinkhorn.hpp"
 #include "routing/token_choice.hpp"
 #include "score/score.hpp"
 #include "version.hpp"

@@ -29,7 +29,7 @@ struct router {
   // Validates the policies against an input of `cols` columns; returns the number of experts.
   index validate(index cols) const {
     affinity.validate(cols);
-    const index E = affinity.num_experts(cols);
+    const index E = affinity.experts_for(cols);
     direction.validate(E);
     capacity.validate();
     return E;
@@ -94,10 +94,20 @@ struct router {
     std::vector<float> storage;
     const matrix_view<const float> l = affinity.compute(be, x, storage);
     detail::check_finite(l, "logits");
-    capacity_limits lim = limits_of(capacity_context{T_, E, k, x.cols, l});
-    detail::check_limits(lim);
+    capacity_context ctx{T_, E, k, x.cols, l, nullptr};
+    capacity_limits lim;
     candidate_set cands;
-    select(be, direction, l, lim, cands);
+    if (detail::selects_with_capacity(direction)) {
+      lim = limits_of(ctx);
+      detail::check_limits(lim);
+      select(be, direction, l, lim, cands);
+    } else {
+      // Propose first; the capacity policy may read the proposals (a scheduler's statistics).
+      select(be, direction, l, capacity_limits{}, cands);
+      ctx.candidates = &cands;
+      lim = limits_of(ctx);
+      detail::check_limits(lim);
+    }
     // Finite logits can still overflow fp32 once divided by a tiny temperature or scaled by a huge
     // scaling factor: a NaN or Inf weight must not reach the plan.
     const auto sz = [](index n) { return static_cast<std::size_t>(n); };

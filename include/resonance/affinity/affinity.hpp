@@ -15,11 +15,12 @@
 
 namespace resonance {
 
-// An affinity policy says how many experts an input of `cols` columns routes to, and validates itself
-// against that width. Its compute(backend, x, storage) returns fp32 logits (possibly a view of x).
+// An affinity policy says how many experts an input of `cols` columns routes to (experts_for), and
+// validates itself against that width. Its compute(backend, x, storage) returns fp32 logits (possibly
+// a view of x).
 template <class A>
 concept affinity_policy = policy_struct<A> && requires(const A& a, index cols) {
-  { a.num_experts(cols) } -> std::convertible_to<index>;
+  { a.experts_for(cols) } -> std::convertible_to<index>;
   a.validate(cols);
 };
 
@@ -56,7 +57,7 @@ template <class Affinity, execution_backend Backend, input_scalar T>
 matrix_view<const float> compute_via_forward(const Affinity& a, const Backend& be, matrix_view<const T> x,
                                              std::vector<float>& storage) {
   using S = std::remove_cv_t<T>;
-  const index rows = x.rows, E = a.num_experts(x.cols);
+  const index rows = x.rows, E = a.experts_for(x.cols);
   storage.resize(static_cast<std::size_t>(rows * E));
   if constexpr (std::is_same_v<S, float>) {
     a.forward(be, x, matrix_view<float>{storage.data(), rows, E, E});

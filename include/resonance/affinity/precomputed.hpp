@@ -6,7 +6,7 @@ namespace resonance::affinity {
 
 // The caller's gate logits (T×E) are routed as given; a double input is converted to fp32 first.
 struct precomputed {
-  index num_experts(index cols) const { return cols; }
+  index experts_for(index cols) const { return cols; }
   void validate(index cols) const { detail::require(cols >= 1, "logits", "at least 1 column (expert)", cols); }
 
   template <execution_backend Backend, input_scalar T>

@@ -13,14 +13,16 @@
 //     number of class-discriminative candidates; while features are isotropic, TCR needs C = Θ(demand).
 //     A candidate "resonates" when its affinity is at least `threshold` (default z/√d, z = 3: three
 //     standard deviations of a GrAP-cosine affinity under isotropic features, whose δ ~ N(0, 1/d)).
-//     For each expert: if its resonating candidates are no more than the isotropic null explains
-//     (n_e <= 2·μ0 + 3, μ0 = demand_e·(1 − Φ(z)^E)), C_e = demand_e (the TCR regime); otherwise
-//     C_e = min(demand_e, margin·n_e). C estimate = max_e C_e.
+//     If any expert with candidates has no more resonating candidates than the isotropic null explains
+//     (n_e <= 2·μ0 + 3, μ0 = demand_e·(1 − Φ(z)^E)), the estimate is unbounded: C stays at the
+//     ceiling (the TCR regime). Otherwise C = max_e min(demand_e, margin·n_e).
 //   etr_bound — ETR Remark 7 taken literally: (1/n)·exp(d·δ̂²/(2 − δ̂²)) per sample, δ̂ = the
 //     `quantile` of the TCR affinities (it grows with δ̂, so with the monotone rule it mostly pins C).
 //   locmoe_bound — LocMoE Eq. 9 (erfc form) with the same δ̂, per sample.
 // The estimate is turned into a capacity factor cf = C/(T·k/E), clamped to [floor, ceiling], and
-// cf_t = min(cf_t, cf_{t−1}) (monotone non-increasing even when T changes between steps). The state
+// then to [(1 − max_step)·cf_{t−1}, cf_{t−1}]: monotone non-increasing even when T changes between
+// steps, and "progressively" (ETR v1) so that one noisy estimate — the first steps with a weak,
+// barely significant resonance see few resonating tokens — cannot drop C to the floor for good. The state
 // (step, last factor, last capacity, last statistic) lives in the caller's state_type.
 
 #include <algorithm>
@@ -43,8 +45,10 @@ struct adaptive {
   double margin = 2.0;          // resonance: C >= margin · resonating candidates (ETR Corollary 6: 2·C*)
   double quantile = 0.5;        // bound forms: the quantile of TCR affinities used as δ̂
   index tokens_per_sample = 0;  // bound forms: s; 0 = the batch is one sample
+  index hidden_size = 0;        // d of the bound; 0 = the router input's width (set it for precomputed logits)
   double floor = 0.5;           // C >= floor · T·k/E
   double ceiling = 2.0;         // C <= ceiling · T·k/E
+  double max_step = 0.1;        // cf may fall by at most this fraction per step (1 = no limit)
   drop_policy drop = drop_policy::score;
   bool pad_to_capacity = false;
   index align = 1;
@@ -66,15 +70,18 @@ struct adaptive {
                     "0 (3/sqrt(d)) or a cosine in (0, 1)", threshold);
     detail::require(std::isfinite(margin) && margin > 0.0, "adaptive.margin", "a finite value > 0", margin);
     detail::require(quantile >= 0.0 && quantile <= 1.0, "adaptive.quantile", "a value in [0, 1]", quantile);
+    detail::require(hidden_size >= 0, "adaptive.hidden_size", "0 (the input width) or d >= 1", hidden_size);
     detail::require(tokens_per_sample >= 0, "adaptive.tokens_per_sample", "a value >= 0", tokens_per_sample);
     detail::require(std::isfinite(floor) && floor > 0.0, "adaptive.floor", "a finite value > 0", floor);
     detail::require(std::isfinite(ceiling) && ceiling >= floor, "adaptive.ceiling", "a finite value >= floor", ceiling);
+    detail::require(std::isfinite(max_step) && max_step > 0.0 && max_step <= 1.0, "adaptive.max_step",
+                    "a fraction in (0, 1]", max_step);
     detail::require(align >= 1, "align", "align >= 1", align);
   }
 
   // The raw capacity estimate for one batch (before clamps and monotonicity).
   double estimate_capacity(const capacity_context& ctx) const {
-    const index T = ctx.num_tokens, E = ctx.num_experts, d = ctx.hidden_size;
+    const index T = ctx.num_tokens, E = ctx.num_experts, d = hidden_size > 0 ? hidden_size : ctx.hidden_size;
     const tcr_assignments tcr = tcr_pairs(ctx);
     if (estimate == capacity_estimate::resonance) {
       const double z = 3.0;
@@ -89,9 +96,13 @@ struct adaptive {
       double c = 0.0;
       for (std::size_t e = 0; e < demand.size(); ++e) {
         const double null_count = demand[e] * p0;
-        const double ce =
-            resonating[e] <= 2.0 * null_count + 3.0 ? demand[e] : std::min(demand[e], margin * resonating[e]);
-        c = std::max(c, ce);
+        // An expert whose candidates do not resonate beyond chance cannot yet tell good tokens from
+        // bad ones: it keeps all of them (TCR), so the estimate is unbounded and C sits at the ceiling.
+        if (resonating[e] <= 2.0 * null_count + 3.0) {
+          if (demand[e] > 0.0) return std::numeric_limits<double>::infinity();
+          continue;
+        }
+        c = std::max(c, std::min(demand[e], margin * resonating[e]));
       }
       return c;
     }
@@ -110,7 +121,8 @@ struct adaptive {
     const double raw = estimate_capacity(ctx);
     double cf = per_expert > 0.0 ? raw / per_expert : ceiling;
     cf = std::clamp(std::isfinite(cf) ? cf : ceiling, floor, ceiling);
-    cf = std::min(cf, state.factor);
+    if (std::isfinite(state.factor)) cf = std::clamp(cf, state.factor * (1.0 - max_step), state.factor);
+    cf = std::max(cf, floor);
     const double c = std::ceil(per_expert * cf);
     detail::require(c <= static_cast<double>(std::numeric_limits<id_type>::max()), "adaptive.ceiling",
                     "a capacity that fits in 32 bits", c);

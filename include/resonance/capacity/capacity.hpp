@@ -29,14 +29,18 @@ struct capacity_limits {
   friend constexpr bool operator==(const capacity_limits&, const capacity_limits&) = default;
 };
 
-// What a capacity scheduler may look at: the batch's shape and its fp32 router logits (the affinities,
-// for GrAP-cosine routing), computed before any selection.
+struct candidate_set;
+
+// What a capacity scheduler may look at: the batch's shape, its fp32 router logits (the affinities,
+// for GrAP-cosine routing) and, when the direction proposes before the capacity is known (token
+// choice, bidirectional, Sinkhorn), its proposals: bias and group limits change who proposes where.
 struct capacity_context {
   index num_tokens = 0;
   index num_experts = 0;
   index top_k = 1;        // candidates per token of the direction (nominal for expert choice)
   index hidden_size = 0;  // columns of the router input (d for hidden states, E for precomputed logits)
   matrix_view<const float> logits = {};
+  const candidate_set* candidates = nullptr;  // the direction's proposals, or null (expert choice)
 };
 
 // A stateless capacity policy maps (tokens, experts, candidates per token) to limits.

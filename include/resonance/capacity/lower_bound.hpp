@@ -22,6 +22,7 @@ struct lower_bound {
   double delta = 0.0;           // δ; 0 = estimate it from the first batch
   double quantile = 0.5;        // which quantile of the TCR affinities estimates δ
   index tokens_per_sample = 0;  // s; 0 = the whole batch is one sample
+  index hidden_size = 0;        // d of the bound; 0 = the router input's width (set it for precomputed logits)
   drop_policy drop = drop_policy::score;
   bool pad_to_capacity = false;
   index align = 1;
@@ -37,11 +38,15 @@ struct lower_bound {
     detail::require(std::isfinite(delta) && delta >= 0.0 && delta < 1.0, "lower_bound.delta",
                     "0 (estimate) or a cosine threshold in (0, 1)", delta);
     detail::require(quantile >= 0.0 && quantile <= 1.0, "lower_bound.quantile", "a value in [0, 1]", quantile);
+    detail::require(hidden_size >= 0, "lower_bound.hidden_size", "0 (the input width) or d >= 1", hidden_size);
     detail::require(tokens_per_sample >= 0, "lower_bound.tokens_per_sample", "a value >= 0", tokens_per_sample);
     detail::require(align >= 1, "align", "align >= 1", align);
   }
 
   capacity_limits limits(const capacity_context& ctx, state_type& state) const {
+    // An empty batch says nothing about δ: it routes nothing and leaves the bound to the next batch.
+    if (ctx.num_tokens == 0 && state.capacity < 0)
+      return {.capacity = 0, .drop = drop, .pad_to_capacity = pad_to_capacity, .align = align, .seed = seed};
     if (state.capacity < 0) {
       double d = delta;
       if (d == 0.0) {
@@ -49,7 +54,7 @@ struct lower_bound {
         detail::check_cosine_statistic(d, "lower_bound (estimated delta)");
         d = std::abs(d);
       }
-      const double ec = locmoe_bound(d, ctx.hidden_size, ctx.num_experts);
+      const double ec = locmoe_bound(d, hidden_size > 0 ? hidden_size : ctx.hidden_size, ctx.num_experts);
       const index T = ctx.num_tokens;
       const double samples =
           tokens_per_sample > 0 ? std::ceil(static_cast<double>(T) / static_cast<double>(tokens_per_sample)) : 1.0;

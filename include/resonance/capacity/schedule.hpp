@@ -44,6 +44,9 @@ struct schedule {
 
   // The capacity factor at a given step.
   double factor_at(index step) const {
+    // Both ends exactly: end + (start - end) can round to start ± 1 ulp, and ceil then gives C one
+    // above capacity::factor{start} where (T·k/E)·start is an integer.
+    if (step <= 0) return start;
     if (step >= steps) return end;
     const double x = static_cast<double>(step) / static_cast<double>(steps);
     const double w = shape == decay::linear ? 1.0 - x : 0.5 * (1.0 + std::cos(std::numbers::pi * x));

@@ -10,12 +10,13 @@
 
 #include "../core/error.hpp"
 #include "../core/topk.hpp"
+#include "../routing/routing.hpp"
 #include "capacity.hpp"
 
 namespace resonance::capacity {
 
-// The affinities of the TCR-assigned pairs: each token's top-k logits (the pairs token choice would
-// propose), with the expert of each, token-major.
+// The affinities of the TCR-assigned pairs, token-major: the direction's proposals when the router
+// passes them (their affinity is the logit of the pair), else each token's top-k logits.
 struct tcr_assignments {
   std::vector<float> affinity;
   std::vector<id_type> expert;
@@ -24,6 +25,15 @@ struct tcr_assignments {
 inline tcr_assignments tcr_pairs(const capacity_context& ctx) {
   const index T = ctx.logits.rows, E = ctx.logits.cols, k = std::min(ctx.top_k, E);
   tcr_assignments out;
+  if (ctx.candidates != nullptr) {
+    const candidate_set& c = *ctx.candidates;
+    out.expert.assign(c.expert.begin(), c.expert.end());
+    out.affinity.resize(c.expert.size());
+    for (index t = 0; t < c.num_tokens; ++t)
+      for (id_type i = c.offsets[static_cast<std::size_t>(t)]; i < c.offsets[static_cast<std::size_t>(t + 1)]; ++i)
+        out.affinity[static_cast<std::size_t>(i)] = ctx.logits(t, c.expert[static_cast<std::size_t>(i)]);
+    return out;
+  }
   out.affinity.resize(static_cast<std::size_t>(T * k));
   out.expert.resize(static_cast<std::size_t>(T * k));
   for (index t = 0; t < T; ++t) {

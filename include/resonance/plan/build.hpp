@@ -70,6 +70,7 @@ routing_plan build_plan_unchecked(const Backend& be, const candidate_set& c, con
   std::vector<unsigned char> kept(sz(nnz), 1);
   d.expert_counts.assign(sz(E), 0);
   const index cap = lim.capacity;
+  const drop_policy drop = c.forced_drop ? *c.forced_drop : lim.drop;
   be.parallel_for_blocks(E, 1, [&](index e_begin, index e_end) {
     std::vector<id_type> order;
     for (index e = e_begin; e < e_end; ++e) {
@@ -80,14 +81,14 @@ routing_plan build_plan_unchecked(const Backend& be, const candidate_set& c, con
         continue;
       }
       d.expert_counts[sz(e)] = static_cast<id_type>(cap);
-      if (lim.drop == drop_policy::position || cap == 0) {  // the earliest `cap` tokens stay
+      if (drop == drop_policy::position || cap == 0) {  // the earliest `cap` tokens stay
         for (index j = cap; j < n; ++j) kept[sz(bucket_cand[sz(b + j)])] = 0;
         continue;
       }
       for (index j = 0; j < n; ++j) kept[sz(bucket_cand[sz(b + j)])] = 0;
       order.resize(sz(n));
       std::iota(order.begin(), order.end(), b);  // positions in the bucket: ascending token order
-      if (lim.drop == drop_policy::score) {
+      if (drop == drop_policy::score) {
         std::nth_element(order.begin(), order.begin() + cap - 1, order.end(), [&](id_type x, id_type y) {
           const float px = rank[sz(bucket_cand[sz(x)])];
           const float py = rank[sz(bucket_cand[sz(y)])];

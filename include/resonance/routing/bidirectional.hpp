@@ -64,12 +64,12 @@ struct bidirectional {
 static_assert(routing_policy<bidirectional>);
 
 template <execution_backend Backend>
-void select(const Backend& be, const bidirectional& p, matrix_view<const float> logits, capacity_limits& lim,
+void select(const Backend& be, const bidirectional& p, matrix_view<const float> logits, const capacity_limits& lim,
             candidate_set& out) {
   const token_choice tc = p.proposal();
   select(be, tc, logits, lim, out);
   // The expert's side of the handshake: position priority when causal, else ranking by `rank`.
-  lim.drop = p.causal ? drop_policy::position : drop_policy::score;
+  out.forced_drop = p.causal ? drop_policy::position : drop_policy::score;
   if (p.causal || p.rank == rank_by::weight) return;  // the weight is already the default priority
   const index E = logits.cols;
   out.priority.resize(out.weight.size());

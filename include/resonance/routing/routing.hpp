@@ -3,9 +3,11 @@
 // The routing-direction axis: turns a T×E score matrix into candidate (token, expert, weight) triples.
 
 #include <concepts>
+#include <optional>
 #include <vector>
 
 #include "../backend/backend.hpp"
+#include "../capacity/capacity.hpp"
 #include "../core/concepts.hpp"
 #include "../core/view.hpp"
 
@@ -24,6 +26,9 @@ struct candidate_set {
   std::vector<float> weight;
   std::vector<float> priority;
   std::vector<id_type> demand;
+  // The drop policy the direction's definition implies (bidirectional ranks by priority, causal
+  // variants keep position priority); it overrides the capacity policy's. Empty: the capacity's.
+  std::optional<drop_policy> forced_drop;
 
   index size() const { return static_cast<index>(expert.size()); }
   const std::vector<float>& ranking() const { return priority.empty() ? weight : priority; }
@@ -31,13 +36,25 @@ struct candidate_set {
 
 // A routing direction validates itself against E, says how many candidates a token proposes (the k
 // of the capacity formula), and selects candidates from fp32 logits on a backend through an
-// overload `select(backend, direction, logits, limits, candidates)` found by ADL. `limits` is in/out:
-// a direction may fix the drop policy its definition implies (bidirectional ranks by affinity, causal
-// variants keep position priority).
+// overload `select(backend, direction, logits, limits, candidates)` found by ADL. A direction whose
+// selection needs the capacity (non-causal expert choice) says so with selects_with_capacity(); the
+// others propose first, and the capacity policy may then read their proposals.
 template <class D>
 concept routing_policy = policy_struct<D> && requires(const D& d, index experts) {
   d.validate(experts);
   { d.candidates_per_token(experts) } -> std::convertible_to<index>;
 };
+
+namespace detail {
+// Whether a direction needs the capacity to select (then the router computes it first).
+template <class D>
+bool selects_with_capacity(const D& d) {
+  if constexpr (requires { d.selects_with_capacity(); }) {
+    return d.selects_with_capacity();
+  } else {
+    return false;
+  }
+}
+}  // namespace detail
 
 }  // namespace resonance

@@ -164,7 +164,7 @@ RESONANCE_INLINE_FUNCTION void token_choice_row(const token_choice& p, const flo
 
 // Host driver: runs token_choice_row over every token on the backend.
 template <execution_backend Backend>
-void select(const Backend& be, const token_choice& p, matrix_view<const float> logits, capacity_limits&,
+void select(const Backend& be, const token_choice& p, matrix_view<const float> logits, const capacity_limits&,
             candidate_set& out) {
   const index T = logits.rows;
   const index E = logits.cols;
@@ -175,6 +175,8 @@ void select(const Backend& be, const token_choice& p, matrix_view<const float> l
   out.expert.resize(static_cast<std::size_t>(T * k));
   out.weight.resize(static_cast<std::size_t>(T * k));
   out.priority.clear();
+  out.demand.clear();
+  out.forced_drop.reset();
   const float* bias = p.expert_bias.empty() ? nullptr : p.expert_bias.data;
   const index scratch = p.scratch_size(E);
   be.parallel_for_blocks(T, 1024, [&](index begin, index end) {

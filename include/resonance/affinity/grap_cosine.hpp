@@ -1,0 +1,142 @@
+#pragma once
+
+// ETR's affinity (arXiv 2406.00023, Eq. 2–4): δ_te = cos(x_t, w_e) with the fixed GrAP embedding
+// w_e = (E/d)·1{j ∈ group e}. Since ‖w_e‖ = 1/√g (g = d/E), δ_te = s_te / (√g·‖x_t‖) with s_te the sum
+// of group e of x_t: one pass over x_t, O(d) per token, and W is never formed. For one token the
+// experts rank as by LocMoE's GrAP means; across tokens each is normalised by its own norm.
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "affinity.hpp"
+#include "cosine.hpp"
+#include "grap.hpp"
+
+namespace resonance::affinity {
+
+struct grap_cosine {
+  index num_experts = 0;  // E; the input's column count must be a positive multiple of it
+
+  constexpr index experts_for(index) const { return num_experts; }
+  // Norm floor: a token whose norm is at most epsilon counts as zero and gets δ = 0 for every expert
+  // and gradient 0 (with the default 0, only an exactly zero token).
+  double epsilon = 0.0;
+
+  static constexpr index block_tokens = 64;  // tokens per parallel block (results do not depend on it)
+
+  void validate(index cols) const {
+    detail::check_channel_groups(num_experts, cols, "grap_cosine.num_experts");
+    detail::require(std::isfinite(epsilon) && epsilon >= 0.0, "grap_cosine.epsilon", "a finite value >= 0", epsilon);
+  }
+
+  template <execution_backend Backend, input_scalar T>
+  matrix_view<const float> compute(const Backend& be, matrix_view<const T> x, std::vector<float>& storage) const {
+    return detail::compute_via_forward(*this, be, x, storage);
+  }
+
+  // δ_te = s_te / (√g·‖x_t‖)  (ETR Eq. 4 in closed form), accumulated in double for float and double
+  // inputs alike, clamped to [-1, 1] and rounded once to T. A row with a NaN or an Inf gives NaN.
+  template <execution_backend Backend, input_scalar T>
+  void forward(const Backend& be, matrix_view<const T> x, matrix_view<T> logits) const {
+    detail::check_matrix(x, "input");
+    validate(x.cols);
+    const index E = num_experts, g = x.cols / E;
+    detail::check_matrix(logits, "logits", x.rows, E);
+    const double sqrt_g = std::sqrt(static_cast<double>(g));
+    be.parallel_for_blocks(x.rows, block_tokens, [&](index begin, index end) {
+      std::vector<double> s(static_cast<std::size_t>(E));
+      for (index t = begin; t < end; ++t) {
+        const detail::scaled_norm n = group_sums(x.row(t), E, g, s.data());
+        T* out = logits.row(t);
+        if (detail::negligible(n, epsilon)) {
+          for (index e = 0; e < E; ++e) out[e] = T(0);
+          continue;
+        }
+        // s holds the sums of the rescaled row when n.exponent != 0, so s / n.scaled is the cosine.
+        for (index e = 0; e < E; ++e)
+          out[e] = static_cast<T>(detail::clamp_cosine(s[static_cast<std::size_t>(e)] / (sqrt_g * n.scaled)));
+      }
+    });
+  }
+
+  // The gradient of Σ dδ ∘ δ with respect to x (cosine's ∂c/∂x = (v − c·u)/‖x‖ with v_e = √g·w_e):
+  //   dx_tj = dδ_{t,e(j)} / (√g·‖x_t‖) − x_tj · (Σ_e dδ_te·s_te) / (√g·‖x_t‖³)
+  //         = (dδ_{t,e(j)}/√g − u_tj·Σ_e dδ_te·δ_te) / ‖x_t‖,   u_t = x_t/‖x_t‖;
+  // 0 for a zero token (see epsilon).
+  template <execution_backend Backend, input_scalar T>
+  void backward(const Backend& be, matrix_view<const T> x, matrix_view<const T> dlogits, matrix_view<T> dx) const {
+    detail::check_matrix(x, "input");
+    validate(x.cols);
+    const index E = num_experts, g = x.cols / E;
+    detail::check_matrix(dlogits, "dlogits", x.rows, E);
+    detail::check_matrix(dx, "dx", x.rows, x.cols);
+    const double sqrt_g = std::sqrt(static_cast<double>(g));
+    be.parallel_for_blocks(x.rows, block_tokens, [&](index begin, index end) {
+      std::vector<double> s(static_cast<std::size_t>(E));
+      for (index t = begin; t < end; ++t) {
+        const T* row = x.row(t);
+        const T* dl = dlogits.row(t);
+        T* out = dx.row(t);
+        const detail::scaled_norm n = group_sums(row, E, g, s.data());
+        if (detail::negligible(n, epsilon)) {
+          for (index j = 0; j < x.cols; ++j) out[j] = T(0);
+          continue;
+        }
+        double p = 0.0;  // Σ_e dδ_te·δ_te, with the unclamped δ (identical away from |δ| = 1)
+        for (index e = 0; e < E; ++e) p += static_cast<double>(dl[e]) * s[static_cast<std::size_t>(e)];
+        p /= sqrt_g * n.scaled;
+        for (index e = 0; e < E; ++e) {
+          const double ve = static_cast<double>(dl[e]) / sqrt_g;
+          for (index j = e * g; j < (e + 1) * g; ++j) {
+            const double gj = ve - p * n.unit(static_cast<double>(row[j]));
+            out[j] = static_cast<T>(n.exponent == 0 ? gj / n.scaled : std::scalbn(gj / n.scaled, -n.exponent));
+          }
+        }
+      }
+    });
+  }
+
+  friend constexpr bool operator==(const grap_cosine&, const grap_cosine&) = default;
+
+ private:
+  // One pass over the row: the E group sums into s and the norm. When the plain sum of squares leaves
+  // double's normal range (double inputs only), the row is summed again scaled by 2^-exponent, and s
+  // then holds the scaled sums (see detail::scaled_norm).
+  template <class T>
+  static detail::scaled_norm group_sums(const T* row, index E, index g, double* s) {
+    double ss = 0.0;
+    for (index e = 0; e < E; ++e) {
+      double se = 0.0;
+      for (index j = e * g; j < (e + 1) * g; ++j) {
+        const double v = static_cast<double>(row[j]);
+        se += v;
+        ss += v * v;
+      }
+      s[e] = se;
+    }
+    if (detail::sum_of_squares_in_range(ss)) return {0, std::sqrt(ss)};
+    bool finite = true, zero = false;
+    const int k = detail::rescale_exponent(row, E * g, finite, zero);
+    if (!finite) {
+      for (index e = 0; e < E; ++e) s[e] = std::numeric_limits<double>::quiet_NaN();
+      return {0, std::numeric_limits<double>::quiet_NaN()};
+    }
+    if (zero) return {0, 0.0};
+    ss = 0.0;
+    for (index e = 0; e < E; ++e) {
+      double se = 0.0;
+      for (index j = e * g; j < (e + 1) * g; ++j) {
+        const double v = std::scalbn(static_cast<double>(row[j]), -k);
+        se += v;
+        ss += v * v;
+      }
+      s[e] = se;
+    }
+    return {k, std::sqrt(ss)};
+  }
+};
+
+static_assert(affinity_policy<grap_cosine>);
+
+}  // namespace resonance::affinity

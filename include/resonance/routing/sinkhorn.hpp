@@ -1,0 +1,236 @@
+#pragma once
+
+// Sinkhorn routing (S-BASE, Clark et al. 2022, arXiv 2202.01169), as Megatron-Core's
+// sinkhorn_load_balancing computes it in training (moe_utils.sinkhorn, router.py):
+//   cost = exp(L);  d0 = 1_T, d1 = 1_E, eps = 1e-8
+//   repeat:  d0_t = (1/T) / (Σ_e d1_e·cost_te + eps)
+//            d1_e = (1/E) / (Σ_t d0_t·cost_te + eps)
+//            error = mean_e |d1_e − d1_old_e|
+//   while error > tolerance;  P = diag(d0)·cost·diag(d1), doubly stochastic up to the tolerance (rows
+//   sum to 1/T, columns to 1/E).
+//   selection: the top_k experts of each row of P (ties to the lowest expert id);
+//   weights:   from the plain scores, gathered at the selected experts, never renormalised:
+//              sigmoid(logit) when top_k == 1, softmax over all E when top_k > 1.
+// Differences from Megatron, all deliberate: the loop is bounded by max_iterations (Megatron's runs
+// until convergence, which may never come); the iteration runs in double (Megatron: fp32); cost is
+// exp(l_te − max_e l_te), which cannot overflow. That row scaling is absorbed by d0: scaling row t of
+// the cost by c_t scales d0_t by 1/c_t and leaves d1, the error sequence, P and the selection unchanged
+// (up to eps, negligible next to a row sum >= d1 of the row's best expert).
+// Megatron's evaluation mode does a plain top-k of the scores instead: that is token_choice with
+// score = sigmoid (k = 1) or score = softmax and pre_softmax = true (k > 1). Megatron asserts that no
+// auxiliary loss is used with Sinkhorn; the balance comes from the selection itself.
+// Every reduction runs in a fixed order (row sums in expert order, column sums over fixed chunks of
+// tokens, then over the chunks in order), so P and the plan are the same on every backend.
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "../backend/backend.hpp"
+#include "../capacity/capacity.hpp"
+#include "../core/error.hpp"
+#include "../core/topk.hpp"
+#include "../core/view.hpp"
+#include "../score/score.hpp"
+#include "routing.hpp"
+
+namespace resonance::routing {
+
+struct sinkhorn {
+  index top_k = 1;
+  index max_iterations = 100;  // an upper bound on the Sinkhorn iterations (Megatron has none)
+  // Stop once mean_e |d1_e − d1_old_e| <= tolerance (Megatron's 1e-4). eps breaks the scale symmetry
+  // of (d0, d1), so d1 drifts by about eps·d1 per iteration: a tolerance near eps (below ~1e-6) may
+  // never be met, and then max_iterations ends the loop.
+  double tolerance = 1e-4;
+
+  void validate(index num_experts) const {
+    using detail::require;
+    require(num_experts >= 1, "num_experts", "at least 1 expert", num_experts);
+    require(top_k >= 1 && top_k <= num_experts, "top_k",
+            "1 <= top_k <= num_experts (" + std::to_string(num_experts) + ")", top_k);
+    require(max_iterations >= 1, "max_iterations", "max_iterations >= 1", max_iterations);
+    require(std::isfinite(tolerance) && tolerance > 0.0, "tolerance", "a finite value > 0", tolerance);
+  }
+
+  index candidates_per_token(index) const { return top_k; }
+
+  friend constexpr bool operator==(const sinkhorn&, const sinkhorn&) = default;
+};
+
+static_assert(routing_policy<sinkhorn>);
+
+namespace kernel {
+
+// Top-k of a row of n doubles (k <= n): vals descending, ids ascending among equal values (an
+// ascending scan that moves only strictly smaller entries). Host/device; no allocation.
+RESONANCE_INLINE_FUNCTION void sinkhorn_topk_row(const double* row, index n, index k, double* vals, id_type* ids) {
+  index filled = 0;
+  for (index i = 0; i < n; ++i) {
+    const double v = row[i];
+    if (filled == k) {
+      if (!(v > vals[k - 1])) continue;
+      --filled;
+    }
+    index pos = filled;
+    while (pos > 0 && v > vals[pos - 1]) {
+      vals[pos] = vals[pos - 1];
+      ids[pos] = ids[pos - 1];
+      --pos;
+    }
+    vals[pos] = v;
+    ids[pos] = static_cast<id_type>(i);
+    ++filled;
+  }
+}
+
+// One token's selection from its row of P and its logits: top_k (expert, weight) pairs ordered by
+// expert id. `scores` holds E floats (used when k > 1), `vals` k doubles. Host/device.
+RESONANCE_INLINE_FUNCTION void sinkhorn_row(const double* p_row, const float* logits, index num_experts, index k,
+                                            id_type* out_expert, float* out_weight, float* scores, double* vals) {
+  sinkhorn_topk_row(p_row, num_experts, k, vals, out_expert);
+  if (k == 1) {
+    out_weight[0] = detail::sigmoid(logits[out_expert[0]]);
+    return;
+  }
+  detail::softmax_row(logits, scores, num_experts, 1.0f);
+  for (index j = 0; j < k; ++j) out_weight[j] = scores[out_expert[j]];
+  detail::sort_by_id(out_expert, out_weight, k);
+}
+
+}  // namespace kernel
+}  // namespace resonance::routing
+
+namespace resonance::detail {
+
+inline constexpr double sinkhorn_eps = 1e-8;  // Megatron's
+inline constexpr index sinkhorn_chunk = 256;  // tokens per partial column sum (fixed: the sum order)
+
+// Megatron's iteration on finite logits (preconditions checked by the caller). `p` (T×E) holds the
+// cost during the iteration and P at the end. Returns the iterations run (0 for an empty matrix).
+template <execution_backend Backend>
+index sinkhorn_run(const Backend& be, matrix_view<const float> logits, matrix_view<double> p, index max_iterations,
+                   double tolerance) {
+  const auto sz = [](index n) { return static_cast<std::size_t>(n); };
+  const index T = logits.rows, E = logits.cols;
+  if (T == 0 || E == 0) return 0;
+
+  // cost_te = exp(l_te − max_e l_te), in (0, 1] with a 1 in every row.
+  be.parallel_for_blocks(T, 256, [&](index begin, index end) {
+    for (index t = begin; t < end; ++t) {
+      const float* l = logits.row(t);
+      double m = static_cast<double>(l[0]);
+      for (index e = 1; e < E; ++e) m = static_cast<double>(l[e]) > m ? static_cast<double>(l[e]) : m;
+      double* c = p.row(t);
+      for (index e = 0; e < E; ++e) c[e] = std::exp(static_cast<double>(l[e]) - m);
+    }
+  });
+
+  const index chunks = (T + sinkhorn_chunk - 1) / sinkhorn_chunk;
+  const double inv_t = 1.0 / static_cast<double>(T);
+  const double inv_e = 1.0 / static_cast<double>(E);
+  std::vector<double> d0(sz(T), 1.0), d1(sz(E), 1.0), d1_old(sz(E), 1.0);
+  std::vector<double> partial(sz(chunks * E));
+  double error = std::numeric_limits<double>::infinity();
+  index it = 0;
+  while (it < max_iterations && error > tolerance) {
+    // d0_t = (1/T) / (Σ_e d1_e·cost_te + eps), the sum in expert order.
+    be.parallel_for_blocks(T, 256, [&](index begin, index end) {
+      for (index t = begin; t < end; ++t) {
+        const double* c = p.row(t);
+        double s = 0.0;
+        for (index e = 0; e < E; ++e) s += d1[sz(e)] * c[e];
+        d0[sz(t)] = inv_t / (s + sinkhorn_eps);
+      }
+    });
+    // Σ_t d0_t·cost_te: per fixed chunk of tokens (in token order), then over chunks in order. The
+    // chunks, not the backend's blocks, fix the summation order.
+    be.parallel_for_blocks(chunks, 1, [&](index c_begin, index c_end) {
+      for (index ch = c_begin; ch < c_end; ++ch) {
+        double* acc = partial.data() + ch * E;
+        for (index e = 0; e < E; ++e) acc[e] = 0.0;
+        const index t_end = (ch + 1) * sinkhorn_chunk < T ? (ch + 1) * sinkhorn_chunk : T;
+        for (index t = ch * sinkhorn_chunk; t < t_end; ++t) {
+          const double* c = p.row(t);
+          const double w = d0[sz(t)];
+          for (index e = 0; e < E; ++e) acc[e] += w * c[e];
+        }
+      }
+    });
+    be.parallel_for_blocks(E, 64, [&](index begin, index end) {
+      for (index e = begin; e < end; ++e) {
+        double s = 0.0;
+        for (index ch = 0; ch < chunks; ++ch) s += partial[sz(ch * E + e)];
+        d1[sz(e)] = inv_e / (s + sinkhorn_eps);
+      }
+    });
+    double diff = 0.0;
+    for (index e = 0; e < E; ++e) diff += std::fabs(d1[sz(e)] - d1_old[sz(e)]);
+    error = diff / static_cast<double>(E);
+    d1_old = d1;
+    ++it;
+  }
+
+  // P = d1 * cost * d0, in Megatron's order.
+  be.parallel_for_blocks(T, 256, [&](index begin, index end) {
+    for (index t = begin; t < end; ++t) {
+      double* c = p.row(t);
+      for (index e = 0; e < E; ++e) c[e] = d1[sz(e)] * c[e] * d0[sz(t)];
+    }
+  });
+  return it;
+}
+
+}  // namespace resonance::detail
+
+namespace resonance::routing {
+
+// The Sinkhorn-normalised matrix P of fp32 logits (T×E), written to `out` (T×E, double; nothing is
+// written when an argument is rejected). Returns the iterations used: at most max_iterations, fewer
+// when mean|Δd1| <= tolerance first; 0 for an empty matrix. After convergence rows sum to 1/T within
+// about E·tolerance / min_e d1_e relative, and columns to 1/E up to eps.
+template <execution_backend Backend>
+index sinkhorn_normalize(const Backend& be, matrix_view<const float> logits, matrix_view<double> out,
+                         index max_iterations, double tolerance) {
+  using detail::require;
+  detail::check_matrix(logits, "logits");
+  detail::check_matrix(out, "out", logits.rows, logits.cols);
+  require(max_iterations >= 1, "max_iterations", "max_iterations >= 1", max_iterations);
+  require(std::isfinite(tolerance) && tolerance > 0.0, "tolerance", "a finite value > 0", tolerance);
+  for (index t = 0; t < logits.rows; ++t)
+    for (index e = 0; e < logits.cols; ++e)
+      require(std::isfinite(logits(t, e)), "logits", "finite values", logits(t, e), " at row ", t, ", column ", e);
+  return detail::sinkhorn_run(be, logits, out, max_iterations, tolerance);
+}
+
+// Host driver: P in a T×E double buffer, then every token's top-k of its row and plain-score weights.
+// The limits are left as the capacity policy set them (drop by score ranks by these weights, as
+// Megatron's apply_router_token_dropping ranks its probs).
+template <execution_backend Backend>
+void select(const Backend& be, const sinkhorn& p, matrix_view<const float> logits, const capacity_limits&,
+            candidate_set& out) {
+  const auto sz = [](index n) { return static_cast<std::size_t>(n); };
+  const index T = logits.rows, E = logits.cols, k = p.top_k;
+  std::vector<double> pm(sz(T * E));
+  detail::sinkhorn_run(be, logits, matrix_view<double>{pm.data(), T, E}, p.max_iterations, p.tolerance);
+  out.num_tokens = T;
+  out.num_experts = E;
+  out.offsets.resize(sz(T + 1));
+  out.expert.resize(sz(T * k));
+  out.weight.resize(sz(T * k));
+  out.priority.clear();
+  out.demand.clear();
+  be.parallel_for_blocks(T, 1024, [&](index begin, index end) {
+    std::vector<float> scores(sz(k > 1 ? E : 0));
+    std::vector<double> vals(sz(k));
+    for (index t = begin; t < end; ++t) {
+      kernel::sinkhorn_row(pm.data() + t * E, logits.row(t), E, k, out.expert.data() + t * k, out.weight.data() + t * k,
+                           scores.data(), vals.data());
+      out.offsets[sz(t + 1)] = static_cast<id_type>((t + 1) * k);
+    }
+  });
+  out.offsets[0] = 0;
+}
+
+}  // namespace resonance::routing
