@@ -53,6 +53,8 @@ macro(resonance_find_component name)
     find_package(CUDAToolkit QUIET)
     if(TARGET CUDA::cudart)
       _resonance_component_target(cuda CUDA::cudart)
+      # Host-only paths pass host lambdas to the host/device per-row kernels.
+      target_compile_options(resonance::cuda INTERFACE $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr>)
     endif()
   elseif("${name}" STREQUAL "mpi")
     find_package(MPI QUIET COMPONENTS CXX)

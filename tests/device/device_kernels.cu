@@ -1,5 +1,8 @@
 // Instantiates the core's per-row kernels in device code. Compiled, never run: if a host-only call
 // slips into a RESONANCE_HOST_DEVICE function, nvcc rejects this file.
+// The umbrella first: every header it pulls in must at least compile (host side) under nvcc.
+#include <resonance/resonance.hpp>
+
 #include <resonance/core/topk.hpp>
 #include <resonance/plan/build.hpp>
 #include <resonance/routing/token_choice.hpp>

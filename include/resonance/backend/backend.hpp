@@ -10,11 +10,18 @@
 
 namespace resonance {
 
+namespace detail {
+// A block body for the concept check (a named type: nvcc rejects a lambda inside a requires-expression).
+struct block_body_archetype {
+  void operator()(index, index) const {}
+};
+}  // namespace detail
+
 template <class B>
-concept execution_backend = std::copyable<B> && requires(const B& b) {
+concept execution_backend = std::copyable<B> && requires(const B& b, detail::block_body_archetype body) {
   { B::name } -> std::convertible_to<const char*>;
   { b.concurrency() } -> std::convertible_to<index>;
-  b.parallel_for_blocks(index{}, index{}, [](index, index) {});
+  b.parallel_for_blocks(index{}, index{}, body);
 };
 
 }  // namespace resonance
