@@ -9,7 +9,9 @@ namespace resonance::detail {
 
 // Inserts (value, id) into the descending list (vals, ids) of length n <= k. Scanning candidates in
 // ascending id order and moving only strictly smaller entries keeps ties in ascending id order.
-RESONANCE_INLINE_FUNCTION void topk_insert(float value, id_type id, float* vals, id_type* ids, index& n, index k) {
+// V is float for scores, double where a selection runs in double (Sinkhorn).
+template <class V>
+RESONANCE_INLINE_FUNCTION void topk_insert(V value, id_type id, V* vals, id_type* ids, index& n, index k) {
   if (n == k) {
     if (!(value > vals[k - 1])) return;
     --n;
@@ -27,15 +29,15 @@ RESONANCE_INLINE_FUNCTION void topk_insert(float value, id_type id, float* vals,
 
 // Top-k of key(i) over i in [begin, end), appended to a list that already holds n entries. Requires
 // the ids of the list to be lower than begin (ascending scan), so ties stay lowest-index first.
-template <class Key>
-RESONANCE_INLINE_FUNCTION void topk_scan(index begin, index end, const Key& key, float* vals, id_type* ids, index& n,
+template <class Key, class V>
+RESONANCE_INLINE_FUNCTION void topk_scan(index begin, index end, const Key& key, V* vals, id_type* ids, index& n,
                                          index k) {
-  for (index i = begin; i < end; ++i) topk_insert(key(i), static_cast<id_type>(i), vals, ids, n, k);
+  for (index i = begin; i < end; ++i) topk_insert(static_cast<V>(key(i)), static_cast<id_type>(i), vals, ids, n, k);
 }
 
 // Top-k of a whole row (k <= n): vals descending, ids ascending among equal values.
-template <class Key>
-RESONANCE_INLINE_FUNCTION void topk_row(index n, index k, const Key& key, float* vals, id_type* ids) {
+template <class Key, class V>
+RESONANCE_INLINE_FUNCTION void topk_row(index n, index k, const Key& key, V* vals, id_type* ids) {
   index filled = 0;
   topk_scan(0, n, key, vals, ids, filled, k);
 }

@@ -4,12 +4,15 @@
 
 #include <concepts>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "../backend/backend.hpp"
 #include "../capacity/capacity.hpp"
 #include "../core/concepts.hpp"
+#include "../core/error.hpp"
 #include "../core/view.hpp"
+#include "../score/score.hpp"
 
 namespace resonance {
 
@@ -46,6 +49,19 @@ concept routing_policy = policy_struct<D> && requires(const D& d, index experts)
 };
 
 namespace detail {
+// The checks every direction shares: at least one expert, and 1 <= top_k <= E.
+inline void check_top_k(index top_k, index num_experts) {
+  require(num_experts >= 1, "num_experts", "at least 1 expert", num_experts);
+  require(top_k >= 1 && top_k <= num_experts, "top_k",
+          "1 <= top_k <= num_experts (" + std::to_string(num_experts) + ")", top_k);
+}
+
+inline void check_score(resonance::score fn) {
+  require(fn == resonance::score::softmax || fn == resonance::score::sigmoid || fn == resonance::score::sqrt_softplus ||
+              fn == resonance::score::identity,
+          "score", "softmax, sigmoid, sqrt_softplus or identity", static_cast<int>(fn));
+}
+
 // Whether a direction needs the capacity to select (then the router computes it first).
 template <class D>
 bool selects_with_capacity(const D& d) {

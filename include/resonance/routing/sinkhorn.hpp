@@ -47,9 +47,7 @@ struct sinkhorn {
 
   void validate(index num_experts) const {
     using detail::require;
-    require(num_experts >= 1, "num_experts", "at least 1 expert", num_experts);
-    require(top_k >= 1 && top_k <= num_experts, "top_k",
-            "1 <= top_k <= num_experts (" + std::to_string(num_experts) + ")", top_k);
+    detail::check_top_k(top_k, num_experts);
     require(max_iterations >= 1, "max_iterations", "max_iterations >= 1", max_iterations);
     require(std::isfinite(tolerance) && tolerance > 0.0, "tolerance", "a finite value > 0", tolerance);
   }
@@ -63,33 +61,12 @@ static_assert(routing_policy<sinkhorn>);
 
 namespace kernel {
 
-// Top-k of a row of n doubles (k <= n): vals descending, ids ascending among equal values (an
-// ascending scan that moves only strictly smaller entries). Host/device; no allocation.
-RESONANCE_INLINE_FUNCTION void sinkhorn_topk_row(const double* row, index n, index k, double* vals, id_type* ids) {
-  index filled = 0;
-  for (index i = 0; i < n; ++i) {
-    const double v = row[i];
-    if (filled == k) {
-      if (!(v > vals[k - 1])) continue;
-      --filled;
-    }
-    index pos = filled;
-    while (pos > 0 && v > vals[pos - 1]) {
-      vals[pos] = vals[pos - 1];
-      ids[pos] = ids[pos - 1];
-      --pos;
-    }
-    vals[pos] = v;
-    ids[pos] = static_cast<id_type>(i);
-    ++filled;
-  }
-}
-
 // One token's selection from its row of P and its logits: top_k (expert, weight) pairs ordered by
 // expert id. `scores` holds E floats (used when k > 1), `vals` k doubles. Host/device.
 RESONANCE_INLINE_FUNCTION void sinkhorn_row(const double* p_row, const float* logits, index num_experts, index k,
                                             id_type* out_expert, float* out_weight, float* scores, double* vals) {
-  sinkhorn_topk_row(p_row, num_experts, k, vals, out_expert);
+  detail::topk_row(
+      num_experts, k, [p_row](index e) { return p_row[e]; }, vals, out_expert);
   if (k == 1) {
     out_weight[0] = detail::sigmoid(logits[out_expert[0]]);
     return;

@@ -49,12 +49,8 @@ struct token_choice {
 
   void validate(index num_experts) const {
     using detail::require;
-    require(num_experts >= 1, "num_experts", "at least 1 expert", num_experts);
-    require(top_k >= 1 && top_k <= num_experts, "top_k",
-            "1 <= top_k <= num_experts (" + std::to_string(num_experts) + ")", top_k);
-    require(score == resonance::score::softmax || score == resonance::score::sigmoid ||
-                score == resonance::score::sqrt_softplus || score == resonance::score::identity,
-            "score", "softmax, sigmoid, sqrt_softplus or identity", static_cast<int>(score));
+    detail::check_top_k(top_k, num_experts);
+    detail::check_score(score);
     require(!pre_softmax || score == resonance::score::softmax, "pre_softmax", "score == softmax");
     require(std::isfinite(temperature) && temperature > 0.0f, "temperature", "a finite value > 0", temperature);
     require(std::isfinite(scaling_factor) && scaling_factor > 0.0f, "scaling_factor", "a finite value > 0",
