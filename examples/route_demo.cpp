@@ -60,7 +60,7 @@ void report(const char* name, const Router& r, const batch& b) {
   std::sort(ms.begin(), ms.end());
   const rs::balance::routing_stats s = rs::balance::compute_stats(plan);
   const std::string cap = s.capacity < 0 ? std::string("-") : std::to_string(s.capacity);
-  std::printf("| %-34s | %8s | %8.2f%% | %8.2f%% | %7.3f | %8.2f | %8.2f |\n", name, cap.c_str(), 100.0 * s.drop_rate,
+  std::printf("| %-38s | %8s | %8.2f%% | %8.2f%% | %7.3f | %8.2f | %8.2f |\n", name, cap.c_str(), 100.0 * s.drop_rate,
               100.0 * s.padding_fraction, s.load_cv, s.max_over_mean, ms[ms.size() / 2]);
 }
 
@@ -73,9 +73,9 @@ int main(int argc, char** argv) {
 
   std::printf("resonance %d.%d.%d route demo: %td tokens, %td experts, top-%td, skewed logits, backend serial\n\n",
               RESONANCE_VERSION_MAJOR, RESONANCE_VERSION_MINOR, RESONANCE_VERSION_PATCH, b.tokens, b.experts, k);
-  std::printf("| %-34s | %8s | %9s | %9s | %7s | %8s | %8s |\n", "policy", "capacity", "drop", "padding", "load CV",
+  std::printf("| %-38s | %8s | %9s | %9s | %7s | %8s | %8s |\n", "policy", "capacity", "drop", "padding", "load CV",
               "max/mean", "ms");
-  std::printf("|%s|%s|%s|%s|%s|%s|%s|\n", std::string(36, '-').c_str(), std::string(10, '-').c_str(),
+  std::printf("|%s|%s|%s|%s|%s|%s|%s|\n", std::string(40, '-').c_str(), std::string(10, '-').c_str(),
               std::string(11, '-').c_str(), std::string(11, '-').c_str(), std::string(9, '-').c_str(),
               std::string(10, '-').c_str(), std::string(10, '-').c_str());
 
@@ -114,8 +114,19 @@ int main(int argc, char** argv) {
   report("selection bias = -skew, dropless", rs::router<precomputed, tc, dropless>{{}, biased, {}}, b);
   report("selection bias = -skew, cf 1.25", rs::router<precomputed, tc, factor>{{}, biased, {.factor = 1.25}}, b);
 
+  // The other directions on the same logits.
+  report("expert choice, cf 1.25",
+         rs::router<precomputed, rs::routing::expert_choice, factor>{{}, {.top_k = k}, {.factor = 1.25}}, b);
+  report("bidirectional (rank by score), cf 1.25",
+         rs::router<precomputed, rs::routing::bidirectional, factor>{
+             {}, {.top_k = k, .rank = rs::routing::rank_by::score}, {.factor = 1.25}},
+         b);
+  report("sinkhorn, dropless", rs::router<precomputed, rs::routing::sinkhorn, dropless>{{}, {.top_k = k}, {}}, b);
+  report("sinkhorn, cf 1.25",
+         rs::router<precomputed, rs::routing::sinkhorn, factor>{{}, {.top_k = k}, {.factor = 1.25}}, b);
+
   std::printf(
-      "\ncapacity: slots per expert (- = dropless); drop: assignments dropped / demanded; padding: empty\n"
-      "slots / all slots; load CV: std/mean of kept tokens per expert; ms: median of 7 routes (score,\n"
-      "select, capacity and plan).\n");
+      "\ncapacity: slots per expert (- = dropless). drop: assignments dropped / demanded (for expert\n"
+      "choice every token is a candidate of every expert). padding: empty slots / all slots. load CV:\n"
+      "std/mean of kept tokens per expert. ms: median of 7 routes (score, select, capacity and plan).\n");
 }
