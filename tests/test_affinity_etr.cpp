@@ -235,7 +235,7 @@ TEST_CASE("test_affinity_etr: the router's fp32 logits are forward's, rounded on
   CHECK(same);
 }
 
-TEST_CASE("test_affinity_etr: per token grap_cosine ranks experts as grap; across tokens it does not") {
+TEST_CASE("test_affinity_etr: per token grap_cosine ranks experts as grap, across tokens it does not") {
   std::mt19937_64 rng(53);
   const rs::index T = 200, d = 48, E = 6;
   strided<double> x(T, d, 0, 0.0);
@@ -382,7 +382,7 @@ void check_cosine(std::mt19937_64& rng, rs::index T, rs::index d, rs::index E, r
   for (rs::index r = 0; r < T && E > 2; ++r) CHECK(logits(r, 1) == S(0));
 }
 
-TEST_CASE("test_affinity_etr: cosine logits are cos(x_t, w_e)/τ in double; zero rows give 0") {
+TEST_CASE("test_affinity_etr: cosine logits are cos(x_t, w_e)/τ in double, zero rows give 0") {
   std::mt19937_64 rng(56);
   check_cosine<float>(rng, 100, 32, 8, 0, 1.0f);
   check_cosine<float>(rng, 67, 20, 5, 3, 0.1f);

@@ -644,7 +644,7 @@ TEST_CASE("test_bidirectional_capacity: causal bidirectional == token choice wit
   }
 }
 
-TEST_CASE("test_bidirectional_capacity: causal routing never depends on later tokens; ranked routing does") {
+TEST_CASE("test_bidirectional_capacity: causal routing never depends on later tokens, ranked routing does") {
   std::mt19937_64 rng(304);
   const rs::index T = 40, E = 4;
   int ranked_changed = 0;
@@ -1068,7 +1068,7 @@ TEST_CASE("test_bidirectional_capacity: the TCR -> ECR transition end to end") {
   CHECK(drops[5] > 0.5);
 }
 
-TEST_CASE("test_bidirectional_capacity: while isotropic, C stays at the ceiling; then it falls by max_step a step") {
+TEST_CASE("test_bidirectional_capacity: while isotropic, C stays at the ceiling, then it falls by max_step a step") {
   // Isotropic batches: every expert's estimate is unbounded (TCR), so C = ceil(ceiling * T k / E)
   // whatever the demands, and nothing is dropped while the largest demand fits.
   std::mt19937_64 rng(511);

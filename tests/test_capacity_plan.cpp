@@ -455,7 +455,7 @@ TEST_CASE("test_capacity_plan: align rounds slot counts up, with dropless too") 
         kept_tokens(f8.route(rs::backend::serial{}, view(x, T, E))));
 }
 
-TEST_CASE("test_capacity_plan: capacity 0 drops everything; empty input gives an empty valid plan") {
+TEST_CASE("test_capacity_plan: capacity 0 drops everything, empty input gives an empty valid plan") {
   const rs::candidate_set c = make_candidates(3, {{{0, 1.0f}}, {{1, 1.0f}, {2, 0.5f}}});
   for (rs::drop_policy drop : {rs::drop_policy::score, rs::drop_policy::position, rs::drop_policy::random}) {
     const rs::routing_plan plan = rs::build_plan(rs::backend::serial{}, c, {.capacity = 0, .drop = drop});

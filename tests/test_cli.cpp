@@ -1,7 +1,10 @@
 // End-to-end tests of resonance-route: run the built binary, read its outputs back with tools/npy.hpp
 // and compare them with a brute-force reference computed here (softmax after top-k, the capacity
 // C = max(ceil(T*k/E*cf), min_capacity), drops by score or position, the expert-major slot layout,
-// the switch aux loss and the z-loss). Bad input must exit 2 with one line on stderr and no output.
+// the switch aux loss and the z-loss). The capacity schedulers are checked against their formulas
+// (LocMoE's Eq. 9 bound; the adaptive capacity at its ceiling while nothing resonates, and sized from
+// the resonating candidates otherwise), and every direction is echoed in stats.json. Bad input must
+// exit 2 with one line on stderr and no output.
 
 #include <algorithm>
 #include <cmath>
@@ -99,6 +102,7 @@ struct capacity_options {
   bool by_position = false;
   bool pad = false;
   long min_capacity = 0;
+  long capacity = -1;  // >= 0: this capacity (a scheduler's) instead of the factor's
 };
 
 struct reference {
@@ -110,9 +114,11 @@ struct reference {
 };
 
 // Token choice with Megatron's default softmax: top-k of the logits (ties to the lower expert), softmax
-// over the k selected. Logits are rounded to fp32 first, as the tool scores in fp32.
+// over the k selected. Logits are rounded to fp32 first, as the tool scores in fp32. Drop by score ranks
+// an expert's candidates by their weight, or by `priority` (T*E) when given (bidirectional routing).
 reference route_reference(const std::vector<double>& logits_in, std::size_t T, std::size_t E, std::size_t k,
-                          std::optional<capacity_options> cap, long align) {
+                          std::optional<capacity_options> cap, long align,
+                          const std::vector<double>* priority = nullptr) {
   std::vector<double> l(logits_in.size());
   for (std::size_t i = 0; i < l.size(); ++i) l[i] = static_cast<float>(logits_in[i]);
   reference r;
@@ -134,7 +140,9 @@ reference route_reference(const std::vector<double>& logits_in, std::size_t T, s
   if (cap) {
     r.capacity = static_cast<long>(std::ceil(static_cast<double>(T * k) / static_cast<double>(E) * cap->factor));
     r.capacity = std::max(r.capacity, cap->min_capacity);
+    if (cap->capacity >= 0) r.capacity = cap->capacity;
   }
+  const std::vector<double>& rank = priority != nullptr ? *priority : probs;
   r.offsets.push_back(0);
   for (std::size_t e = 0; e < E; ++e) {
     std::vector<std::size_t> tokens;
@@ -145,7 +153,7 @@ reference route_reference(const std::vector<double>& logits_in, std::size_t T, s
       std::vector<std::size_t> ranked = tokens;
       if (!cap->by_position)  // highest weight first, equal weights to the lower token
         std::stable_sort(ranked.begin(), ranked.end(),
-                         [&](std::size_t a, std::size_t b) { return probs[a * E + e] > probs[b * E + e]; });
+                         [&](std::size_t a, std::size_t b) { return rank[a * E + e] > rank[b * E + e]; });
       for (std::size_t j = static_cast<std::size_t>(r.capacity); j < ranked.size(); ++j) r.map[ranked[j] * E + e] = 0;
       tokens.clear();
       for (std::size_t t = 0; t < T; ++t)
@@ -323,6 +331,30 @@ bool has_temp_leftovers(const fs::path& dir) {
   return false;
 }
 
+// S: the softmax over all E of each row of the fp32-rounded logits (expert choice's score, and the
+// score by which a bidirectional expert ranks its candidates).
+std::vector<double> full_softmax(const std::vector<double>& logits, std::size_t T, std::size_t E) {
+  std::vector<double> s(T * E);
+  for (std::size_t t = 0; t < T; ++t) {
+    double m = -INFINITY, sum = 0.0;
+    for (std::size_t e = 0; e < E; ++e) m = std::max(m, static_cast<double>(static_cast<float>(logits[t * E + e])));
+    for (std::size_t e = 0; e < E; ++e) sum += std::exp(static_cast<double>(static_cast<float>(logits[t * E + e])) - m);
+    for (std::size_t e = 0; e < E; ++e)
+      s[t * E + e] = std::exp(static_cast<double>(static_cast<float>(logits[t * E + e])) - m) / sum;
+  }
+  return s;
+}
+
+// LocMoE Eq. 9: ec_min = 1 / (E * erfc(sqrt(delta^2 d / (2 - delta^2)))) tokens per expert per sample;
+// C = ceil(ceil(T / s) * ec_min) (one sample when s = 0), clamped to [1, T].
+long lower_bound_capacity(double delta, double d, std::size_t E, std::size_t T, std::size_t s) {
+  const double samples = s > 0 ? std::ceil(static_cast<double>(T) / static_cast<double>(s)) : 1.0;
+  const double ec = 1.0 / (static_cast<double>(E) * std::erfc(std::sqrt(delta * delta * d / (2.0 - delta * delta))));
+  return static_cast<long>(std::clamp(std::ceil(samples * ec), 1.0, static_cast<double>(T)));
+}
+
+std::int32_t max_of(const std::vector<std::int32_t>& v) { return *std::max_element(v.begin(), v.end()); }
+
 }  // namespace
 
 TEST_CASE("cli: default options route top-1 softmax, dropless") {
@@ -431,6 +463,201 @@ TEST_CASE("cli: zero tokens") {
   CHECK(j.number("aux_loss") == 0);
 }
 
+TEST_CASE("cli: --capacity lower-bound is LocMoE's Eq. 9 bound, and the plan drops by score with it") {
+  const fs::path d = scratch("lower_bound");
+  const std::size_t T = 100, E = 8, k = 2;
+  const auto logits = random_logits(T * E, 7);
+  save_matrix(d / "logits.npy", to_float(logits), T, E);
+  const std::string in = (d / "logits.npy").string();
+  struct variant {
+    const char* name;
+    const char* delta;
+    const char* hidden;
+    const char* per_sample;  // nullptr: the batch is one sample
+    long expected;
+  };
+  // 9 = ceil(ceil(100/16) * 1.1788); 22 = ceil(21.31); a huge bound is clamped to T (dropless).
+  for (const variant& v : {variant{"a", "0.2", "64", "16", 9}, variant{"b", "0.24", "128", nullptr, 22},
+                           variant{"c", "0.6", "64", "16", 100}}) {
+    const std::string name = v.name;
+    CAPTURE(name);
+    const long C = lower_bound_capacity(std::stod(v.delta), std::stod(v.hidden), E, T,
+                                        v.per_sample ? std::stoul(v.per_sample) : 0);
+    REQUIRE(C == v.expected);
+    std::vector<std::string> args{"--logits", in,      "--out",         (d / v.name).string(),
+                                  "--top-k",  "2",     "--capacity",    "lower-bound",
+                                  "--delta",  v.delta, "--hidden-size", v.hidden};
+    if (v.per_sample) args.insert(args.end(), {"--tokens-per-sample", v.per_sample});
+    const run_result r = run_tool(d, args);
+    const reference ref = route_reference(logits, T, E, k, capacity_options{.capacity = C}, 1);
+    const json_object j = check_outputs(d / v.name, r, ref, T, E);
+    CHECK(j.values.at("direction") == "token");
+    if (C < static_cast<long>(T)) {
+      REQUIRE(C < max_of(ref.demand));  // the bound binds: some expert drops, by score
+      CHECK(j.number("dropped") > 0);
+    } else {
+      CHECK(j.number("drop_rate") == 0);
+    }
+  }
+}
+
+TEST_CASE("cli: --capacity adaptive stays at its ceiling while nothing resonates (the TCR regime)") {
+  const fs::path d = scratch("adaptive_tcr");
+  const std::size_t T = 64, E = 8, k = 2;
+  auto logits = random_logits(T * E, 8);
+  for (double& x : logits) x *= 0.05;
+  // Isotropic-looking affinities: every logit is below 3/sqrt(d) = 0.375 for d = 64, so no candidate
+  // resonates, the estimate is unbounded and C = ceil(ceiling * T*k/E) (first step: no rate limit).
+  for (double x : logits) REQUIRE(x < 3.0 / std::sqrt(64.0));
+  save_matrix(d / "logits.npy", to_float(logits), T, E);
+  const std::string in = (d / "logits.npy").string();
+  const double per_expert = static_cast<double>(T * k) / static_cast<double>(E);  // 16
+  for (const char* ceiling : {"", "1.25"}) {
+    const std::string ceiling_text = ceiling;
+    CAPTURE(ceiling_text);
+    const fs::path out = d / (*ceiling ? "ceiling" : "default");
+    std::vector<std::string> args{"--logits", in,           "--out",    out.string(),    "--top-k",
+                                  "2",        "--capacity", "adaptive", "--hidden-size", "64"};
+    if (*ceiling) args.insert(args.end(), {"--capacity-ceiling", ceiling});
+    const long C = static_cast<long>(std::ceil((*ceiling ? std::stod(ceiling) : 2.0) * per_expert));
+    REQUIRE(C == (*ceiling ? 20 : 32));
+    const reference ref = route_reference(logits, T, E, k, capacity_options{.capacity = C}, 1);
+    const json_object j = check_outputs(out, run_tool(d, args), ref, T, E);
+    if (!*ceiling) {
+      REQUIRE(max_of(ref.demand) <= C);  // the ceiling is above every demand: token choice, nothing dropped
+      CHECK(j.number("drop_rate") == 0);
+    } else {
+      REQUIRE(max_of(ref.demand) > C);
+      CHECK(j.number("dropped") > 0);
+    }
+  }
+}
+
+TEST_CASE("cli: --capacity adaptive sizes C from the resonating candidates (the ECR regime)") {
+  const fs::path d = scratch("adaptive_ecr");
+  const std::size_t T = 64, E = 4, hidden = 64;
+  const double delta = 3.0 / std::sqrt(static_cast<double>(hidden));  // 0.375: "resonating"
+  // Token t proposes expert t % E; the first n[e] tokens of each expert have an affinity above delta,
+  // the others below it; every other logit is small. Each expert has 16 candidates.
+  const std::size_t n[E] = {5, 6, 4, 7};
+  std::vector<double> logits(T * E);
+  for (std::size_t t = 0; t < T; ++t)
+    for (std::size_t e = 0; e < E; ++e)
+      logits[t * E + e] = e != t % E ? -0.1 + 0.01 * static_cast<double>(e)
+                                     : (t / E < n[e] ? 0.5 : 0.2) + 0.001 * static_cast<double>(t);
+  save_matrix(d / "logits.npy", logits, T, E);
+  const std::string in = (d / "logits.npy").string();
+
+  // Brute force from the TCR proposals: demand_e, n_e (affinity >= delta) and the isotropic null.
+  std::vector<double> demand(E, 0.0), resonating(E, 0.0);
+  for (std::size_t t = 0; t < T; ++t) {
+    const auto* row = &logits[t * E];
+    const auto top = static_cast<std::size_t>(std::max_element(row, row + E) - row);
+    demand[top] += 1.0;
+    if (static_cast<double>(static_cast<float>(row[top])) >= delta) resonating[top] += 1.0;
+  }
+  const double phi3 = 1.0 - 0.5 * std::erfc(3.0 / std::sqrt(2.0));  // Phi(z), z = 3
+  const double p0 = 1.0 - std::pow(phi3, static_cast<double>(E));
+  double need = 0.0;
+  for (std::size_t e = 0; e < E; ++e) {
+    CAPTURE(e);
+    REQUIRE(demand[e] == 16.0);
+    REQUIRE(resonating[e] == static_cast<double>(n[e]));
+    REQUIRE(resonating[e] > 2.0 * demand[e] * p0 + 3.0);  // beyond chance: the ECR regime
+    need = std::max(need, std::min(demand[e], 2.0 * resonating[e]));
+  }
+  REQUIRE(need == 14.0);  // margin 2 times the 7 resonating candidates of expert 3
+  const double per_expert = static_cast<double>(T) / static_cast<double>(E);  // T*k/E, k = 1
+  const std::vector<double> S = full_softmax(logits, T, E);
+  for (const char* floor : {"", "0.9"}) {
+    const std::string floor_text = floor;
+    CAPTURE(floor_text);
+    const double f = *floor ? std::stod(floor) : 0.5;
+    const long C = static_cast<long>(std::max(std::ceil(f * per_expert), std::min(std::ceil(2.0 * per_expert), need)));
+    REQUIRE(C == (*floor ? 15 : 14));  // the floor 0.9 * 16 = 14.4 binds
+    const fs::path out = d / (*floor ? "floor" : "default");
+    std::vector<std::string> args{"--logits",      in,           "--out",    out.string(),    "--direction",
+                                  "bidirectional", "--capacity", "adaptive", "--hidden-size", "64"};
+    if (*floor) args.insert(args.end(), {"--capacity-floor", floor});
+    const reference ref = route_reference(logits, T, E, 1, capacity_options{.capacity = C}, 1, &S);
+    const json_object j = check_outputs(out, run_tool(d, args), ref, T, E);
+    CHECK(j.values.at("direction") == "bidirectional");
+    CHECK(j.number("dropped") == static_cast<double>(E * (16 - C)));
+    // Each expert keeps its resonating candidates (the highest scores) and drops its earliest others.
+    const auto map = load_values<std::uint8_t>(out, "routing_map.npy", {T, E});
+    for (std::size_t t = 0; t < T; ++t) {
+      CAPTURE(t);
+      const std::size_t e = t % E, j2 = t / E;
+      CHECK(map[t * E + e] == (j2 < n[e] || j2 >= static_cast<std::size_t>(16 - C + static_cast<long>(n[e])) ? 1 : 0));
+    }
+  }
+}
+
+TEST_CASE("cli: stats.json echoes the direction, and expert choice demands every token of every expert") {
+  const fs::path d = scratch("directions");
+  const std::size_t T = 30, E = 6, k = 2;
+  const auto logits = random_logits(T * E, 9);
+  save_matrix(d / "logits.npy", to_float(logits), T, E);
+  const std::string in = (d / "logits.npy").string();
+  const std::vector<double> S = full_softmax(logits, T, E);
+
+  SUBCASE("expert") {
+    const fs::path out = d / "expert";
+    const run_result r = run_tool(
+        d, {"--logits", in, "--out", out.string(), "--direction", "expert", "--top-k", "2", "--capacity-factor", "1"});
+    REQUIRE_MESSAGE(r.status == 0, r.err);
+    const json_object j = parse_flat_json(read_text(out / "stats.json"));
+    const long C = 10;  // ceil(30 * 2 / 6 * 1)
+    CHECK(j.values.at("direction") == "expert");
+    CHECK(j.number("capacity") == C);
+    CHECK(j.number("demanded") == static_cast<double>(T * E));
+    check_close(j.number("drop_rate"), static_cast<double>(T * E - E * C) / static_cast<double>(T * E), "drop_rate");
+    CHECK(load_values<std::int32_t>(out, "expert_demand.npy", {E}) == std::vector<std::int32_t>(E, T));
+    CHECK(load_values<std::int32_t>(out, "expert_counts.npy", {E}) == std::vector<std::int32_t>(E, C));
+    // Expert e keeps its top-C tokens by S[:, e], weight S[t, e].
+    const auto map = load_values<std::uint8_t>(out, "routing_map.npy", {T, E});
+    const auto probs = load_values<float>(out, "probs.npy", {T, E});
+    for (std::size_t e = 0; e < E; ++e) {
+      std::vector<std::size_t> order(T);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](std::size_t a, std::size_t b) { return S[a * E + e] > S[b * E + e]; });
+      for (std::size_t j2 = 0; j2 < T; ++j2) {
+        const std::size_t t = order[j2];
+        CAPTURE(t);
+        CAPTURE(e);
+        CHECK(map[t * E + e] == (j2 < static_cast<std::size_t>(C) ? 1 : 0));
+        check_close(probs[t * E + e], j2 < static_cast<std::size_t>(C) ? S[t * E + e] : 0.0, "probs");
+      }
+    }
+  }
+  SUBCASE("bidirectional, dropless: the token route") {
+    const fs::path out = d / "bidirectional";
+    const run_result r =
+        run_tool(d, {"--logits", in, "--out", out.string(), "--direction", "bidirectional", "--top-k", "2"});
+    const json_object j = check_outputs(out, r, route_reference(logits, T, E, k, std::nullopt, 1), T, E);
+    CHECK(j.values.at("direction") == "bidirectional");
+  }
+  SUBCASE("sinkhorn") {
+    const fs::path out = d / "sinkhorn";
+    const run_result r =
+        run_tool(d, {"--logits", in, "--out", out.string(), "--direction", "sinkhorn", "--top-k", "2"});
+    REQUIRE_MESSAGE(r.status == 0, r.err);
+    const json_object j = parse_flat_json(read_text(out / "stats.json"));
+    CHECK(j.values.at("direction") == "sinkhorn");
+    CHECK(j.number("demanded") == static_cast<double>(T * k));
+    // k = 2: each token keeps two experts, weighted by the softmax over all E, not renormalised.
+    const auto map = load_values<std::uint8_t>(out, "routing_map.npy", {T, E});
+    const auto probs = load_values<float>(out, "probs.npy", {T, E});
+    for (std::size_t t = 0; t < T; ++t) {
+      CAPTURE(t);
+      CHECK(std::accumulate(map.begin() + static_cast<std::ptrdiff_t>(t * E),
+                            map.begin() + static_cast<std::ptrdiff_t>((t + 1) * E), 0) == 2);
+      for (std::size_t e = 0; e < E; ++e) check_close(probs[t * E + e], map[t * E + e] ? S[t * E + e] : 0.0, "probs");
+    }
+  }
+}
+
 TEST_CASE("cli: --help and --version") {
   const fs::path d = scratch("help");
   const run_result h = run_tool(d, {"--top-k", "2", "--help"});
@@ -454,6 +681,11 @@ TEST_CASE("cli: bad input exits 2 with one line on stderr and no output director
   npy::save<float>((d / "vector.npy").string(), std::vector<float>(E, 0.0f), one_d);
   const std::vector<std::size_t> short_shape{E - 1};
   npy::save<double>((d / "bias3.npy").string(), std::vector<double>(E - 1, 0.0), short_shape);
+  std::vector<float> wide = logits;
+  wide[7] = 0.5f;
+  for (float& x : wide) x *= 8.0f;  // top-1 affinities far above 1: not cosines
+  save_matrix(d / "wide.npy", wide, T, E);
+  const std::string wide_in = (d / "wide.npy").string();
   std::ofstream(d / "garbage.npy") << "not an array";
   std::ofstream(d / "a_file") << "x";
   const std::string out = (d / "out").string();
@@ -485,6 +717,11 @@ TEST_CASE("cli: bad input exits 2 with one line on stderr and no output director
        "--sinkhorn-iterations"},
       {{"--logits", good, "--out", out, "--sinkhorn-tolerance", "1e-3"}, "needs --direction sinkhorn"},
       {{"--logits", good, "--out", out, "--causal"}, "--causal: needs --direction expert or bidirectional"},
+      {{"--logits", good, "--out", out, "--direction", "bidirectional", "--causal", "--capacity-factor", "1", "--drop",
+        "random"},
+       "--drop: not used by --direction bidirectional"},
+      {{"--logits", good, "--out", out, "--direction", "expert", "--capacity-factor", "1", "--seed", "3"},
+       "--seed: not used by --direction expert"},
       {{"--logits", good, "--out", out, "--capacity", "adaptive", "--capacity-factor", "1"}, "not both"},
       {{"--logits", good, "--out", out, "--capacity", "sometimes"}, "--capacity: expected lower-bound or adaptive"},
       {{"--logits", good, "--out", out, "--delta", "0.1"}, "--delta: needs --capacity lower-bound"},
@@ -497,6 +734,29 @@ TEST_CASE("cli: bad input exits 2 with one line on stderr and no output director
       {{"--logits", good, "--out", out, "--backend", "tbb"}, "--backend tbb"},
       {{"--logits", good, "--out", out, "--score", "sigmoid", "--expert-bias", (d / "bias3.npy").string()},
        "--expert-bias"},
+      {{"--logits", good, "--out", out, "--direction", "sinkhorn", "--score", "sigmoid"},
+       "--score: not used by --direction sinkhorn"},
+      {{"--logits", good, "--out", out, "--direction", "expert", "--capacity-factor", "1", "--scaling-factor", "2"},
+       "--scaling-factor: not used by --direction expert"},
+      {{"--logits", good, "--out", out, "--capacity", "adaptive", "--min-capacity", "2"},
+       "--min-capacity: needs --capacity-factor"},
+      {{"--logits", good, "--out", out, "--capacity", "lower-bound", "--estimate", "etr_bound"},
+       "--estimate: needs --capacity adaptive"},
+      {{"--logits", good, "--out", out, "--capacity", "lower-bound", "--delta", "1.5"}, "--delta: expected"},
+      {{"--logits", good, "--out", out, "--capacity", "lower-bound", "--hidden-size", "0"}, "--hidden-size: expected"},
+      {{"--logits", good, "--out", out, "--capacity", "lower-bound", "--tokens-per-sample", "-3"},
+       "--tokens-per-sample: expected"},
+      {{"--logits", wide_in, "--out", out, "--capacity", "lower-bound"}, "--capacity lower-bound (estimated delta)"},
+      {{"--logits", good, "--out", out, "--capacity", "adaptive", "--capacity-floor", "0"},
+       "--capacity-floor: expected"},
+      {{"--logits", good, "--out", out, "--top-k", "1", "--top-k", "2"}, "--top-k: given more than once"},
+      {{"--logits", good, "--out", out, "--direction", "expert", "--capacity-factor", "1", "--causal=yes"},
+       "--causal: takes no value"},
+      {{"--logits", good, "--out", out, "--direction", "sinkhorn", "--sinkhorn-tolerance", "0"},
+       "--sinkhorn-tolerance: expected"},
+      {{"--logits", good, "--out", out, "--capacity-factor", "1", "--seed", "-1"},
+       "--seed: expected a non-negative integer"},
+      {{"--logits", good, "--out", out, "--align", "0"}, "--align: expected"},
       {{"--logits", good, "--out", (d / "a_file").string()}, "not a directory"},
       {{"--logits", good, "--out", (d / "no" / "such").string()}, "--out"},
   };

@@ -303,7 +303,7 @@ TEST_CASE("test_expert_choice_sinkhorn: expert choice keeps each expert's top-C 
   }
 }
 
-TEST_CASE("test_expert_choice_sinkhorn: a token may get no expert or several; ties go to the lower token") {
+TEST_CASE("test_expert_choice_sinkhorn: a token may get no expert or several, ties go to the lower token") {
   // Sigmoid scores, T = 4, E = 2, C = ceil(0.5 * 4 * 1 / 2) = 1: token 0 is both experts' favourite.
   const std::vector<float> x = {3.0f,  3.0f,   // t0
                                 0.0f,  -1.0f,  // t1
@@ -447,7 +447,7 @@ TEST_CASE("test_expert_choice_sinkhorn: causal expert choice: later tokens never
   CHECK(changed_later > 0);  // the redraws did matter somewhere
 }
 
-TEST_CASE("test_expert_choice_sinkhorn: non-causal expert choice leaks the future; causal does not") {
+TEST_CASE("test_expert_choice_sinkhorn: non-causal expert choice leaks the future, causal does not") {
   // E = 2, T = 2, C = ceil(1 * 2 * 1 / 2) = 1. Token 0 = [1, 0]: S0 = (.73, .27). Token 1 = [0, 0]:
   // S1 = (.5, .5), so expert 0 takes token 0 and expert 1 takes token 1. Make token 1 = [3, 0]:
   // S1 = (.95, .05), expert 0 now takes token 1 and expert 1 takes token 0: token 0's expert changed

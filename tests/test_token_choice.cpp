@@ -259,7 +259,7 @@ TEST_CASE("test_token_choice: equal keys go to the lowest expert index") {
   for (rs::index i = 0; i < 4; ++i) CHECK(resonance_test::close_rel(plan.token_weight()[sz(i)], 0.25));
 }
 
-TEST_CASE("test_token_choice: a bias-made tie goes to the lowest index; weights stay unbiased") {
+TEST_CASE("test_token_choice: a bias-made tie goes to the lowest index, weights stay unbiased") {
   // Softmax after top-k ranks logits + bias: keys 0 + 1 and 1 + 0 tie, expert 0 wins.
   const std::vector<float> x = {0.0f, 1.0f};
   const std::vector<float> bias = {1.0f, 0.0f};

@@ -148,6 +148,7 @@ struct options {
   std::vector<std::string> scheduler_only;  // need --capacity lower-bound|adaptive
   std::vector<std::string> adaptive_only;
   std::vector<std::string> lower_bound_only;
+  std::vector<std::string> drop_given;  // --drop / --seed: token choice and Sinkhorn only
 };
 
 enum class action { route, help, version };
@@ -282,9 +283,11 @@ action parse_args(int argc, char** argv, options& o) {
         fail("--drop: expected score, position or random, got '" + std::string(v) + "'");
       }
       o.capacity_only.push_back(name);
+      o.drop_given.push_back(name);
     } else if (name == "--seed") {
       o.seed = parse_int<std::uint64_t>(name, value());
       o.capacity_only.push_back(name);
+      o.drop_given.push_back(name);
     } else if (name == "--pad-to-capacity") {
       flag(o.pad_to_capacity);
       o.capacity_only.push_back(name);
@@ -320,6 +323,11 @@ action parse_args(int argc, char** argv, options& o) {
     fail(o.sinkhorn_only.front() + ": needs --direction sinkhorn");
   if ((o.direction == "expert" || o.direction == "sinkhorn") && !o.proposal_only.empty())
     fail(o.proposal_only.front() + ": not used by --direction " + o.direction + " (token and bidirectional only)");
+  // Expert choice and bidirectional routing define who stays (their own ranking, or position when
+  // causal): a drop policy would be silently ignored.
+  if ((o.direction == "expert" || o.direction == "bidirectional") && !o.drop_given.empty())
+    fail(o.drop_given.front() + ": not used by --direction " + o.direction +
+         " (its experts rank their candidates themselves; position priority when --causal)");
   if (o.causal && o.direction != "expert" && o.direction != "bidirectional")
     fail("--causal: needs --direction expert or bidirectional");
   if (o.direction == "sinkhorn" && o.score != rs::score::softmax)
@@ -357,6 +365,7 @@ std::string cli_message(const std::string& what) {
       {"adaptive.floor", "--capacity-floor"},
       {"adaptive.ceiling", "--capacity-ceiling"},
       {"adaptive (estimated delta)", "--capacity adaptive (estimated delta)"},
+      {"adaptive (largest TCR affinity)", "--capacity adaptive (largest TCR affinity)"},
   };
   std::string_view m = what;
   if (m.substr(0, 11) == "resonance: ") m.remove_prefix(11);

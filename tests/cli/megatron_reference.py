@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Checks resonance-route against an independent NumPy statement of Megatron-Core's token routing.
+"""Checks resonance-route against independent NumPy statements of Megatron-Core's routing and DESIGN.md section 6.
 
 usage: megatron_reference.py <path-to-resonance-route> <scratch-dir>
 
@@ -19,6 +19,31 @@ not from Megatron's code, and needs NumPy only:
   (+ compute_routing_scores_for_aux_loss)  softmax over all E, or sigmoid / sqrt_softplus divided by
                                      their per-token sum; f_e from a plain top-k of those scores.
   z_loss_func                        mean over tokens of logsumexp(logits)^2.
+
+  sinkhorn_load_balancing            --direction sinkhorn (Megatron-Core's training-time Sinkhorn routing):
+  (+ moe_utils.sinkhorn)             cost = exp(logits - row max) (the row scaling is absorbed by d0);
+                                     d0 = d1 = 1; repeat d0 = (1/T) / (sum_e d1*cost + 1e-8),
+                                     d1 = (1/E) / (sum_t d0*cost + 1e-8), error = mean|d1 - d1_old|, while
+                                     error > tolerance (and, unlike Megatron, at most max-iterations times);
+                                     selection = top-k of each row of d1*cost*d0; weights = sigmoid(logit)
+                                     for k = 1, softmax over all E for k > 1, gathered at the selection,
+                                     not renormalised; capacity and drops as above (drop "score" ranks by
+                                     those weights).
+
+The other directions of DESIGN.md section 6, from their formulas (no Megatron counterpart):
+
+  --direction expert                 S = softmax over all E; C as above (k from --top-k); expert e keeps
+                                     its top-C tokens by S[:, e] (ties to the lower token) with weight
+                                     S[t, e]; every token is a candidate of every expert (demand = T), so
+                                     drop_rate = (T*E - kept)/(T*E) and every expert keeps min(C, T).
+  --direction bidirectional          candidates = token choice's top-k with token choice's weights; an
+                                     expert with more than C candidates keeps the top-C by the full
+                                     score S[t, e] (softmax over all E, or the plain sigmoid / sqrt_softplus);
+                                     demand = the candidate counts. With C >= the largest demand nothing is
+                                     dropped and the output is the token route's, byte for byte.
+  --causal                           position priority instead: each expert keeps its earliest C
+                                     candidates; causal expert choice's candidates are each token's top-k
+                                     by S, with weight S[t, e].
 
 Where Megatron leaves something undefined or differs on purpose, the reference states resonance's
 definition (DESIGN.md): ties go to the lower token; the routing map and probs hold kept pairs only,
@@ -120,27 +145,95 @@ def route_tokens(l, c):
     return probs, rmap
 
 
+def sinkhorn_select(l, c):
+    """sinkhorn_load_balancing: dense weights [T, E], selection map [T, E] and the iterations run."""
+    T, E = l.shape
+    k = c["top_k"]
+    max_iterations = c.get("sinkhorn_iterations", 100)
+    tolerance = c.get("sinkhorn_tolerance", 1e-4)
+    eps = 1e-8
+    cost = np.exp(l - l.max(axis=1, keepdims=True))
+    d0 = np.ones(T)
+    d1 = np.ones(E)
+    d1_old = d1
+    error = math.inf
+    iterations = 0
+    while iterations < max_iterations and error > tolerance:
+        d0 = (1.0 / T) / ((d1[None, :] * cost).sum(axis=1) + eps)
+        d1 = (1.0 / E) / ((d0[:, None] * cost).sum(axis=0) + eps)
+        error = float(np.mean(np.abs(d1 - d1_old)))
+        if abs(error - tolerance) <= 1e-6 * tolerance:  # the stopping test is a decision too
+            raise NearTie("sinkhorn stopping test")
+        d1_old = d1
+        iterations += 1
+    p = d1[None, :] * cost * d0[:, None]
+    full = softmax(l)
+    probs = np.zeros((T, E))
+    rmap = np.zeros((T, E), dtype=bool)
+    for t in range(T):
+        sel = topk(p[t] / p[t].max(), k, "sinkhorn top-k")  # a row's scale does not move its top-k
+        probs[t, sel] = 1.0 / (1.0 + np.exp(-l[t, sel])) if k == 1 else full[t, sel]
+        rmap[t, sel] = True
+    return probs, rmap, iterations
+
+
+def propose(l, c, facts):
+    """The direction's candidates before capacity: weights [T, E], map [T, E], the priority by which
+    drop "score" ranks an expert's candidates, and the drop policy the direction imposes (None: --drop's)."""
+    T, E = l.shape
+    k = c["top_k"]
+    direction = c.get("direction", "token")
+    if direction == "token":
+        probs, rmap = route_tokens(l, c)
+        return probs, rmap, probs, None
+    if direction == "sinkhorn":
+        probs, rmap, facts["sinkhorn_iterations"] = sinkhorn_select(l, c)
+        plain = np.zeros((T, E), dtype=bool)
+        for t in range(T):
+            plain[t, np.argsort(-l[t], kind="stable")[:k]] = True
+        facts["sinkhorn_differs_from_topk"] = not np.array_equal(rmap, plain)
+        if "sinkhorn_iterations" in c or "sinkhorn_tolerance" in c:
+            defaults = {key: v for key, v in c.items() if not key.startswith("sinkhorn_")}
+            facts["sinkhorn_options_matter"] = not np.array_equal(rmap, sinkhorn_select(l, defaults)[1])
+        return probs, rmap, probs, None
+    full = score_all(l, c.get("score", "softmax"))  # S, the full score distribution
+    if direction == "bidirectional":
+        probs, rmap = route_tokens(l, c)
+        return probs, rmap, full, "position" if c.get("causal") else "score"
+    assert direction == "expert", direction
+    if c.get("causal"):  # candidates: each token's top-k by S; position priority
+        rmap = np.zeros((T, E), dtype=bool)
+        for t in range(T):
+            rmap[t, topk(full[t], k, "causal expert top-k")] = True
+        return np.where(rmap, full, 0.0), rmap, full, "position"
+    # Every token is a candidate of every expert; each keeps its top-C by S.
+    return full.copy(), np.ones((T, E), dtype=bool), full, "score"
+
+
 def capacity_of(T, E, c):
     cap = math.ceil((T * c["top_k"] / E) * c["capacity_factor"])
     return max(cap, c.get("min_capacity", 0))
 
 
-def drop_tokens(probs, rmap, c):
-    """apply_router_token_dropping: the kept map (kept pairs only) and the capacity."""
-    T, E = probs.shape
+def drop_tokens(priority, rmap, c, drop=None, check=True):
+    """apply_router_token_dropping: the kept map (kept pairs only) and the capacity. Drop "score" keeps
+    an expert's top-C candidates by `priority` (the weights for token choice and Sinkhorn); `drop`
+    overrides the option when the direction decides it (causal: position; expert choice: score)."""
+    T, E = priority.shape
     cap = capacity_of(T, E, c)
+    drop = drop or c.get("drop", "score")
     kept = rmap.copy()
     for e in range(E):
         tokens = np.flatnonzero(rmap[:, e])  # ascending token order
         if len(tokens) <= cap:
             continue
-        if c.get("drop", "score") == "position":
+        if drop == "position":
             keep = tokens[:cap]
         else:
-            w = probs[tokens, e]
-            order = np.argsort(-w, kind="stable")  # equal weights: the lower token first
+            w = priority[tokens, e]
+            order = np.argsort(-w, kind="stable")  # equal priorities: the lower token first
             a, b = (w[order[cap - 1]], w[order[cap]]) if cap > 0 else (None, None)
-            if a is not None and a != b:  # an exact tie is decided by token order, as defined
+            if check and a is not None and a != b:  # an exact tie is decided by token order, as defined
                 check_gap(a, b, "capacity cut")
             keep = tokens[order[:cap]]
         kept[:, e] = False
@@ -187,11 +280,18 @@ def z_loss(l):
 def reference(logits, c):
     l = logits.astype(np.float32).astype(np.float64)  # the tool scores in fp32
     T, E = l.shape
-    probs, rmap = route_tokens(l, c)
+    facts = {}
+    probs, rmap, priority, forced_drop = propose(l, c, facts)
     if "capacity_factor" in c:
-        kept, cap = drop_tokens(probs, rmap, c)
+        kept, cap = drop_tokens(priority, rmap, c, forced_drop)
+        if c.get("direction") == "bidirectional" and not c.get("causal"):
+            by_weight, _ = drop_tokens(probs, rmap, c, "score", check=False)
+            facts["ranking_by_score_matters"] = not np.array_equal(kept, by_weight)
     else:
         kept, cap = rmap, -1
+    facts["capacity"] = cap
+    facts["max_demand"] = int(rmap.sum(axis=0).max()) if T > 0 else 0
+    facts["dropped"] = int(rmap.sum() - kept.sum())
     counts, offsets, slots = plan_layout(kept, cap, c)
     demanded = int(rmap.sum())
     n_kept = int(kept.sum())
@@ -222,6 +322,7 @@ def reference(logits, c):
         "expert_offsets": offsets,
         "slot_token": slots,
         "stats": stats,
+        "facts": facts,
     }
 
 
@@ -247,11 +348,81 @@ CASES = [
       "drop": "score", "pad_to_capacity": True, "min_capacity": 20}),
     ("softmax_pre_k3_cf_fraction_position_pad", 97, 7, np.float64,
      {"top_k": 3, "pre_softmax": True, "capacity_factor": 1.1, "drop": "position", "pad_to_capacity": True}),
+    # --direction sinkhorn: Megatron's training-time Sinkhorn routing
+    ("sinkhorn_k1_dropless", 256, 16, np.float32, {"direction": "sinkhorn", "top_k": 1}),
+    ("sinkhorn_k2_loose_tolerance_dropless", 192, 12, np.float64,
+     {"direction": "sinkhorn", "top_k": 2, "sinkhorn_tolerance": 0.03}),
+    ("sinkhorn_k1_three_iterations_cf_score", 200, 8, np.float32,
+     {"direction": "sinkhorn", "top_k": 1, "sinkhorn_iterations": 3, "capacity_factor": 1.0, "drop": "score"}),
+    ("sinkhorn_k2_cf1_score", 256, 16, np.float64,
+     {"direction": "sinkhorn", "top_k": 2, "capacity_factor": 1.0, "drop": "score"}),
+    # --direction expert: every expert takes its top-C tokens by the softmax over all experts
+    ("expert_k1_cf1", 128, 8, np.float32, {"direction": "expert", "top_k": 1, "capacity_factor": 1.0}),
+    ("expert_k2_cf_fraction_pad_align", 100, 12, np.float64,
+     {"direction": "expert", "top_k": 2, "capacity_factor": 0.8, "pad_to_capacity": True, "align": 4}),
+    ("expert_k1_min_capacity_above_tokens_pad", 40, 8, np.float32,
+     {"direction": "expert", "top_k": 1, "capacity_factor": 1.0, "min_capacity": 50, "pad_to_capacity": True}),
+    ("expert_causal_k2_cf_fraction", 128, 8, np.float64,
+     {"direction": "expert", "causal": True, "top_k": 2, "capacity_factor": 0.9}),
+    # --direction bidirectional: token proposals, each expert keeps its top-C candidates by score
+    ("bidirectional_k2_cf1", 256, 16, np.float32, {"direction": "bidirectional", "top_k": 2, "capacity_factor": 1.0}),
+    ("bidirectional_k1_bias_cf_fraction", 160, 8, np.float64,
+     {"direction": "bidirectional", "top_k": 1, "bias": "f4", "capacity_factor": 0.9}),
+    ("bidirectional_sigmoid_k2_cf_fraction", 128, 8, np.float32,
+     {"direction": "bidirectional", "top_k": 2, "score": "sigmoid", "capacity_factor": 1.1}),
+    ("bidirectional_k2_capacity_is_max_demand", 192, 12, np.float32,
+     {"direction": "bidirectional", "top_k": 2, "capacity_factor": 0.05, "min_capacity": "max_demand",
+      "same_as_token": True}),
+    ("bidirectional_causal_k2_cf_fraction", 128, 8, np.float32,
+     {"direction": "bidirectional", "causal": True, "top_k": 2, "capacity_factor": 0.8}),
 ]
+
+# What makes a case informative, checked on the reference itself (a failure here means the case no
+# longer tests what its name says, e.g. after a change of the random draw).
+EXPECT = {
+    "sinkhorn_k1_dropless": [("the Sinkhorn selection differs from a plain top-k",
+                              lambda f: f["sinkhorn_differs_from_topk"])],
+    "sinkhorn_k2_loose_tolerance_dropless": [("the loose tolerance stops the iteration early",
+                                              lambda f: 1 <= f["sinkhorn_iterations"] < 10),
+                                             ("the selection differs from the default tolerance's",
+                                              lambda f: f["sinkhorn_options_matter"]),
+                                             ("the Sinkhorn selection differs from a plain top-k",
+                                              lambda f: f["sinkhorn_differs_from_topk"])],
+    "sinkhorn_k1_three_iterations_cf_score": [("--sinkhorn-iterations ends the iteration",
+                                               lambda f: f["sinkhorn_iterations"] == 3),
+                                              ("the selection differs from the converged one",
+                                               lambda f: f["sinkhorn_options_matter"]),
+                                              ("some expert overflows", lambda f: f["dropped"] > 0)],
+    "sinkhorn_k2_cf1_score": [("some expert overflows", lambda f: f["dropped"] > 0),
+                              ("converged before 100 iterations", lambda f: f["sinkhorn_iterations"] < 100)],
+    "expert_k1_cf1": [("C < T", lambda f: 0 < f["capacity"] < 128)],
+    "expert_k2_cf_fraction_pad_align": [("C < T", lambda f: 0 < f["capacity"] < 100)],
+    "expert_k1_min_capacity_above_tokens_pad": [("C > T", lambda f: f["capacity"] == 50)],
+    "expert_causal_k2_cf_fraction": [("some expert overflows", lambda f: f["dropped"] > 0)],
+    "bidirectional_k2_cf1": [("some expert overflows", lambda f: f["dropped"] > 0),
+                             ("ranking by score differs from ranking by weight",
+                              lambda f: f["ranking_by_score_matters"])],
+    "bidirectional_k1_bias_cf_fraction": [("ranking by score differs from ranking by weight",
+                                           lambda f: f["ranking_by_score_matters"])],
+    "bidirectional_sigmoid_k2_cf_fraction": [("ranking by score differs from ranking by weight",
+                                              lambda f: f["ranking_by_score_matters"])],
+    "bidirectional_k2_capacity_is_max_demand": [("C is the largest demand",
+                                                 lambda f: f["capacity"] == f["max_demand"]),
+                                                ("nothing is dropped", lambda f: f["dropped"] == 0)],
+    "bidirectional_causal_k2_cf_fraction": [("some expert overflows", lambda f: f["dropped"] > 0)],
+}
 
 
 def cli_args(c, logits_path, bias_path, out):
     a = ["--logits", logits_path, "--out", out, "--top-k", str(c["top_k"])]
+    if "direction" in c:
+        a += ["--direction", c["direction"]]
+    if c.get("causal"):
+        a += ["--causal"]
+    if "sinkhorn_iterations" in c:
+        a += ["--sinkhorn-iterations", str(c["sinkhorn_iterations"])]
+    if "sinkhorn_tolerance" in c:
+        a += ["--sinkhorn-tolerance", repr(c["sinkhorn_tolerance"])]
     if "score" in c:
         a += ["--score", c["score"]]
     if c.get("pre_softmax"):
@@ -285,6 +456,9 @@ def draw(T, E, dtype, opts, seed):
             c["bias_array"] = (rng.standard_normal(E) * 0.1).astype(np.float32 if opts["bias"] == "f4" else np.float64)
             c["bias"] = c["bias_array"].astype(np.float32).astype(np.float64)  # the tool keeps fp32 biases
         try:
+            if c.get("min_capacity") == "max_demand":  # C = exactly the largest demand of this draw
+                _, rmap, _, _ = propose(logits.astype(np.float32).astype(np.float64), c, {})
+                c["min_capacity"] = int(rmap.sum(axis=0).max())
             return logits, c, reference(logits, c)
         except NearTie:
             continue
@@ -348,9 +522,35 @@ def run_case(exe, scratch, index, name, T, E, dtype, opts):
                 failures.append(f"{name}: stats {key} = {stats[key]}, expected {want}")
         elif not math.isclose(stats[key], want, rel_tol=RTOL, abs_tol=1e-9):
             failures.append(f"{name}: stats {key} = {stats[key]!r}, expected {want!r}")
-    for key, want in (("direction", "token"), ("backend", "serial"), ("score", opts.get("score", "softmax"))):
+    for key, want in (("direction", opts.get("direction", "token")), ("backend", "serial"),
+                      ("score", opts.get("score", "softmax"))):
         if stats.get(key) != want:
             failures.append(f"{name}: stats {key} = {stats.get(key)!r}, expected {want!r}")
+    for what, holds in EXPECT.get(name, []):
+        if not holds(ref["facts"]):
+            failures.append(f"{name}: the case is no longer informative: expected {what} ({ref['facts']})")
+    if opts.get("same_as_token"):
+        failures += same_as_token(exe, name, c, logits_path, bias_path, out, stats, case_dir)
+    return failures
+
+
+def same_as_token(exe, name, c, logits_path, bias_path, out, stats, case_dir):
+    """The run with --direction token and otherwise the same options must give the same files."""
+    token_out = os.path.join(case_dir, "token")
+    proc = subprocess.run([exe] + cli_args(dict(c, direction="token"), logits_path, bias_path, token_out),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return [f"{name}: --direction token: exit status {proc.returncode}: {proc.stderr.strip()}"]
+    failures = []
+    for f in ("probs", "routing_map", "expert_counts", "expert_demand", "expert_offsets", "slot_token"):
+        with open(os.path.join(out, f + ".npy"), "rb") as a, open(os.path.join(token_out, f + ".npy"), "rb") as b:
+            if a.read() != b.read():
+                failures.append(f"{name}: {f}.npy differs from the token route's")
+    with open(os.path.join(token_out, "stats.json")) as fh:
+        token_stats = json.load(fh)
+    for key in sorted(set(stats) | set(token_stats)):
+        if key != "direction" and stats.get(key) != token_stats.get(key):
+            failures.append(f"{name}: stats {key} = {stats.get(key)!r}, the token route's {token_stats.get(key)!r}")
     return failures
 
 

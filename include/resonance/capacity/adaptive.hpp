@@ -88,6 +88,9 @@ struct adaptive {
       const double delta = threshold > 0.0 ? threshold : z / std::sqrt(static_cast<double>(d > 0 ? d : 1));
       const double zt = delta * std::sqrt(static_cast<double>(d > 0 ? d : 1));
       const double p0 = 1.0 - std::pow(1.0 - 0.5 * std::erfc(zt / std::sqrt(2.0)), static_cast<double>(E));
+      double largest = 0.0;
+      for (float a : tcr.affinity) largest = std::max(largest, static_cast<double>(std::abs(a)));
+      detail::check_cosine_statistic(largest, "adaptive (largest TCR affinity)");
       std::vector<double> demand(static_cast<std::size_t>(E), 0.0), resonating(static_cast<std::size_t>(E), 0.0);
       for (std::size_t i = 0; i < tcr.expert.size(); ++i) {
         demand[static_cast<std::size_t>(tcr.expert[i])] += 1.0;
