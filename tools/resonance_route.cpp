@@ -448,6 +448,7 @@ std::string stats_json(const options& o, const results& r) {
   field("max_load", json_number(s.max_load));
   field("load_cv", json_number(s.load_cv));
   field("max_over_mean", json_number(s.max_over_mean));
+  field("routing_entropy", json_number(rs::balance::routing_entropy(r.plan)));
   field("aux_loss", json_number(r.aux_loss));
   field("z_loss", json_number(r.z_loss), true);
   j += "}\n";

@@ -14,7 +14,35 @@ struct precomputed {
     return detail::as_float(be, x, storage);
   }
 
+  // The logits in the input's precision: a copy of x (the interface every affinity shares).
+  template <execution_backend Backend, input_scalar T>
+  void forward(const Backend& be, matrix_view<const T> x, matrix_view<T> logits) const {
+    detail::check_matrix(x, "input");
+    validate(x.cols);
+    detail::check_matrix(logits, "logits", x.rows, x.cols);
+    copy_rows(be, x, logits);
+  }
+
+  // The gradient of Σ dlogits ∘ logits with respect to x: dx = dlogits.
+  template <execution_backend Backend, input_scalar T>
+  void backward(const Backend& be, matrix_view<const T> x, matrix_view<const T> dlogits, matrix_view<T> dx) const {
+    detail::check_matrix(x, "input");
+    validate(x.cols);
+    detail::check_matrix(dlogits, "dlogits", x.rows, x.cols);
+    detail::check_matrix(dx, "dx", x.rows, x.cols);
+    copy_rows(be, dlogits, dx);
+  }
+
   friend constexpr bool operator==(const precomputed&, const precomputed&) = default;
+
+ private:
+  template <execution_backend Backend, input_scalar T>
+  static void copy_rows(const Backend& be, matrix_view<const T> from, matrix_view<T> to) {
+    be.parallel_for_blocks(from.rows, 1024, [&](index begin, index end) {
+      for (index r = begin; r < end; ++r)
+        for (index c = 0; c < from.cols; ++c) to(r, c) = from(r, c);
+    });
+  }
 };
 
 static_assert(affinity_policy<precomputed>);
