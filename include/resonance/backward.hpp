@@ -76,28 +76,6 @@ inline weight_rule token_choice_rule(const routing::token_choice& p) {
           1.0 / static_cast<double>(p.temperature)};
 }
 
-// One elementwise score and its derivative, in double, with the forward's definitions (softplus is x
-// itself above 20, as torch's threshold).
-inline double elementwise_score_d(resonance::score fn, double z, double& derivative) {
-  switch (fn) {
-    case resonance::score::sigmoid: {
-      const double s = 1.0 / (1.0 + std::exp(-z));
-      derivative = s * (1.0 - s);
-      return s;
-    }
-    case resonance::score::sqrt_softplus: {
-      const double sp = z > 20.0 ? z : std::log1p(std::exp(z));
-      const double s = std::sqrt(sp);
-      const double dsp = z > 20.0 ? 1.0 : 1.0 / (1.0 + std::exp(-z));
-      derivative = dsp / (2.0 * s);
-      return s;
-    }
-    default:
-      derivative = 1.0;
-      return z;
-  }
-}
-
 // The gradient of Σ_e g_e · w_e(l) for one token: g (E) holds dweight at the kept experts and 0
 // elsewhere, sel (E) marks S when the rule needs it. s and ds are E doubles of scratch; out gets E.
 inline void weight_backward_row(const weight_rule& r, const double* l, index E, const double* g,
@@ -131,7 +109,7 @@ inline void weight_backward_row(const weight_rule& r, const double* l, index E, 
     }
     for (index e = 0; e < E; ++e) s[e] /= sum;
   } else {
-    for (index e = 0; e < E; ++e) s[e] = elementwise_score_d(r.fn, l[e] * it, ds[e]);
+    for (index e = 0; e < E; ++e) s[e] = elementwise_score_and_derivative(r.fn, l[e] * it, ds[e]);
   }
   // ∂F/∂s, written to out.
   if (r.renormalize) {

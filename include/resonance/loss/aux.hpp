@@ -116,27 +116,6 @@ bool loss_check_common(matrix_view<const T> logits, matrix_view<T> dlogits, vect
 
 inline bool loss_token_valid(vector_view<const std::uint8_t> valid, index t) { return valid.empty() || valid[t] != 0; }
 
-// Elementwise score and its derivative in double (softplus with torch's threshold 20).
-inline double loss_elem(resonance::score fn, double x, double& deriv) {
-  switch (fn) {
-    case resonance::score::sigmoid: {
-      const double s = 1.0 / (1.0 + std::exp(-x));
-      deriv = s * (1.0 - s);
-      return s;
-    }
-    case resonance::score::sqrt_softplus: {
-      const double sp = x > 20.0 ? x : std::log1p(std::exp(x));
-      const double dsp = x > 20.0 ? 1.0 : 1.0 / (1.0 + std::exp(-x));
-      const double r = std::sqrt(sp);
-      deriv = dsp / (2.0 * r);
-      return r;
-    }
-    default:
-      deriv = 1.0;
-      return x;
-  }
-}
-
 // Aux-loss scores of one row in double: softmax over all E, or elementwise normalised by sum + 1e-20.
 template <class T>
 void loss_scores_row(resonance::score fn, const T* l, double* s, index E) {
@@ -148,7 +127,7 @@ void loss_scores_row(resonance::score fn, const T* l, double* s, index E) {
     for (index e = 0; e < E; ++e) s[e] /= sum;
   } else {
     double sum = 0.0, d = 0.0;
-    for (index e = 0; e < E; ++e) sum += s[e] = loss_elem(fn, static_cast<double>(l[e]), d);
+    for (index e = 0; e < E; ++e) sum += s[e] = elementwise_score_and_derivative(fn, static_cast<double>(l[e]), d);
     for (index e = 0; e < E; ++e) s[e] /= sum + 1e-20;
   }
 }
@@ -164,11 +143,11 @@ void loss_scores_backward_row(resonance::score fn, const T* l, const double* s, 
   } else {
     // s_e = u_e / Z, Z = Σu + 1e-20: ds_e/du_j = δ_ej / Z − u_e / Z² = (δ_ej − s_e) / Z.
     double sum = 0.0, d = 0.0, dot = 0.0;
-    for (index e = 0; e < E; ++e) sum += loss_elem(fn, static_cast<double>(l[e]), d);
+    for (index e = 0; e < E; ++e) sum += elementwise_score_and_derivative(fn, static_cast<double>(l[e]), d);
     const double Z = sum + 1e-20;
     for (index e = 0; e < E; ++e) dot += gs[e] * s[e];
     for (index e = 0; e < E; ++e) {
-      loss_elem(fn, static_cast<double>(l[e]), d);
+      elementwise_score_and_derivative(fn, static_cast<double>(l[e]), d);
       tmp[e] = (gs[e] - dot) / Z * d;
     }
   }
@@ -452,4 +431,3 @@ double z_loss(const Backend& be, matrix_view<const float> logits) {
 }
 
 }  // namespace resonance::loss
-

@@ -37,6 +37,26 @@ RESONANCE_INLINE_FUNCTION float elementwise_score(score fn, float x) {
   }
 }
 
+// An elementwise score and its derivative, in double (the training paths differentiate in double).
+RESONANCE_INLINE_FUNCTION double elementwise_score_and_derivative(score fn, double x, double& derivative) {
+  switch (fn) {
+    case score::sigmoid: {
+      const double s = 1.0 / (1.0 + ::exp(-x));
+      derivative = s * (1.0 - s);
+      return s;
+    }
+    case score::sqrt_softplus: {
+      const double sp = x > 20.0 ? x : ::log1p(::exp(x));  // torch's softplus threshold, as the forward
+      const double r = ::sqrt(sp);
+      derivative = (x > 20.0 ? 1.0 : 1.0 / (1.0 + ::exp(-x))) / (2.0 * r);
+      return r;
+    }
+    default:
+      derivative = 1.0;
+      return x;
+  }
+}
+
 // out[i] = softmax(scale * in)[i] over n entries; max-subtracted, summed in index order.
 RESONANCE_INLINE_FUNCTION void softmax_row(const float* in, float* out, index n, float scale) {
   float m = in[0] * scale;
