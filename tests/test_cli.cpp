@@ -384,6 +384,44 @@ TEST_CASE("cli: top-2, capacity factor, drop by score, float64 logits") {
   CHECK(j.number("drop_rate") > 0);  // the data does overflow some experts
 }
 
+TEST_CASE("cli: every backend of the build writes the same files") {
+  const std::size_t T = 3000, E = 64, k = 4;  // more than one plan block, vector bodies and tails
+  const auto logits = random_logits(T * E, 29);
+  const fs::path dir = scratch("backends");
+  save_matrix(dir / "l.npy", to_float(logits), T, E);
+  std::vector<std::string> backends{"serial"};
+#if RESONANCE_HAS_SIMD
+  backends.push_back("simd");
+#endif
+#if RESONANCE_HAS_TBB
+  backends.push_back("tbb");
+#endif
+  const char* files[] = {"probs.npy",         "routing_map.npy",    "expert_counts.npy",
+                         "expert_demand.npy", "expert_offsets.npy", "slot_token.npy"};
+  for (const char* direction : {"token", "bidirectional", "expert", "sinkhorn"}) {
+    CAPTURE(direction);
+    std::map<std::string, std::string> first;
+    for (const auto& b : backends) {
+      CAPTURE(b);
+      const fs::path out = dir / (std::string(direction) + "_" + b);
+      const auto r =
+          run_tool(dir, {"--logits", (dir / "l.npy").string(), "--top-k", std::to_string(k), "--capacity-factor", "1.1",
+                         "--direction", direction, "--backend", b, "--out", out.string()});
+      REQUIRE_MESSAGE(r.status == 0, r.err);
+      CHECK(parse_flat_json(r.out).values.at("backend") == b);
+      for (const char* f : files) {
+        CAPTURE(f);
+        const std::string bytes = read_text(out / f);
+        if (b == backends.front()) {
+          first[f] = bytes;
+        } else {
+          CHECK(bytes == first[f]);
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("cli: drop by position, pad to capacity, alignment and min capacity") {
   const fs::path d = scratch("position");
   const std::size_t T = 64, E = 8;
@@ -731,7 +769,8 @@ TEST_CASE("cli: bad input exits 2 with one line on stderr and no output director
       {{"--logits", good, "--out", out, "--score", "tanh"}, "--score"},
       {{"--logits", good, "--out", out, "--capacity-factor", "1", "--drop", "oldest"}, "--drop"},
       {{"--logits", good, "--out", out, "--drop", "position"}, "needs --capacity-factor"},
-      {{"--logits", good, "--out", out, "--backend", "tbb"}, "--backend tbb"},
+      {{"--logits", good, "--out", out, "--backend", "cuda"}, "--backend cuda: not available in this build"},
+      {{"--logits", good, "--out", out, "--backend", "gpu"}, "--backend: expected serial, simd or tbb"},
       {{"--logits", good, "--out", out, "--score", "sigmoid", "--expert-bias", (d / "bias3.npy").string()},
        "--expert-bias"},
       {{"--logits", good, "--out", out, "--direction", "sinkhorn", "--score", "sigmoid"},

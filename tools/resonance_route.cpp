@@ -25,6 +25,12 @@
 #include <vector>
 
 #include <resonance/resonance.hpp>
+#if RESONANCE_HAS_SIMD
+#include <resonance/backend/simd.hpp>
+#endif
+#if RESONANCE_HAS_TBB
+#include <resonance/backend/tbb.hpp>
+#endif
 
 #include "npy.hpp"
 
@@ -33,6 +39,28 @@ namespace fs = std::filesystem;
 namespace npy = resonance::tools::npy;
 
 namespace {
+
+// The backends this build has (xsimd and oneTBB are optional; tbb uses the simd rows when both are).
+constexpr std::string_view available_backends =
+    "serial"
+#if RESONANCE_HAS_SIMD
+    ", simd"
+#endif
+#if RESONANCE_HAS_TBB
+    ", tbb"
+#endif
+    ;
+
+bool backend_available(std::string_view name) {
+  if (name == "serial") return true;
+#if RESONANCE_HAS_SIMD
+  if (name == "simd") return true;
+#endif
+#if RESONANCE_HAS_TBB
+  if (name == "tbb") return true;
+#endif
+  return false;
+}
 
 constexpr const char* usage_text =
     "usage: resonance-route --logits L.npy --out DIR [options]\n"
@@ -70,7 +98,8 @@ constexpr const char* usage_text =
     "  --pad-to-capacity           every expert gets exactly C slots (padding: token -1)\n"
     "  --min-capacity N            lower bound on C (default 0)\n"
     "  --align N                   round every expert's slot count up to a multiple of N (default 1)\n"
-    "  --backend B                 serial (default; the only backend of this build)\n"
+    "  --backend B                 serial (default), simd or tbb when this build has them; every\n"
+    "                              backend gives the same plan\n"
     "  --help                      this text\n"
     "  --version                   the library version\n"
     "\n"
@@ -298,9 +327,10 @@ action parse_args(int argc, char** argv, options& o) {
       o.align = parse_int<rs::index>(name, value());
     } else if (name == "--backend") {
       const std::string_view v = value();
-      if (v == "simd" || v == "tbb" || v == "cuda" || v == "kokkos")
-        fail("--backend " + std::string(v) + ": not available in this build (serial only)");
-      if (v != "serial") fail("--backend: expected serial, got '" + std::string(v) + "'");
+      if (v != "serial" && v != "simd" && v != "tbb" && v != "cuda" && v != "kokkos")
+        fail("--backend: expected serial, simd or tbb, got '" + std::string(v) + "'");
+      if (!backend_available(v))
+        fail("--backend " + std::string(v) + ": not available in this build (" + std::string(available_backends) + ")");
       o.backend = v;
     } else {
       fail("unknown option '" + name + "' (see --help)");
@@ -535,10 +565,34 @@ void publish(const fs::path& out, const results& r, const std::string& json) {
 // ---- routing --------------------------------------------------------------------------------------
 
 // Routes once with any direction and capacity policy; a stateful scheduler runs its first step.
+template <class Backend, class Direction, class Capacity, class Scalar>
+results route_on(const Backend& be, const Direction& dir, const Capacity& cap, const options& o,
+                 const std::vector<Scalar>& logits, rs::index T, rs::index E);
+
+// Calls f(backend) with the backend named by --backend (checked by backend_available when parsed).
+template <class F>
+results with_backend(std::string_view name, F&& f) {
+#if RESONANCE_HAS_SIMD
+  if (name == "simd") return f(rs::backend::simd<>{});
+#endif
+#if RESONANCE_HAS_TBB && RESONANCE_HAS_SIMD
+  if (name == "tbb") return f(rs::backend::tbb<rs::backend::simd<>>{});
+#elif RESONANCE_HAS_TBB
+  if (name == "tbb") return f(rs::backend::tbb<>{});
+#endif
+  (void)name;
+  return f(rs::backend::serial{});
+}
+
 template <class Direction, class Capacity, class Scalar>
 results route_with(const Direction& dir, const Capacity& cap, const options& o, const std::vector<Scalar>& logits,
                    rs::index T, rs::index E) {
-  const rs::backend::serial be;
+  return with_backend(o.backend, [&](const auto& be) { return route_on(be, dir, cap, o, logits, T, E); });
+}
+
+template <class Backend, class Direction, class Capacity, class Scalar>
+results route_on(const Backend& be, const Direction& dir, const Capacity& cap, const options& o,
+                 const std::vector<Scalar>& logits, rs::index T, rs::index E) {
   const rs::router<rs::affinity::precomputed, Direction, Capacity> r{{}, dir, cap};
   const rs::matrix_view<const Scalar> x{logits.data(), T, E};
   // fp32 logits (validated, finite): routed, and the losses are computed on the same values.

@@ -93,7 +93,9 @@ struct router {
         "input", "num_tokens * top_k < 2^31", T_, " tokens x ", k);
     std::vector<float> storage;
     const matrix_view<const float> l = affinity.compute(be, x, storage);
-    detail::check_finite(l, "logits");
+    // A direction that checks finiteness inside its selection pass saves two passes here.
+    constexpr bool self_checked = detail::checks_finite_v<Direction>;
+    if constexpr (!self_checked) detail::check_finite(l, "logits");
     capacity_context ctx{T_, E, k, x.cols, l, nullptr};
     capacity_limits lim;
     candidate_set cands;
@@ -110,12 +112,14 @@ struct router {
     }
     // Finite logits can still overflow fp32 once divided by a tiny temperature or scaled by a huge
     // scaling factor: a NaN or Inf weight must not reach the plan.
-    const auto sz = [](index n) { return static_cast<std::size_t>(n); };
-    for (index t = 0; t < cands.num_tokens; ++t)
-      for (index i = cands.offsets[sz(t)]; i < cands.offsets[sz(t + 1)]; ++i)
-        detail::require(std::isfinite(cands.weight[sz(i)]) && std::isfinite(cands.ranking()[sz(i)]), "routing weight",
-                        "a finite fp32 value (logits / temperature or weight * scaling_factor overflowed)",
-                        cands.weight[sz(i)], " for token ", t);
+    if constexpr (!self_checked) {
+      const auto sz = [](index n) { return static_cast<std::size_t>(n); };
+      for (index t = 0; t < cands.num_tokens; ++t)
+        for (index i = cands.offsets[sz(t)]; i < cands.offsets[sz(t + 1)]; ++i)
+          detail::require(std::isfinite(cands.weight[sz(i)]) && std::isfinite(cands.ranking()[sz(i)]), "routing weight",
+                          "a finite fp32 value (logits / temperature or weight * scaling_factor overflowed)",
+                          cands.weight[sz(i)], " for token ", t);
+    }
     detail::check_slot_budget(E, cands.size(), lim);
     return detail::build_plan_unchecked(be, cands, lim);
   }

@@ -27,11 +27,12 @@ concept affinity_policy = policy_struct<A> && requires(const A& a, index cols) {
 namespace detail {
 
 // NaN or Inf anywhere in the logits is an error (it would make every top-k order meaningless).
-inline void check_finite(matrix_view<const float> m, std::string_view name) {
+// `first_row` is the row number of m's first row in the caller's matrix (for the message).
+inline void check_finite(matrix_view<const float> m, std::string_view name, index first_row = 0) {
   for (index r = 0; r < m.rows; ++r) {
     const float* p = m.row(r);
     for (index c = 0; c < m.cols; ++c)
-      if (!std::isfinite(p[c])) fail(name, "finite values", p[c], " at row ", r, ", column ", c);
+      if (!std::isfinite(p[c])) fail(name, "finite values", p[c], " at row ", first_row + r, ", column ", c);
   }
 }
 

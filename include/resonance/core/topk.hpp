@@ -42,8 +42,25 @@ RESONANCE_INLINE_FUNCTION void topk_row(index n, index k, const Key& key, V* val
   topk_scan(0, n, key, vals, ids, filled, k);
 }
 
-// Sorts (ids, vals) pairs of length n by ascending id (insertion sort: n is a small k).
+// Sorts (ids, vals) pairs of length n by ascending id; the ids are distinct (a top-k's output). Up to
+// 16 pairs, each pair's position is its rank (the number of smaller ids), found without branches, which
+// beats an insertion sort's unpredictable moves on random ids.
 RESONANCE_INLINE_FUNCTION void sort_by_id(id_type* ids, float* vals, index n) {
+  if (n <= 16) {
+    id_type id_copy[16];
+    float val_copy[16];
+    for (index i = 0; i < n; ++i) {
+      id_copy[i] = ids[i];
+      val_copy[i] = vals[i];
+    }
+    for (index i = 0; i < n; ++i) {
+      index rank = 0;
+      for (index j = 0; j < n; ++j) rank += static_cast<index>(id_copy[j] < id_copy[i]);
+      ids[rank] = id_copy[i];
+      vals[rank] = val_copy[i];
+    }
+    return;
+  }
   for (index i = 1; i < n; ++i) {
     const id_type id = ids[i];
     const float v = vals[i];

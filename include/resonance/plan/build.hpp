@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include "../backend/backend.hpp"
@@ -30,6 +31,10 @@ RESONANCE_INLINE_FUNCTION std::uint64_t random_priority(std::uint64_t seed, std:
   return z ^ (z >> 31);
 }
 
+// Tokens per block of the plan builder's counting sort (fixed: the blocks, not the threads, define
+// the order of work).
+inline constexpr index plan_block = 2048;
+
 inline index round_up(index n, index multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 template <execution_backend Backend>
@@ -45,26 +50,54 @@ routing_plan build_plan_unchecked(const Backend& be, const candidate_set& c, con
   d.num_experts = E;
   d.capacity = lim.capacity;
 
-  // 1. Histogram of candidates per expert, then exclusive scan into bucket starts.
+  // 1. Per token block, a histogram of candidates per expert; then one exclusive scan in (expert,
+  //    block) order gives every block its write cursor per expert and every expert its bucket start.
+  //    Blocks are fixed (plan_block tokens), so the counting sort is the same on every backend.
+  const index blocks = T > 0 ? (T + plan_block - 1) / plan_block : 0;
+  std::vector<id_type> block_cursor(sz(blocks * E), 0);
+  const auto block_tokens = [&](index b) {  // [first, last) tokens of plan block b
+    return std::pair<index, index>{b * plan_block, std::min(T, (b + 1) * plan_block)};
+  };
+  be.parallel_for_blocks(blocks, 1, [&](index b_begin, index b_end) {
+    for (index b = b_begin; b < b_end; ++b) {
+      id_type* count = block_cursor.data() + b * E;
+      const auto [t_begin, t_end] = block_tokens(b);
+      for (id_type i = c.offsets[sz(t_begin)]; i < c.offsets[sz(t_end)]; ++i) ++count[sz(c.expert[sz(i)])];
+    }
+  });
   std::vector<id_type> bucket_size(sz(E), 0);
-  for (index i = 0; i < nnz; ++i) ++bucket_size[sz(c.expert[sz(i)])];
   std::vector<id_type> bucket_start(sz(E + 1), 0);
-  for (index e = 0; e < E; ++e) bucket_start[sz(e + 1)] = bucket_start[sz(e)] + bucket_size[sz(e)];
+  {
+    id_type running = 0;
+    for (index e = 0; e < E; ++e) {
+      bucket_start[sz(e)] = running;
+      for (index b = 0; b < blocks; ++b) {
+        const id_type n = block_cursor[sz(b * E + e)];
+        block_cursor[sz(b * E + e)] = running;
+        running += n;
+      }
+      bucket_size[sz(e)] = running - bucket_start[sz(e)];
+    }
+    bucket_start[sz(E)] = running;
+  }
   d.expert_demand = c.demand.empty() ? bucket_size : c.demand;
 
-  // 2. Stable scatter: candidates in ascending token order within each expert bucket.
+  // 2. Stable scatter, block by block: candidates in ascending token order within each expert bucket.
   std::vector<id_type> bucket_cand(sz(nnz));
   std::vector<id_type> bucket_token(sz(nnz));
-  {
-    std::vector<id_type> cursor(bucket_start.begin(), bucket_start.end() - 1);
-    for (index t = 0; t < T; ++t) {
-      for (id_type i = c.offsets[sz(t)]; i < c.offsets[sz(t + 1)]; ++i) {
-        const id_type pos = cursor[sz(c.expert[sz(i)])]++;
-        bucket_cand[sz(pos)] = i;
-        bucket_token[sz(pos)] = static_cast<id_type>(t);
+  be.parallel_for_blocks(blocks, 1, [&](index b_begin, index b_end) {
+    for (index b = b_begin; b < b_end; ++b) {
+      id_type* cursor = block_cursor.data() + b * E;
+      const auto [t_begin, t_end] = block_tokens(b);
+      for (index t = t_begin; t < t_end; ++t) {
+        for (id_type i = c.offsets[sz(t)]; i < c.offsets[sz(t + 1)]; ++i) {
+          const id_type pos = cursor[sz(c.expert[sz(i)])]++;
+          bucket_cand[sz(pos)] = i;
+          bucket_token[sz(pos)] = static_cast<id_type>(t);
+        }
       }
     }
-  }
+  });
 
   // 3. Per expert: which candidates are kept.
   std::vector<unsigned char> kept(sz(nnz), 1);
@@ -134,18 +167,22 @@ routing_plan build_plan_unchecked(const Backend& be, const candidate_set& c, con
     }
   });
 
-  // 6. Token-major CSR over kept candidates, in candidate (ascending expert) order.
+  // 6. Token-major CSR over kept candidates, in candidate (ascending expert) order: per-token counts
+  //    in parallel, one scan, then the fill in parallel.
   d.token_offsets.assign(sz(T + 1), 0);
-  for (index t = 0; t < T; ++t) {
-    id_type n = 0;
-    for (id_type i = c.offsets[sz(t)]; i < c.offsets[sz(t + 1)]; ++i) n += kept[sz(i)];
-    d.token_offsets[sz(t + 1)] = d.token_offsets[sz(t)] + n;
-  }
+  be.parallel_for_blocks(T, plan_block, [&](index t_begin, index t_end) {
+    for (index t = t_begin; t < t_end; ++t) {
+      id_type n = 0;
+      for (id_type i = c.offsets[sz(t)]; i < c.offsets[sz(t + 1)]; ++i) n += kept[sz(i)];
+      d.token_offsets[sz(t + 1)] = n;
+    }
+  });
+  for (index t = 0; t < T; ++t) d.token_offsets[sz(t + 1)] += d.token_offsets[sz(t)];
   const index kept_total = d.token_offsets[sz(T)];
   d.token_expert.resize(sz(kept_total));
   d.token_weight.resize(sz(kept_total));
   d.token_slot.resize(sz(kept_total));
-  be.parallel_for_blocks(T, 4096, [&](index t_begin, index t_end) {
+  be.parallel_for_blocks(T, plan_block, [&](index t_begin, index t_end) {
     for (index t = t_begin; t < t_end; ++t) {
       id_type out = d.token_offsets[sz(t)];
       for (id_type i = c.offsets[sz(t)]; i < c.offsets[sz(t + 1)]; ++i) {

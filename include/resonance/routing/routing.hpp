@@ -71,6 +71,17 @@ bool selects_with_capacity(const D& d) {
     return false;
   }
 }
+
+// Whether a direction's select() rejects non-finite logits and weights itself (in its own pass over
+// each row), so the router need not scan them separately.
+template <class D>
+inline constexpr bool checks_finite_v = [] {
+  if constexpr (requires { D::checks_finite; }) {
+    return static_cast<bool>(D::checks_finite);
+  } else {
+    return false;
+  }
+}();
 }  // namespace detail
 
 }  // namespace resonance

@@ -15,6 +15,8 @@
 #include <limits>
 #include <vector>
 
+#include "../affinity/affinity.hpp"
+#include "../backend/rows.hpp"
 #include "../capacity/capacity.hpp"
 #include "../core/error.hpp"
 #include "../core/topk.hpp"
@@ -88,6 +90,9 @@ struct token_choice {
 
   index candidates_per_token(index) const { return top_k; }
 
+  // select() checks the logits and the weights for NaN and Inf in its own pass over each row.
+  static constexpr bool checks_finite = true;
+
   // Scratch one row needs, in floats and in ids.
   RESONANCE_HOST_DEVICE constexpr index scratch_size(index num_experts) const {
     const index g = grouped() ? detail::group_topk_scratch(num_groups, top_k, group_topk) : 0;
@@ -102,8 +107,11 @@ static_assert(routing_policy<token_choice>);
 namespace kernel {
 
 // One token's selection: writes top_k (expert, weight) pairs ordered by expert id. `fscratch` and
-// `iscratch` hold p.scratch_size(E) entries. Host/device; no allocation.
-RESONANCE_INLINE_FUNCTION void token_choice_row(const token_choice& p, const float* logits, index num_experts,
+// `iscratch` hold p.scratch_size(E) entries. Returns false when the row's logits are not all finite
+// (the outputs are then unspecified). Host/device; no allocation. `Rows` supplies the row primitives
+// (scalar, or a backend's vectorised ones with bitwise the same results).
+template <class Rows = detail::scalar_rows>
+RESONANCE_INLINE_FUNCTION bool token_choice_row(const token_choice& p, const float* logits, index num_experts,
                                                 const float* bias, id_type* out_expert, float* out_weight,
                                                 float* fscratch, id_type* iscratch) {
   const index k = p.top_k;
@@ -115,20 +123,25 @@ RESONANCE_INLINE_FUNCTION void token_choice_row(const token_choice& p, const flo
   const bool post_softmax = p.score == resonance::score::softmax && !p.pre_softmax;
 
   // The selection key: logits (post softmax) or scores, plus the selection-only bias.
+  bool finite = true;
   const float* base = logits;
   float scale = inv_t;
   if (!post_softmax) {
-    detail::score_row(p.score, logits, scores, num_experts, inv_t);
+    finite = Rows::all_finite(logits, num_experts);
+    Rows::score(p.score, logits, scores, num_experts, inv_t);
     base = scores;
     scale = 1.0f;
   }
-  auto key = [&](index e) { return base[e] * scale + (bias != nullptr ? bias[e] : 0.0f); };
   if (p.grouped()) {
+    if (post_softmax) finite = Rows::all_finite(logits, num_experts);
+    auto key = [&](index e) { return base[e] * scale + (bias != nullptr ? bias[e] : 0.0f); };
     detail::group_limited_topk_row(num_experts, k, p.num_groups, p.group_topk, p.group_scoring, key, vals, out_expert,
                                    gf, gi);
   } else {
-    detail::topk_row(num_experts, k, key, vals, out_expert);
+    const bool f = Rows::topk(base, num_experts, k, scale, bias, vals, out_expert);
+    if (post_softmax) finite = f;
   }
+  if (!finite) return false;
 
   // Weights from the unbiased quantity.
   if (post_softmax) {
@@ -136,7 +149,7 @@ RESONANCE_INLINE_FUNCTION void token_choice_row(const token_choice& p, const flo
     for (index j = 1; j < k; ++j) m = logits[out_expert[j]] * inv_t > m ? logits[out_expert[j]] * inv_t : m;
     float sum = 0.0f;
     for (index j = 0; j < k; ++j) {
-      out_weight[j] = ::expf(logits[out_expert[j]] * inv_t - m);
+      out_weight[j] = detail::exp_portable(logits[out_expert[j]] * inv_t - m);
       sum += out_weight[j];
     }
     for (index j = 0; j < k; ++j) out_weight[j] /= sum;
@@ -154,14 +167,18 @@ RESONANCE_INLINE_FUNCTION void token_choice_row(const token_choice& p, const flo
   if (p.scaling_factor != 1.0f)
     for (index j = 0; j < k; ++j) out_weight[j] *= p.scaling_factor;
   detail::sort_by_id(out_expert, out_weight, k);
+  return true;
 }
 
 }  // namespace kernel
 
-// Host driver: runs token_choice_row over every token on the backend.
+// Host driver: runs token_choice_row over every token on the backend. Checks, in the same pass, that
+// the logits and the weights are finite (token_choice::checks_finite tells the router so), and reports
+// the lowest offending token whatever the backend.
 template <execution_backend Backend>
 void select(const Backend& be, const token_choice& p, matrix_view<const float> logits, const capacity_limits&,
             candidate_set& out) {
+  using rows = detail::row_ops_t<Backend>;
   const index T = logits.rows;
   const index E = logits.cols;
   const index k = p.top_k;
@@ -175,16 +192,31 @@ void select(const Backend& be, const token_choice& p, matrix_view<const float> l
   out.forced_drop.reset();
   const float* bias = p.expert_bias.empty() ? nullptr : p.expert_bias.data;
   const index scratch = p.scratch_size(E);
-  be.parallel_for_blocks(T, 1024, [&](index begin, index end) {
+  detail::first_index bad(T);
+  be.parallel_for_blocks(T, 512, [&](index begin, index end) {
     std::vector<float> fs(static_cast<std::size_t>(scratch));
     std::vector<id_type> is(static_cast<std::size_t>(scratch));
     for (index t = begin; t < end; ++t) {
-      kernel::token_choice_row(p, logits.row(t), E, bias, out.expert.data() + t * k, out.weight.data() + t * k,
-                               fs.data(), is.data());
+      float* w = out.weight.data() + t * k;
+      bool ok =
+          kernel::token_choice_row<rows>(p, logits.row(t), E, bias, out.expert.data() + t * k, w, fs.data(), is.data());
+      for (index j = 0; j < k; ++j) ok &= (w[j] - w[j]) == 0.0f;
+      if (!ok) {
+        bad.propose(t);
+        return;  // the rest of this block cannot hold a lower token
+      }
       out.offsets[static_cast<std::size_t>(t + 1)] = static_cast<id_type>((t + 1) * k);
     }
   });
   out.offsets[0] = 0;
+  if (const index t = bad.get(); t < T) {
+    detail::check_finite(matrix_view<const float>{logits.row(t), 1, E, E}, "logits", t);
+    float w = 0.0f;
+    for (index j = k - 1; j >= 0; --j)
+      if (const float v = out.weight[static_cast<std::size_t>(t * k + j)]; !std::isfinite(v)) w = v;
+    detail::fail("routing weight", "a finite fp32 value (logits / temperature or weight * scaling_factor overflowed)",
+                 w, " for token ", t);
+  }
 }
 
 }  // namespace resonance::routing

@@ -3,6 +3,9 @@
 // Score functions applied to router logits, in fp32. `score` is the contract enum; the kernels below
 // are per-row host/device functions.
 
+#include <bit>
+#include <cstdint>
+#include <limits>
 #include <math.h>
 
 #include "../core/config.hpp"
@@ -18,10 +21,52 @@ enum class score : unsigned char {
 
 namespace detail {
 
-RESONANCE_INLINE_FUNCTION float sigmoid(float x) { return 1.0f / (1.0f + ::expf(-x)); }
+// exp(x) in fp32 for the scores that decide a selection, written as a fixed sequence of IEEE
+// operations (Cody–Waite reduction by ln 2, Cephes' degree-6 polynomial for e^r on |r| <= ln2/2, and
+// 2^n built from the exponent bits in two halves so n = 128 is reachable). The SIMD backends evaluate
+// the same sequence lane by lane, so scores, and hence plans, are bitwise identical on every CPU
+// backend; libm's expf differs between implementations. Relative error below 2^-23 (checked against
+// double in the tests); 0 below -87.34 (results there would be denormal); +Inf above 88.73.
+// Bitwise identity needs FMA contraction off (the default without -mfma, or -ffp-contract=off).
+struct exp_constants {
+  static constexpr float log2e = 1.44269504088896341f;
+  static constexpr float ln2_hi = 0.693359375f;  // few mantissa bits: n * ln2_hi is exact
+  static constexpr float ln2_lo = -2.12194440e-4f;
+  static constexpr float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  static constexpr float lo = -87.3365479f;          // below: 0
+  static constexpr float hi = 88.7228394f;           // above: +Inf
+  static constexpr float p0 = 1.9875691500e-4f, p1 = 1.3981999507e-3f, p2 = 8.3334519073e-3f, p3 = 4.1665795894e-2f,
+                         p4 = 1.6666665459e-1f, p5 = 5.0000001201e-1f;
+};
+
+RESONANCE_INLINE_FUNCTION float exp_portable(float x) {
+  using c = exp_constants;
+  if (!(x == x)) return x;  // NaN
+  if (x < c::lo) return 0.0f;
+  if (x > c::hi) return std::numeric_limits<float>::infinity();
+  const float n = (x * c::log2e + c::round_magic) - c::round_magic;
+  float r = x - n * c::ln2_hi;
+  r = r - n * c::ln2_lo;
+  float p = c::p0;
+  p = p * r + c::p1;
+  p = p * r + c::p2;
+  p = p * r + c::p3;
+  p = p * r + c::p4;
+  p = p * r + c::p5;
+  p = p * (r * r) + r;
+  p = p + 1.0f;
+  // 2^n as 2^h * 2^(n-h), h = n/2 rounded toward zero: each factor is a normal float for n in [-126, 128].
+  const auto ni = static_cast<std::int32_t>(n);
+  const std::int32_t h = ni / 2;
+  const float s1 = std::bit_cast<float>(static_cast<std::int32_t>((h + 127) << 23));
+  const float s2 = std::bit_cast<float>(static_cast<std::int32_t>((ni - h + 127) << 23));
+  return (p * s1) * s2;
+}
+
+RESONANCE_INLINE_FUNCTION float sigmoid(float x) { return 1.0f / (1.0f + exp_portable(-x)); }
 
 // softplus with torch's threshold (beta 1, threshold 20): returns x above 20 to avoid overflow.
-RESONANCE_INLINE_FUNCTION float softplus(float x) { return x > 20.0f ? x : ::log1pf(::expf(x)); }
+RESONANCE_INLINE_FUNCTION float softplus(float x) { return x > 20.0f ? x : ::log1pf(exp_portable(x)); }
 
 RESONANCE_INLINE_FUNCTION float sqrt_softplus(float x) { return ::sqrtf(softplus(x)); }
 
@@ -57,16 +102,28 @@ RESONANCE_INLINE_FUNCTION double elementwise_score_and_derivative(score fn, doub
   }
 }
 
-// out[i] = softmax(scale * in)[i] over n entries; max-subtracted, summed in index order.
+// The summation order of a row sum, fixed for every backend: 16 partial sums (entry i goes to partial
+// i mod 16, in index order), then the partials added in index order. A 4-, 8- or 16-lane SIMD loop
+// reproduces it exactly.
+inline constexpr index row_sum_lanes = 16;
+
+RESONANCE_INLINE_FUNCTION float combine_lane_sums(const float* partial) {
+  float sum = partial[0];
+  for (index j = 1; j < row_sum_lanes; ++j) sum += partial[j];
+  return sum;
+}
+
+// out[i] = softmax(scale * in)[i] over n entries: max-subtracted, exp_portable, summed in the fixed
+// lane order, multiplied by the reciprocal of the sum.
 RESONANCE_INLINE_FUNCTION void softmax_row(const float* in, float* out, index n, float scale) {
   float m = in[0] * scale;
   for (index i = 1; i < n; ++i) m = in[i] * scale > m ? in[i] * scale : m;
-  float sum = 0.0f;
+  float partial[row_sum_lanes] = {};
   for (index i = 0; i < n; ++i) {
-    out[i] = ::expf(in[i] * scale - m);
-    sum += out[i];
+    out[i] = exp_portable(in[i] * scale - m);
+    partial[i % row_sum_lanes] += out[i];
   }
-  const float inv = 1.0f / sum;
+  const float inv = 1.0f / combine_lane_sums(partial);
   for (index i = 0; i < n; ++i) out[i] *= inv;
 }
 
