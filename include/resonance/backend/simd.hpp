@@ -128,7 +128,8 @@ struct simd_rows {
   static bool topk(const float* x, index n, index k, float scale, const float* bias, float* vals, id_type* ids) {
     const index nv = n / width;
     const index m = (k + width - 1) / width;
-    if (k > max_k || nv < m) return scalar_rows::topk(x, n, k, scale, bias, vals, ids);
+    // Short rows: the two passes and the ranking cost more than the scalar scan saves.
+    if (k > max_k || nv < m || n < 4 * width) return scalar_rows::topk(x, n, k, scale, bias, vals, ids);
     if (bias == nullptr) {
       if (scale == 1.0f) return filtered_topk(x, n, k, m, vals, ids, plain_key{});
       return filtered_topk(x, n, k, m, vals, ids, scaled_key{scale});
