@@ -4,9 +4,10 @@
 // best architecture the translation unit is compiled for (sse2 without flags, avx2 with -mavx2, ...);
 // backend::dispatch_simd picks one at run time among architectures compiled in other translation units.
 // Every primitive returns bitwise what detail::scalar_rows returns, so plans do not change:
-//   - top-k: a first pass takes m·W lane maxima (m = ceil(k/W) accumulators of W lanes); their minimum
-//     τ is a lower bound of the k-th largest key, since they are m·W >= k distinct entries. A second
-//     pass inserts, in ascending index order, only the entries >= τ, exactly as the scalar scan would;
+//   - top-k: a first pass keeps m·W lane maxima (about 2k of them, at least k); they are distinct
+//     entries, so their k-th largest, τ, bounds the k-th largest key from below. A second pass
+//     gathers the entries >= τ in ascending index order through a bit map and ranks them without
+//     branches (value desc, index asc), which is exactly the scalar scan's result;
 //   - scores: exp_portable and the 16-lane row sum evaluated lane by lane;
 //   - finiteness: x - x accumulated (NaN as soon as one entry is NaN or infinite).
 // This header is the only one that includes xsimd (with its compatibility shim).
