@@ -26,16 +26,6 @@ concept affinity_policy = policy_struct<A> && requires(const A& a, index cols) {
 
 namespace detail {
 
-// NaN or Inf anywhere in the logits is an error (it would make every top-k order meaningless).
-// `first_row` is the row number of m's first row in the caller's matrix (for the message).
-inline void check_finite(matrix_view<const float> m, std::string_view name, index first_row = 0) {
-  for (index r = 0; r < m.rows; ++r) {
-    const float* p = m.row(r);
-    for (index c = 0; c < m.cols; ++c)
-      if (!std::isfinite(p[c])) fail(name, "finite values", p[c], " at row ", first_row + r, ", column ", c);
-  }
-}
-
 // Converts (or views) an input matrix as fp32. A float input is returned as is, without a copy.
 template <execution_backend Backend, input_scalar T>
 matrix_view<const float> as_float(const Backend& be, matrix_view<const T> x, std::vector<float>& storage) {

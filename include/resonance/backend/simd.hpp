@@ -31,8 +31,9 @@ struct simd_rows {
   using ibatch = xsimd::batch<std::int32_t, Arch>;
   static constexpr index width = static_cast<index>(batch::size);
   static_assert(row_sum_lanes % width == 0, "the fixed 16-lane row sum needs a width that divides 16");
-  static constexpr index max_k = 16;           // beyond it the scalar scan is as fast
-  static constexpr index max_maxima = 32;      // lane maxima that bound the k-th key
+  static constexpr index max_k = 16;       // beyond it the scalar scan is as fast
+  static constexpr index max_maxima = 32;  // lane maxima that bound the k-th key
+  static_assert(2 * max_k <= max_maxima && max_maxima % width == 0, "ceil(2k/W) accumulators must fit");
   static constexpr index max_candidates = 64;  // entries above the bound ranked without branches
   static constexpr index row_words = 8;        // bit-map words per chunk (512 entries)
 
@@ -132,10 +133,10 @@ struct simd_rows {
     // Short rows: the two passes and the ranking cost more than the scalar scan saves.
     if (k > max_k || nv < m || n < 4 * width) return scalar_rows::topk(x, n, k, scale, bias, vals, ids);
     if (bias == nullptr) {
-      if (scale == 1.0f) return filtered_topk(x, n, k, m, vals, ids, plain_key{});
-      return filtered_topk(x, n, k, m, vals, ids, scaled_key{scale});
+      if (scale == 1.0f) return filtered_topk(x, n, k, vals, ids, plain_key{});
+      return filtered_topk(x, n, k, vals, ids, scaled_key{scale});
     }
-    return filtered_topk(x, n, k, m, vals, ids, biased_key{scale, bias});
+    return filtered_topk(x, n, k, vals, ids, biased_key{scale, bias});
   }
 
  private:
@@ -199,14 +200,13 @@ struct simd_rows {
   }
 
   template <class Key>
-  static bool filtered_topk(const float* x, index n, index k, index m_min, float* vals, id_type* ids, const Key& key) {
+  static bool filtered_topk(const float* x, index n, index k, float* vals, id_type* ids, const Key& key) {
     const index nv = n / width;
     // Pass 1: about 2k lane maxima (at least k, at most 32) from m accumulators of W lanes.
+    // ceil(2k/W) >= ceil(k/W) accumulators, at most 32 maxima since k <= 16; topk() checked nv >= ceil(k/W).
     index m = (2 * k + width - 1) / width;
-    m = m < m_min ? m_min : m;
-    m = m > max_maxima / width ? (max_maxima / width > m_min ? max_maxima / width : m_min) : m;
     m = m > nv ? nv : m;
-    batch acc[max_k];
+    batch acc[max_maxima / width];
     batch bad(0.0f);
     for (index j = 0; j < m; ++j) {
       const batch v = batch::load_unaligned(x + j * width);
@@ -231,7 +231,7 @@ struct simd_rows {
     if (!finite) return false;
     // The M = m·W lane maxima are M >= k distinct entries, so their k-th largest value, tau, is at
     // most the k-th largest key of the row: tau = min{ m_i : #{j : m_j > m_i} < k }.
-    alignas(64) float maxima[max_k * width];
+    alignas(64) float maxima[max_maxima];
     const index M = m * width;
     for (index j = 0; j < m; ++j) acc[j].store_aligned(maxima + j * width);
     float tau = std::numeric_limits<float>::infinity();

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <cmath>
 #include <span>
 #include <type_traits>
 
@@ -77,6 +78,19 @@ void check_matrix(const matrix_view<T>& m, std::string_view name, index rows, in
   check_matrix(m, name);
   require(m.rows == rows && m.cols == cols, name,
           std::string("shape ") + std::to_string(rows) + "x" + std::to_string(cols), m.rows, "x", m.cols);
+}
+
+// NaN or Inf anywhere in m is an error naming the first offending entry (it would make every top-k
+// order and every loss meaningless). `first_row` is the row number of m's first row in the caller's
+// matrix, for the message.
+template <class T>
+void check_finite(matrix_view<const T> m, std::string_view name, index first_row = 0) {
+  for (index r = 0; r < m.rows; ++r) {
+    const T* p = m.row(r);
+    for (index c = 0; c < m.cols; ++c)
+      if (!std::isfinite(static_cast<double>(p[c])))
+        fail(name, "finite values", p[c], " at row ", first_row + r, ", column ", c);
+  }
 }
 
 }  // namespace detail

@@ -93,14 +93,6 @@ namespace resonance::detail {
 
 inline constexpr index loss_block = 1024;
 
-template <class T>
-void loss_check_finite(matrix_view<const T> m, std::string_view name) {
-  for (index r = 0; r < m.rows; ++r)
-    for (index c = 0; c < m.cols; ++c)
-      if (!std::isfinite(static_cast<double>(m(r, c))))
-        fail(name, "finite values", m(r, c), " at row ", r, ", column ", c);
-}
-
 // Checks shared by every loss: logits, dlogits (unless the empty "no gradient" view) and the mask.
 template <class T>
 bool loss_check_common(matrix_view<const T> logits, matrix_view<T> dlogits, vector_view<const std::uint8_t> valid) {
@@ -255,7 +247,7 @@ double loss_switch_impl(const B& be, matrix_view<const T> logits, const loss::sw
   const bool want_grad = loss_check_common(logits, dlogits, valid);
   const index E = logits.cols;
   loss_check_top_k(o.top_k, E);
-  loss_check_finite(logits, "logits");
+  check_finite(logits, "logits");
   const loss_segment_stats st = loss_segments(be, logits, o.score, o.top_k, valid, loss_block);
   std::vector<double> p;
   std::vector<std::int64_t> c;
@@ -281,7 +273,7 @@ template <execution_backend B, class T>
 double loss_z_impl(const B& be, matrix_view<const T> logits, const loss::z_loss_options& o, matrix_view<T> dlogits,
                    vector_view<const std::uint8_t> valid) {
   const bool want_grad = loss_check_common(logits, dlogits, valid);
-  loss_check_finite(logits, "logits");
+  check_finite(logits, "logits");
   const index Tn = logits.rows, E = logits.cols;
   std::vector<double> lse(static_cast<std::size_t>(Tn), 0.0);
   be.parallel_for_blocks(Tn, loss_block, [&](index begin, index end) {
@@ -342,7 +334,7 @@ T seq_aux_loss(const B& be, matrix_view<const T> logits, const seq_aux_options& 
   detail::loss_check_top_k(opts.top_k, E);
   detail::require(opts.seq_len >= 1 && Tn % opts.seq_len == 0, "seq_len",
                   "seq_len >= 1 dividing the number of tokens (" + std::to_string(Tn) + ")", opts.seq_len);
-  detail::loss_check_finite(logits, "logits");
+  detail::check_finite(logits, "logits");
   const detail::loss_segment_stats st = detail::loss_segments(be, logits, opts.score, opts.top_k, valid, opts.seq_len);
   const index S = static_cast<index>(st.nvalid.size());
   index used = 0;
@@ -383,7 +375,7 @@ T global_aux_loss(const B& be, matrix_view<const T> logits, const switch_options
   detail::require(acc.top_k == 0 || acc.top_k == opts.top_k, "accumulator",
                   "the top_k of its earlier micro-batches (" + std::to_string(acc.top_k) + ")", opts.top_k);
   detail::require(acc.tokens >= 0, "accumulator", "a non-negative token count", acc.tokens);
-  detail::loss_check_finite(logits, "logits");
+  detail::check_finite(logits, "logits");
   const detail::loss_segment_stats st =
       detail::loss_segments(be, logits, opts.score, opts.top_k, valid, detail::loss_block);
   std::vector<double> p;

@@ -72,7 +72,7 @@ T locality_loss(const B& be, matrix_view<const T> logits, const locality_options
   detail::require(n_local >= 1, "local_node", "a node that holds at least one expert", opts.local_node);
   detail::require(opts.form == locality_form::reversed || (opts.eps > 0.0 && opts.eps < 1.0), "eps", "0 < eps < 1",
                   opts.eps);
-  detail::loss_check_finite(logits, "logits");
+  detail::check_finite(logits, "logits");
 
   const detail::loss_segment_stats st =
       detail::loss_segments(be, logits, resonance::score::softmax, 0, valid, detail::loss_block);

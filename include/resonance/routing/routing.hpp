@@ -75,13 +75,9 @@ bool selects_with_capacity(const D& d) {
 // Whether a direction's select() rejects non-finite logits and weights itself (in its own pass over
 // each row), so the router need not scan them separately.
 template <class D>
-inline constexpr bool checks_finite_v = [] {
-  if constexpr (requires { D::checks_finite; }) {
-    return static_cast<bool>(D::checks_finite);
-  } else {
-    return false;
-  }
-}();
+inline constexpr bool checks_finite_v = requires {
+  requires D::checks_finite;
+};
 }  // namespace detail
 
 }  // namespace resonance

@@ -15,11 +15,11 @@
 #include <limits>
 #include <vector>
 
-#include "../affinity/affinity.hpp"
 #include "../backend/rows.hpp"
 #include "../capacity/capacity.hpp"
 #include "../core/error.hpp"
 #include "../core/topk.hpp"
+#include "../core/view.hpp"
 #include "../score/score.hpp"
 #include "routing.hpp"
 

@@ -13,10 +13,6 @@ namespace resonance::detail::xsimd_compat {
 
 #if XSIMD_VERSION_MAJOR >= 11
 template <class T, class A>
-T reduce_min(const xsimd::batch<T, A>& b) {
-  return xsimd::reduce_min(b);
-}
-template <class T, class A>
 T reduce_max(const xsimd::batch<T, A>& b) {
   return xsimd::reduce_max(b);
 }
@@ -25,15 +21,7 @@ T reduce_add(const xsimd::batch<T, A>& b) {
   return xsimd::reduce_add(b);
 }
 #else
-// 8.1 has no reduce_min; a store and a scalar pass (called once per row, not per element).
-template <class T, class A>
-T reduce_min(const xsimd::batch<T, A>& b) {
-  alignas(A::alignment()) T lanes[xsimd::batch<T, A>::size];
-  b.store_aligned(lanes);
-  T m = lanes[0];
-  for (std::size_t i = 1; i < xsimd::batch<T, A>::size; ++i) m = lanes[i] < m ? lanes[i] : m;
-  return m;
-}
+// 8.1 has no reduce_max; a store and a scalar pass (called once per row, not per element).
 template <class T, class A>
 T reduce_max(const xsimd::batch<T, A>& b) {
   alignas(A::alignment()) T lanes[xsimd::batch<T, A>::size];
