@@ -7,6 +7,12 @@
 //                                               top-k), capacity factor 1.25 with score drop
 //   bm_affinity/<affinity>/<backend>/T:4096/d:<d>   forward() of grap, grap_cosine, cosine, linear (Eigen);
 //                                               E = 64, d in {1024, 4096}
+//   bm_route_hidden/<affinity>/<mode>/<backend>/T:<T>/d:<d>   routing from hidden states, grap_cosine or
+//                                               linear, E = 64, token choice top-2, capacity factor 1.25;
+//                                               mode fused = the router on the hidden states (logits
+//                                               computed and selected block by block), unfused =
+//                                               forward() into a T×E buffer, then the precomputed router
+//                                               on it; serial and tbb_simd only
 //   bm_dispatch/<backend>/T:<T>                 d = 1024, plan: top-2 of 64 experts, dropless
 //   bm_combine/<backend>/T:<T>                  same plan
 //   bm_dispatch_combine/<backend>/T:<T>         both, back to back
@@ -15,7 +21,7 @@
 //
 // Threaded variants (tbb, tbb_simd) use wall-clock time (UseRealTime), which Google Benchmark shows as a
 // "/real_time" suffix on the name; bm_peer names carry no suffix (see bm_peer).
-// Counters: items = tokens; bytes = logits read (route, peer), input read (affinity), rows read +
+// Counters: items = tokens; bytes = logits read (route, peer), input read (affinity, route_hidden), rows read +
 // written (dispatch, combine), buffer bytes read (memory_read), read + written (memcpy).
 //
 // Extra flags, removed before Google Benchmark sees the command line:
@@ -39,6 +45,7 @@
 #include <string_view>
 #include <system_error>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -185,6 +192,36 @@ void bm_affinity(benchmark::State& state, Backend be, Make make, rs::index T, rs
     for (auto _ : state) {
       a.forward(be, x, rs::matrix_view<float>{logits.data(), T, E});
       benchmark::ClobberMemory();
+    }
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+    return;
+  }
+  state.SetItemsProcessed(state.iterations() * T);
+  state.SetBytesProcessed(state.iterations() * T * d * float_bytes);  // the input, read once
+}
+
+// One routing step from hidden states per iteration: fused (the router with the affinity, which never
+// forms the T×E logits) or unfused (forward() into a T×E buffer allocated once, then route_router).
+template <class Backend, class Make>
+void bm_route_hidden(benchmark::State& state, Backend be, Make make, bool fused, rs::index T, rs::index d) {
+  const auto a = make(d);
+  const rs::index E = a.experts_for(d);
+  const rs::matrix_view<const float> x = normal_view(T, d, seed_hidden);
+  const route_router unfused = make_router(2, 1.25);
+  const rs::router<std::remove_cvref_t<decltype(a)>, rs::routing::token_choice, rs::capacity::factor> router{
+      a, unfused.direction, unfused.capacity};
+  std::vector<float> logits(fused ? 0 : count(T, E));
+  try {
+    for (auto _ : state) {
+      if (fused) {
+        rs::routing_plan plan = router.route(be, x);
+        benchmark::DoNotOptimize(plan.slot_token().data());
+      } else {
+        a.forward(be, x, rs::matrix_view<float>{logits.data(), T, E});
+        rs::routing_plan plan = unfused.route(be, rs::matrix_view<const float>{logits.data(), T, E});
+        benchmark::DoNotOptimize(plan.slot_token().data());
+      }
     }
   } catch (const std::exception& e) {
     state.SkipWithError(e.what());
@@ -445,6 +482,23 @@ void register_families(const options& opt) {
 #if defined(RESONANCE_HAS_EIGEN)
     add_affinity("linear",
                  [](rs::index d) { return rs::affinity::linear{.weight = normal_view(affinity_E, d, seed_weight)}; });
+#endif
+
+    // T = 128 is the smoke size; 16384 the measured one.
+    const auto add_route_hidden = [&](const char* name, auto make) {
+      if (b != "serial" && b != "tbb_simd") return;
+      for (rs::index T : {128, 16384})
+        for (rs::index d : {1024, 4096})
+          for (bool fused : {true, false}) {
+            add("bm_route_hidden/" + std::string(name) + (fused ? "/fused/" : "/unfused/") + b +
+                    "/T:" + std::to_string(T) + "/d:" + std::to_string(d),
+                threaded, [=](benchmark::State& s) { bm_route_hidden<Backend>(s, be, make, fused, T, d); });
+          }
+    };
+    add_route_hidden("grap_cosine", [](rs::index) { return rs::affinity::grap_cosine{.num_experts = affinity_E}; });
+#if defined(RESONANCE_HAS_EIGEN)
+    add_route_hidden(
+        "linear", [](rs::index d) { return rs::affinity::linear{.weight = normal_view(affinity_E, d, seed_weight)}; });
 #endif
 
     for (rs::index T : {128, 4096, 16384}) {

@@ -34,6 +34,25 @@ void score_avx2(rs::score fn, const float* in, float* out, rs::index n, float sc
   avx2_rows::score(fn, in, out, n, scale);
 }
 
+double group_sums_avx2(const float* row, rs::index E, rs::index g, double* s, bool squares) {
+  if (squares) return avx2_rows::group_sums_squares(row, E, g, s);
+  avx2_rows::group_sums(row, E, g, s);
+  return 0.0;
+}
+
+void grap_forward_avx2(rs::index E, rs::matrix_view<const float> x, rs::matrix_view<float> logits) {
+  rs::affinity::grap{.num_experts = E}.forward(rs::backend::simd<xsimd::avx2>{}, x, logits);
+}
+
+void grap_cosine_forward_avx2(rs::index E, rs::matrix_view<const float> x, rs::matrix_view<float> logits) {
+  rs::affinity::grap_cosine{.num_experts = E}.forward(rs::backend::simd<xsimd::avx2>{}, x, logits);
+}
+
+void grap_cosine_backward_avx2(rs::index E, rs::matrix_view<const float> x, rs::matrix_view<const float> dlogits,
+                               rs::matrix_view<float> dx) {
+  rs::affinity::grap_cosine{.num_experts = E}.backward(rs::backend::simd<xsimd::avx2>{}, x, dlogits, dx);
+}
+
 void exp_avx2(const float* x, float* out, rs::index n) {
   for (rs::index i = 0; i + avx2_rows::width <= n; i += avx2_rows::width)
     avx2_rows::exp(avx2_rows::batch::load_unaligned(x + i)).store_unaligned(out + i);

@@ -4,6 +4,7 @@
 // side is tests/simd_avx2.cpp (built with -mavx2 when the compiler and the target allow it).
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -50,6 +51,14 @@ bool topk_avx2(const float* x, resonance::index n, resonance::index k, float sca
                resonance::id_type* ids);
 void score_avx2(resonance::score fn, const float* in, float* out, resonance::index n, float scale);
 void exp_avx2(const float* x, float* out, resonance::index n);
+// simd_rows<avx2>::group_sums_squares (squares) or group_sums (returns 0), and grap / grap_cosine with
+// E experts on simd<avx2>.
+double group_sums_avx2(const float* row, resonance::index E, resonance::index g, double* s, bool squares);
+void grap_forward_avx2(resonance::index E, resonance::matrix_view<const float> x, resonance::matrix_view<float> logits);
+void grap_cosine_forward_avx2(resonance::index E, resonance::matrix_view<const float> x,
+                              resonance::matrix_view<float> logits);
+void grap_cosine_backward_avx2(resonance::index E, resonance::matrix_view<const float> x,
+                               resonance::matrix_view<const float> dlogits, resonance::matrix_view<float> dx);
 }  // namespace resonance_test
 #endif
 
@@ -744,6 +753,297 @@ TEST_CASE("test_backends: grap, grap_cosine, cosine, linear and double input giv
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// GrAP group sums: the fixed 16-lane order on every backend, and grap / grap_cosine bitwise across them
+
+// Rows whose sums and norms reach every path: cancellation (the order decides the last bits), values
+// near the type's overflow and underflow (double ones send grap_cosine to its rescaling pass), signed
+// zeros, and NaN or ±Inf at a random place.
+enum class grap_row { normal, cancelling, huge, tiny, zeros, with_nan, with_inf };
+constexpr grap_row grap_rows[] = {grap_row::normal, grap_row::cancelling, grap_row::huge,    grap_row::tiny,
+                                  grap_row::zeros,  grap_row::with_nan,   grap_row::with_inf};
+
+std::string grap_row_name(grap_row kind) {
+  switch (kind) {
+    case grap_row::normal:
+      return "normal";
+    case grap_row::cancelling:
+      return "cancelling";
+    case grap_row::huge:
+      return "huge";
+    case grap_row::tiny:
+      return "tiny";
+    case grap_row::zeros:
+      return "signed zeros";
+    case grap_row::with_nan:
+      return "NaN";
+    default:
+      return "Inf";
+  }
+}
+
+template <class T>
+std::vector<T> grap_row_values(std::mt19937_64& rng, rs::index n, grap_row kind) {
+  constexpr bool is_float = std::is_same_v<T, float>;
+  std::vector<T> v = resonance_test::normal_values<T>(rng, n);
+  std::uniform_int_distribution<rs::index> at(0, n - 1);
+  std::uniform_int_distribution<int> exponent(-12, 12);
+  switch (kind) {
+    case grap_row::cancelling:  // magnitudes 2^-12 .. 2^12 of both signs
+      for (T& x : v) x = std::ldexp(x, exponent(rng));
+      break;
+    case grap_row::huge:  // sums (and, for double, squares) beyond the type's range
+      for (T& x : v) x *= is_float ? T(1e37f) : T(1e300);
+      break;
+    case grap_row::tiny:  // subnormal floats; doubles whose squares underflow
+      for (T& x : v) x *= is_float ? T(1e-42f) : T(1e-170);
+      break;
+    case grap_row::zeros:
+      for (rs::index i = 0; i < n; ++i) v[usz(i)] = i % 3 == 0 ? T(0) : -T(0);
+      break;
+    case grap_row::with_nan:
+      v[usz(at(rng))] = std::numeric_limits<T>::quiet_NaN();
+      break;
+    case grap_row::with_inf:
+      v[usz(at(rng))] = std::numeric_limits<T>::infinity();
+      if (n > 1) v[usz(at(rng))] = -std::numeric_limits<T>::infinity();
+      break;
+    default:
+      break;
+  }
+  return v;
+}
+
+// Bitwise equal, or both NaN (a NaN's payload is not part of the contract).
+template <class T>
+bool same_bits(T a, T b) {
+  return (a != a && b != b) || std::memcmp(&a, &b, sizeof(T)) == 0;
+}
+
+// The documented order written out from its description (rows.hpp), independently of
+// detail::lane_group_sums: entry i of a group to partial i mod 16, each group's partials combined by
+// the halving tree, squares by the same offset across the row's groups and combined once.
+template <class T>
+double documented_group_sums(const T* row, rs::index E, rs::index g, double* s) {
+  using partials = std::array<double, 16>;
+  const auto tree = [](partials p) {
+    for (std::size_t w = 8; w >= 1; w /= 2)
+      for (std::size_t j = 0; j < w; ++j) p[j] = p[j] + p[j + w];
+    return p[0];
+  };
+  partials sq{};
+  for (rs::index e = 0; e < E; ++e) {
+    partials p{};
+    for (rs::index i = 0; i < g; ++i) {
+      const double v = static_cast<double>(row[e * g + i]);
+      p[usz(i % 16)] += v;
+      const double q = v * v;
+      sq[usz(i % 16)] += q;
+    }
+    s[e] = tree(p);
+  }
+  return tree(sq);
+}
+
+// (E, g) pairs: g below, at and around multiples of 16 (the vector path's condition), g = 1, E = 1.
+constexpr std::pair<rs::index, rs::index> group_shapes[] = {
+    {1, 1}, {1, 16}, {3, 1}, {6, 2}, {7, 5}, {4, 8}, {4, 15}, {5, 16}, {2, 17}, {64, 16}, {8, 64}, {3, 100}, {1, 1024}};
+
+// One row on every row-primitive implementation: group_sums_squares and group_sums equal the
+// documented order bitwise; finite rows are within 1e-12·Σ|x| of a long double sum (the squares
+// within 1e-12 relative while they stay normal doubles).
+template <class T>
+void check_group_sums_row(const std::vector<T>& x, rs::index E, rs::index g) {
+  std::vector<double> want(usz(E)), got(usz(E));
+  const double want_ss = documented_group_sums(x.data(), E, g, want.data());
+  const auto sums_equal = [&] {
+    for (rs::index e = 0; e < E; ++e)
+      if (!same_bits(got[usz(e)], want[usz(e)])) return false;
+    return true;
+  };
+  const auto check_rows = [&](const std::string& name, const auto& sums_squares, const auto& sums) {
+    std::fill(got.begin(), got.end(), -1.0);
+    const double ss = sums_squares(got.data());
+    CHECK_MESSAGE((sums_equal() && same_bits(ss, want_ss)), name << "::group_sums_squares");
+    std::fill(got.begin(), got.end(), -1.0);
+    sums(got.data());
+    CHECK_MESSAGE(sums_equal(), name << "::group_sums");
+  };
+  check_rows(
+      "scalar_rows", [&](double* s) { return scalar_rows::group_sums_squares(x.data(), E, g, s); },
+      [&](double* s) { scalar_rows::group_sums(x.data(), E, g, s); });
+#if RESONANCE_HAS_SIMD
+  check_rows(
+      "simd_rows<default_arch>", [&](double* s) { return vector_rows::group_sums_squares(x.data(), E, g, s); },
+      [&](double* s) { vector_rows::group_sums(x.data(), E, g, s); });
+#endif
+#if RESONANCE_TEST_AVX2_TU
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx2()) {
+      check_rows(
+          "simd_rows<avx2>", [&](double* s) { return resonance_test::group_sums_avx2(x.data(), E, g, s, true); },
+          [&](double* s) { resonance_test::group_sums_avx2(x.data(), E, g, s, false); });
+    }
+  }
+#endif
+  if (!std::all_of(x.begin(), x.end(), [](T v) { return std::isfinite(v); })) return;
+  long double ss = 0;
+  for (rs::index e = 0; e < E; ++e) {
+    long double sum = 0, abs_sum = 0;
+    for (rs::index i = e * g; i < (e + 1) * g; ++i) {
+      const long double v = x[usz(i)];
+      sum += v;
+      abs_sum += std::fabs(v);
+      ss += v * v;
+    }
+    CHECK_MESSAGE(std::fabs(static_cast<long double>(want[usz(e)]) - sum) <= 1e-12L * abs_sum,
+                  "group " << e << ": " << show(want[usz(e)]) << " vs " << show(static_cast<double>(sum)));
+  }
+  if (std::isnormal(want_ss)) {
+    CHECK_MESSAGE(std::fabs(static_cast<long double>(want_ss) - ss) <= 1e-12L * ss,
+                  "sum of squares " << show(want_ss) << " vs " << show(static_cast<double>(ss)));
+  }
+}
+
+TEST_CASE("test_backends: grap group sums follow the 16-lane order on every row implementation") {
+  std::mt19937_64 rng(23);
+  // The shapes above, and every g from 1 to 40 (each g < 16 has its own unrolled loop).
+  std::vector<std::pair<rs::index, rs::index>> row_shapes(std::begin(group_shapes), std::end(group_shapes));
+  for (rs::index g = 1; g <= 40; ++g) row_shapes.emplace_back(3, g);
+  for (const auto& shape_eg : row_shapes) {
+    const rs::index E = shape_eg.first, g = shape_eg.second;  // CAPTURE is a lambda: clang 14 rejects bindings
+    for (grap_row kind : grap_rows) {
+      CAPTURE(E);
+      CAPTURE(g);
+      CAPTURE(grap_row_name(kind));
+      for (int rep = 0; rep < 3; ++rep) {
+        check_group_sums_row(grap_row_values<float>(rng, E * g, kind), E, g);
+        check_group_sums_row(grap_row_values<double>(rng, E * g, kind), E, g);
+      }
+    }
+  }
+}
+
+// The first entry in which two row-major results differ (NaN equal to NaN), or "".
+template <class T>
+std::string first_difference(const std::vector<T>& want, const std::vector<T>& got, rs::index cols) {
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    if (!same_bits(want[i], got[i]))
+      return "row " + std::to_string(i / usz(cols)) + " column " + std::to_string(i % usz(cols)) + ": " + show(got[i]) +
+             " vs " + show(want[i]);
+  }
+  return {};
+}
+
+// |got - ref| within one spacing of T at ref, plus abs_tol (the double sums' error bound).
+template <class T>
+bool within_ulp(T got, long double ref, long double abs_tol) {
+  const T r = std::fabs(static_cast<T>(ref));
+  const long double spacing = static_cast<long double>(std::nextafter(r, std::numeric_limits<T>::infinity())) - r;
+  return std::fabs(static_cast<long double>(got) - ref) <= spacing + abs_tol;
+}
+
+// grap forward and backward, grap_cosine forward and backward on 130 rows (three 64-token blocks)
+// cycling through the row kinds: every backend bitwise equal to serial, serial close to brute force.
+template <class T>
+void check_grap_affinities(std::mt19937_64& rng, rs::index E, rs::index g) {
+  const rs::index rows = 130, d = E * g;
+  std::vector<T> x;
+  for (rs::index t = 0; t < rows; ++t) {
+    const std::vector<T> r = grap_row_values<T>(rng, d, grap_rows[usz(t) % std::size(grap_rows)]);
+    x.insert(x.end(), r.begin(), r.end());
+  }
+  const std::vector<T> dl = resonance_test::normal_values<T>(rng, rows * E);
+  const rs::matrix_view<const T> xv{x.data(), rows, d}, dlv{dl.data(), rows, E};
+  const ra::grap mean{.num_experts = E};
+  const ra::grap_cosine cosine{.num_experts = E};
+  struct outputs {
+    std::vector<T> mean, delta, dx_mean, dx_delta;
+  };
+  const auto fresh = [&] {
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    return outputs{std::vector<T>(usz(rows * E), nan), std::vector<T>(usz(rows * E), nan),
+                   std::vector<T>(usz(rows * d), nan), std::vector<T>(usz(rows * d), nan)};
+  };
+  const auto run = [&](const auto& be) {
+    outputs o = fresh();
+    mean.forward(be, xv, rs::matrix_view<T>{o.mean.data(), rows, E});
+    cosine.forward(be, xv, rs::matrix_view<T>{o.delta.data(), rows, E});
+    mean.backward(be, xv, dlv, rs::matrix_view<T>{o.dx_mean.data(), rows, d});
+    cosine.backward(be, xv, dlv, rs::matrix_view<T>{o.dx_delta.data(), rows, d});
+    return o;
+  };
+  const outputs want = run(rs::backend::serial{});
+  const auto compare = [&](const outputs& got, const std::string& name) {
+    std::string diff = first_difference(want.mean, got.mean, E);
+    CHECK_MESSAGE(diff.empty(), "grap forward on " << name << ": " << diff);
+    diff = first_difference(want.delta, got.delta, E);
+    CHECK_MESSAGE(diff.empty(), "grap_cosine forward on " << name << ": " << diff);
+    diff = first_difference(want.dx_mean, got.dx_mean, d);
+    CHECK_MESSAGE(diff.empty(), "grap backward on " << name << ": " << diff);
+    diff = first_difference(want.dx_delta, got.dx_delta, d);
+    CHECK_MESSAGE(diff.empty(), "grap_cosine backward on " << name << ": " << diff);
+  };
+  for_each_parallel_backend([&](const auto& be, const std::string& name) { compare(run(be), name); });
+#if RESONANCE_TEST_AVX2_TU
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx2()) {
+      outputs o = fresh();
+      resonance_test::grap_forward_avx2(E, xv, {o.mean.data(), rows, E});
+      resonance_test::grap_cosine_forward_avx2(E, xv, {o.delta.data(), rows, E});
+      o.dx_mean = want.dx_mean;  // no AVX2 entry point: grap's backward has no sums
+      resonance_test::grap_cosine_backward_avx2(E, xv, dlv, {o.dx_delta.data(), rows, d});
+      compare(o, "simd<avx2>");
+    }
+  }
+#endif
+
+  // Serial against long double: the group means, and the cosines s_e / (√g·‖x‖) (0 for a zero row,
+  // NaN for a row with a NaN or an Inf).
+  for (rs::index t = 0; t < rows; ++t) {
+    const T* row = x.data() + t * d;
+    CAPTURE(t);
+    CAPTURE(grap_row_name(grap_rows[usz(t) % std::size(grap_rows)]));
+    if (!std::all_of(row, row + d, [](T v) { return std::isfinite(v); })) {
+      for (rs::index e = 0; e < E; ++e) CHECK(std::isnan(want.delta[usz(t * E + e)]));
+      continue;
+    }
+    long double ss = 0;
+    for (rs::index j = 0; j < d; ++j) ss += static_cast<long double>(row[j]) * row[j];
+    for (rs::index e = 0; e < E; ++e) {
+      long double sum = 0, abs_sum = 0;
+      for (rs::index j = e * g; j < (e + 1) * g; ++j) {
+        sum += row[j];
+        abs_sum += std::fabs(static_cast<long double>(row[j]));
+      }
+      const T got_mean = want.mean[usz(t * E + e)], got_delta = want.delta[usz(t * E + e)];
+      const long double ref_mean = sum / static_cast<long double>(g);
+      CHECK_MESSAGE(within_ulp(got_mean, ref_mean, 1e-12L * abs_sum / static_cast<long double>(g)),
+                    "grap expert " << e << ": " << show(got_mean) << " vs " << show(static_cast<double>(ref_mean)));
+      if (ss == 0) {
+        CHECK(got_delta == T(0));
+        continue;
+      }
+      long double ref_delta = sum / (std::sqrt(static_cast<long double>(g)) * std::sqrt(ss));
+      ref_delta = std::clamp(ref_delta, -1.0L, 1.0L);
+      CHECK_MESSAGE(within_ulp(got_delta, ref_delta, 1e-12L), "grap_cosine expert "
+                                                                  << e << ": " << show(got_delta) << " vs "
+                                                                  << show(static_cast<double>(ref_delta)));
+    }
+  }
+}
+
+TEST_CASE("test_backends: grap and grap_cosine forward and backward are bitwise identical on every backend") {
+  std::mt19937_64 rng(24);
+  for (const auto& shape_eg : group_shapes) {
+    const rs::index E = shape_eg.first, g = shape_eg.second;
+    CAPTURE(E);
+    CAPTURE(g);
+    check_grap_affinities<float>(rng, E, g);
+    check_grap_affinities<double>(rng, E, g);
+  }
+}
+
 TEST_CASE("test_backends: an empty batch gives the same plan on every backend") {
   const std::vector<float> none(1);
   const rs::matrix_view<const float> view{none.data(), 0, 8};
@@ -941,12 +1241,11 @@ TEST_CASE("test_backends: weights that overflow fp32 raise the routing weight er
             factor1),
         rs::matrix_view<const float>{y.data(), T, E}, "routing weight", at);
   }
-  // A denormal temperature: 1 / temperature is +Inf, so zero logits give NaN keys and every token
-  // fails; the message must not depend on the backend either.
+  // A subnormal temperature (1 / temperature = +Inf) is rejected before any selection, on every backend.
   std::vector<float> z = resonance_test::grid_values(rng, T * E, 1, 1.0f);
   check_same_error("temperature 1e-45",
                    precomputed_router(rt::token_choice{.top_k = 2, .temperature = 1e-45f}, factor1),
-                   rs::matrix_view<const float>{z.data(), T, E}, "routing weight", "");
+                   rs::matrix_view<const float>{z.data(), T, E}, "temperature", "");
 }
 
 #if RESONANCE_HAS_SIMD

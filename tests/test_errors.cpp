@@ -121,10 +121,15 @@ TEST_CASE("test_errors: token_choice top_k and groups") {
 TEST_CASE("test_errors: token_choice score options") {
   CHECK_RS_ERROR(route_tc({.score = rs::score::sigmoid, .pre_softmax = true}), "pre_softmax");
   CHECK_RS_ERROR(route_tc({.score = static_cast<rs::score>(9)}), "score");
-  for (float t : {0.0f, -1.0f, nan_f, inf_f, -inf_f}) {
+  // 1e-45 and 2e-39 are positive and finite, but their reciprocals overflow fp32.
+  for (float t : {0.0f, -1.0f, nan_f, inf_f, -inf_f, 1e-45f, 2e-39f}) {
     CAPTURE(t);
-    CHECK_RS_ERROR(route_tc({.temperature = t}), "temperature");
+    CHECK_RS_ERROR(route_tc({.temperature = t}), "temperature", "reciprocal");
   }
+  const std::vector<float> small(batch::T * batch::E, 1e-3f);  // 1e-3 / 3e-39 stays finite
+  CHECK(tc_router<>{{}, {.top_k = 2, .temperature = 3e-39f}, {}}
+            .route(rs::matrix_view<const float>{small.data(), batch::T, batch::E})
+            .num_assignments() == 12);
   for (float s : {0.0f, -2.0f, nan_f, inf_f}) {
     CAPTURE(s);
     CHECK_RS_ERROR(route_tc({.scaling_factor = s}), "scaling_factor");
@@ -167,13 +172,20 @@ TEST_CASE("test_errors: non-finite logits name the row and column") {
                  "logits", "row 4", "column 1");
 }
 
+TEST_CASE("test_errors: expert_choice temperature") {
+  const batch b;
+  for (float t : {0.0f, -1.0f, nan_f, inf_f, 1e-45f, 2e-39f}) {
+    CAPTURE(t);
+    const rs::router<rs::affinity::precomputed, rt::expert_choice, rs::capacity::factor> r{
+        {}, {.top_k = 2, .temperature = t}, {}};
+    CHECK_RS_ERROR(r.route(b.view()), "temperature", "reciprocal");
+  }
+}
+
 TEST_CASE("test_errors: finite options whose fp32 arithmetic overflows") {
   // Each input below passes the per-argument checks, but the routing weights overflow fp32. The call
   // must refuse rather than put NaN or Inf weights into the plan.
   batch b;
-  CHECK_RS_ERROR(route_tc({.top_k = 2, .temperature = 1e-45f}, b), "routing weight", "temperature");  // 1/t is Inf
-  CHECK_RS_ERROR(route_tc({.top_k = 2, .pre_softmax = true, .temperature = 1e-45f}, b), "routing weight",
-                 "temperature");
   for (float& x : b.logits) x *= 1e10f;
   CHECK_RS_ERROR(route_tc({.top_k = 2, .temperature = 1e-30f}, b), "routing weight", "temperature");
   batch c;

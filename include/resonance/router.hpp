@@ -2,12 +2,22 @@
 
 // router<Affinity, Direction, Capacity>: one routing step composed from three policies. The backend
 // is passed first to every call; the overload without it runs on backend::serial.
+//
+// Fused routing: when the affinity computes the logits from hidden states, the direction can select
+// one block of rows at a time and checks finiteness in that pass (token choice), and the capacity
+// policy does not read the logits, route() never forms the T×E logits: each block of
+// fused_block_tokens tokens has its logits computed into a thread-local buffer and selected while it
+// is still in cache. The plan and the errors are those of the two-step path, bit for bit.
 
+#include <algorithm>
 #include <cmath>
+#include <concepts>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "affinity/affinity.hpp"
+#include "affinity/precomputed.hpp"
 #include "backend/serial.hpp"
 #include "capacity/capacity.hpp"
 #include "core/view.hpp"
@@ -15,6 +25,46 @@
 #include "routing/routing.hpp"
 
 namespace resonance {
+
+namespace detail {
+template <class D>
+inline constexpr bool has_selects_with_capacity_v = requires(const D& d) {
+  d.selects_with_capacity();
+};
+
+// A direction the router can drive one block of rows at a time: begin_selection, select_rows and
+// fail_selection found by ADL (see routing/token_choice.hpp), finiteness checked inside that pass,
+// and a selection that never needs the capacity first.
+template <class D, class Backend>
+concept selects_row_blocks =
+    checks_finite_v<D> && !has_selects_with_capacity_v<D> &&
+    requires(const D& d, const Backend& be, matrix_view<const float> l, candidate_set& c, const float* row) {
+  begin_selection(d, index{}, index{}, c);
+  { select_rows(be, d, l, index{}, c) } -> std::same_as<index>;
+  fail_selection(d, row, index{}, index{}, c);
+};
+
+// An affinity whose logits may be computed block by block: every one but precomputed (whose logits
+// exist already). A block's rows must equal the same rows of the whole computation, which holds for
+// the per-token affinities and for linear (its GEMM runs in fixed 256-token blocks, and the router's
+// blocks are multiples of 256). An affinity for which it does not declares
+// `static constexpr bool token_blocks = false`.
+template <class A>
+inline constexpr bool opts_out_of_token_blocks_v = requires {
+  requires !A::token_blocks;
+};
+template <class A>
+inline constexpr bool token_block_affinity_v =
+    !std::is_same_v<A, affinity::precomputed> && !opts_out_of_token_blocks_v<A>;
+
+// One fused block's logits. Thread-local, so each thread reuses the buffer its previous block left in
+// cache instead of allocating (a block's body never yields to the scheduler, so no other block can
+// interleave on the same thread).
+inline std::vector<float>& fused_block_storage() {
+  thread_local std::vector<float> storage;
+  return storage;
+}
+}  // namespace detail
 
 template <affinity_policy Affinity, routing_policy Direction, capacity_policy Capacity>
 struct router {
@@ -25,6 +75,15 @@ struct router {
   Affinity affinity{};
   Direction direction{};
   Capacity capacity{};
+
+  // Tokens per block of the fused path: a multiple of affinity::linear's 256-token GEMM blocks, so
+  // that both paths run the same GEMMs. 256 keeps a block's logits (256·E floats) in L2.
+  static constexpr index fused_block_tokens = 256;
+
+  // Whether route() on Backend takes the fused path (see the top of this file).
+  template <class Backend>
+  static constexpr bool fuses_on = detail::token_block_affinity_v<Affinity> && !reads_logits_v<Capacity> &&
+                                   detail::selects_row_blocks<Direction, detail::block_backend_t<Backend>>;
 
   // Validates the policies against an input of `cols` columns; returns the number of experts.
   index validate(index cols) const {
@@ -91,14 +150,31 @@ struct router {
     detail::require(
         static_cast<double>(T_) * static_cast<double>(k) < static_cast<double>(std::numeric_limits<id_type>::max()),
         "input", "num_tokens * top_k < 2^31", T_, " tokens x ", k);
+    capacity_limits lim;
+    candidate_set cands;
+    if constexpr (fuses_on<Backend>) {
+      select_fused(be, x, E, cands);
+      const capacity_context ctx{T_, E, k, x.cols, {}, &cands};
+      lim = limits_of(ctx);
+      detail::check_limits(lim);
+    } else {
+      unfused_select(be, x, E, k, limits_of, lim, cands);
+    }
+    detail::check_slot_budget(E, cands.size(), lim);
+    return detail::build_plan_unchecked(be, cands, lim);
+  }
+
+  // The two-step path: the T×E logits, then the selection over them.
+  template <execution_backend Backend, input_scalar T, class LimitsFn>
+  void unfused_select(const Backend& be, matrix_view<const T> x, index E, index k, LimitsFn& limits_of,
+                      capacity_limits& lim, candidate_set& cands) const {
+    const index T_ = x.rows;
     std::vector<float> storage;
     const matrix_view<const float> l = affinity.compute(be, x, storage);
     // A direction that checks finiteness inside its selection pass saves two passes here.
     constexpr bool self_checked = detail::checks_finite_v<Direction>;
     if constexpr (!self_checked) detail::check_finite(l, "logits");
     capacity_context ctx{T_, E, k, x.cols, l, nullptr};
-    capacity_limits lim;
-    candidate_set cands;
     if (detail::selects_with_capacity(direction)) {
       lim = limits_of(ctx);
       detail::check_limits(lim);
@@ -120,8 +196,30 @@ struct router {
                           "a finite fp32 value (logits / temperature or weight * scaling_factor overflowed)",
                           cands.weight[sz(i)], " for token ", t);
     }
-    detail::check_slot_budget(E, cands.size(), lim);
-    return detail::build_plan_unchecked(be, cands, lim);
+  }
+
+  // The fused path: blocks of fused_block_tokens tokens, each one's logits computed on the calling
+  // thread (Backend's inner backend: the same row primitives, no nested threads) and selected at once.
+  template <execution_backend Backend, input_scalar T>
+  void select_fused(const Backend& be, matrix_view<const T> x, index E, candidate_set& cands) const {
+    const auto inner = detail::block_backend_of(be);
+    const index T_ = x.rows, B = fused_block_tokens;
+    const auto block_logits = [&](index begin, index end, std::vector<float>& storage) {
+      return affinity.compute(inner, matrix_view<const T>{x.row(begin), end - begin, x.cols, x.stride}, storage);
+    };
+    begin_selection(direction, T_, E, cands);
+    detail::first_index bad(T_);
+    be.parallel_for_blocks(T_, B, [&](index begin, index end) {
+      const matrix_view<const float> l = block_logits(begin, end, detail::fused_block_storage());
+      if (const index t = select_rows(inner, direction, l, begin, cands); t < end) bad.propose(t);
+    });
+    if (const index t = bad.get(); t < T_) {
+      // The offending token's block again (the same block, hence the same logits) for the message.
+      const index begin = t / B * B;
+      std::vector<float> storage;
+      const matrix_view<const float> l = block_logits(begin, std::min(T_, begin + B), storage);
+      fail_selection(direction, l.row(t - begin), E, t, cands);
+    }
   }
 };
 

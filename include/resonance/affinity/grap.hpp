@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "../backend/rows.hpp"
 #include "affinity.hpp"
 
 namespace resonance::detail {
@@ -40,7 +41,8 @@ struct grap {
   }
 
   // logits(t, e) = mean of x(t, e·g .. e·g + g - 1)  (LocMoE Eq. 4: ω_e = (E/d)·1{channel in group e}).
-  // Sums are accumulated in double for float and double inputs alike, then rounded once to T.
+  // Sums are accumulated in double for float and double inputs alike, in detail::lane_group_sums'
+  // fixed order (the backend's row primitives may vectorise it), then rounded once to T.
   template <execution_backend Backend, input_scalar T>
   void forward(const Backend& be, matrix_view<const T> x, matrix_view<T> logits) const {
     detail::check_matrix(x, "input");
@@ -48,15 +50,13 @@ struct grap {
     const index E = num_experts, g = x.cols / E;
     detail::check_matrix(logits, "logits", x.rows, E);
     const double inv_g = 1.0 / static_cast<double>(g);
+    using rows = detail::row_ops_t<Backend>;
     be.parallel_for_blocks(x.rows, block_tokens, [&](index begin, index end) {
+      std::vector<double> s(static_cast<std::size_t>(E));
       for (index t = begin; t < end; ++t) {
-        const T* row = x.row(t);
+        rows::group_sums(x.row(t), E, g, s.data());
         T* out = logits.row(t);
-        for (index e = 0; e < E; ++e) {
-          double s = 0.0;
-          for (index j = e * g; j < (e + 1) * g; ++j) s += static_cast<double>(row[j]);
-          out[e] = static_cast<T>(s * inv_g);
-        }
+        for (index e = 0; e < E; ++e) out[e] = static_cast<T>(s[static_cast<std::size_t>(e)] * inv_g);
       }
     });
   }

@@ -9,6 +9,7 @@
 #include <limits>
 #include <vector>
 
+#include "../backend/rows.hpp"
 #include "affinity.hpp"
 #include "cosine.hpp"
 #include "grap.hpp"
@@ -36,7 +37,8 @@ struct grap_cosine {
   }
 
   // δ_te = s_te / (√g·‖x_t‖)  (ETR Eq. 4 in closed form), accumulated in double for float and double
-  // inputs alike, clamped to [-1, 1] and rounded once to T. A row with a NaN or an Inf gives NaN.
+  // inputs alike (in detail::lane_group_sums' fixed order, so every backend gives the same bits),
+  // clamped to [-1, 1] and rounded once to T. A row with a NaN or an Inf gives NaN.
   template <execution_backend Backend, input_scalar T>
   void forward(const Backend& be, matrix_view<const T> x, matrix_view<T> logits) const {
     detail::check_matrix(x, "input");
@@ -47,7 +49,7 @@ struct grap_cosine {
     be.parallel_for_blocks(x.rows, block_tokens, [&](index begin, index end) {
       std::vector<double> s(static_cast<std::size_t>(E));
       for (index t = begin; t < end; ++t) {
-        const detail::scaled_norm n = group_sums(x.row(t), E, g, s.data());
+        const detail::scaled_norm n = group_sums<detail::row_ops_t<Backend>>(x.row(t), E, g, s.data());
         T* out = logits.row(t);
         if (detail::negligible(n, epsilon)) {
           for (index e = 0; e < E; ++e) out[e] = T(0);
@@ -78,7 +80,7 @@ struct grap_cosine {
         const T* row = x.row(t);
         const T* dl = dlogits.row(t);
         T* out = dx.row(t);
-        const detail::scaled_norm n = group_sums(row, E, g, s.data());
+        const detail::scaled_norm n = group_sums<detail::row_ops_t<Backend>>(row, E, g, s.data());
         if (detail::negligible(n, epsilon)) {
           for (index j = 0; j < x.cols; ++j) out[j] = T(0);
           continue;
@@ -100,21 +102,13 @@ struct grap_cosine {
   friend constexpr bool operator==(const grap_cosine&, const grap_cosine&) = default;
 
  private:
-  // One pass over the row: the E group sums into s and the norm. When the plain sum of squares leaves
-  // double's normal range (double inputs only), the row is summed again scaled by 2^-exponent, and s
-  // then holds the scaled sums (see detail::scaled_norm).
-  template <class T>
+  // One pass over the row (Rows' group_sums_squares): the E group sums into s and the norm. When the
+  // plain sum of squares leaves double's normal range (double inputs, zero rows, NaN or Inf), the row
+  // is summed again scaled by 2^-exponent, in the same order, and s then holds the scaled sums (see
+  // detail::scaled_norm).
+  template <class Rows, class T>
   static detail::scaled_norm group_sums(const T* row, index E, index g, double* s) {
-    double ss = 0.0;
-    for (index e = 0; e < E; ++e) {
-      double se = 0.0;
-      for (index j = e * g; j < (e + 1) * g; ++j) {
-        const double v = static_cast<double>(row[j]);
-        se += v;
-        ss += v * v;
-      }
-      s[e] = se;
-    }
+    const double ss = Rows::group_sums_squares(row, E, g, s);
     if (detail::sum_of_squares_in_range(ss)) return {0, std::sqrt(ss)};
     bool finite = true, zero = false;
     const int k = detail::rescale_exponent(row, E * g, finite, zero);
@@ -123,17 +117,9 @@ struct grap_cosine {
       return {0, std::numeric_limits<double>::quiet_NaN()};
     }
     if (zero) return {0, 0.0};
-    ss = 0.0;
-    for (index e = 0; e < E; ++e) {
-      double se = 0.0;
-      for (index j = e * g; j < (e + 1) * g; ++j) {
-        const double v = std::scalbn(static_cast<double>(row[j]), -k);
-        se += v;
-        ss += v * v;
-      }
-      s[e] = se;
-    }
-    return {k, std::sqrt(ss)};
+    const double scaled_ss =
+        detail::lane_group_sums<true>(row, E, g, s, [k](T v) { return std::scalbn(static_cast<double>(v), -k); });
+    return {k, std::sqrt(scaled_ss)};
   }
 };
 

@@ -41,4 +41,29 @@ concept execution_backend = std::copyable<B> && requires(const B& b, detail::blo
   b.parallel_for_blocks(index{}, index{}, body);
 };
 
+namespace detail {
+// The backend that runs work inside one block of B: a threaded wrapper's inner backend (tbb<Inner> ->
+// Inner, which has the same row primitives), so nested work does not spawn threads; B itself otherwise.
+template <class B>
+struct block_backend {
+  using type = B;
+};
+template <class B>
+requires requires { typename B::inner_type; }
+struct block_backend<B> {
+  using type = typename block_backend<typename B::inner_type>::type;
+};
+template <class B>
+using block_backend_t = typename block_backend<B>::type;
+
+template <class B>
+block_backend_t<B> block_backend_of(const B& be) {
+  if constexpr (requires { typename B::inner_type; }) {
+    return block_backend_t<B>{};  // the wrappers hold no inner instance
+  } else {
+    return be;
+  }
+}
+}  // namespace detail
+
 }  // namespace resonance

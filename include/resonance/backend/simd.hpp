@@ -9,7 +9,8 @@
 //     gathers the entries >= τ in ascending index order through a bit map and ranks them without
 //     branches (value desc, index asc), which is exactly the scalar scan's result;
 //   - scores: exp_portable and the 16-lane row sum evaluated lane by lane;
-//   - finiteness: x - x accumulated (NaN as soon as one entry is NaN or infinite).
+//   - finiteness: x - x accumulated (NaN as soon as one entry is NaN or infinite);
+//   - GrAP group sums: the 16 double partials of detail::lane_group_sums as 16/W accumulators.
 // This header is the only one that includes xsimd (with its compatibility shim).
 
 #include <cstdint>
@@ -38,11 +39,11 @@ struct simd_rows {
   static constexpr index row_words = 8;        // bit-map words per chunk (512 entries)
 
   static bool all_finite(const float* x, index n) {
-    batch acc(0.0f);
+    batch acc(0.0f);  // OR of the bits of x - x: +0 while finite (see lane_bound)
     index i = 0;
     for (; i + width <= n; i += width) {
       const batch v = batch::load_unaligned(x + i);
-      acc += v - v;
+      acc = acc | (v - v);
     }
     bool ok = xsimd::all(acc == batch(0.0f));
     for (; i < n; ++i) ok &= (x[i] - x[i]) == 0.0f;
@@ -127,6 +128,19 @@ struct simd_rows {
     }
   }
 
+  // out[i] = exp_portable(in[i]) for n entries; a tail shorter than W goes through one padded vector
+  // (indices clamped to n - 1, so no copy loop and no read past the input).
+  static void exp_n(const float* in, float* out, index n) {
+    index i = 0;
+    for (; i + width <= n; i += width) exp(batch::load_unaligned(in + i)).store_unaligned(out + i);
+    if (i == n) return;
+    alignas(64) float buf[width];
+    for (index l = 0; l < width; ++l) buf[l] = in[i + l < n ? i + l : n - 1];
+    exp(batch::load_aligned(buf)).store_aligned(buf);
+    for (index l = 0; l < width; ++l)
+      if (i + l < n) out[i + l] = buf[l];
+  }
+
   static bool topk(const float* x, index n, index k, float scale, const float* bias, float* vals, id_type* ids) {
     const index nv = n / width;
     const index m = (k + width - 1) / width;
@@ -139,7 +153,94 @@ struct simd_rows {
     return filtered_topk(x, n, k, vals, ids, biased_key{scale, bias});
   }
 
+  // GrAP's group sums (see detail::lane_group_sums): float rows whose groups are whole multiples of
+  // 16 entries run vectorised, the rest (and double rows) take the scalar reference.
+  template <class T>
+  static void group_sums(const T* row, index E, index g, double* s) {
+    if constexpr (vector_group_sums_ok<T>) {
+      if (g % group_sum_lanes == 0) {
+        vector_group_sums<false>(row, E, g, s);
+        return;
+      }
+    }
+    scalar_rows::group_sums(row, E, g, s);
+  }
+  template <class T>
+  static double group_sums_squares(const T* row, index E, index g, double* s) {
+    if constexpr (vector_group_sums_ok<T>) {
+      if (g % group_sum_lanes == 0) return vector_group_sums<true>(row, E, g, s);
+    }
+    return scalar_rows::group_sums_squares(row, E, g, s);
+  }
+
  private:
+  // Double lanes the architecture offers, as many as divide the 16 partials.
+  template <class T>
+  static constexpr bool vector_group_sums_ok = [] {
+    if constexpr (std::is_same_v<T, float> && xsimd::types::has_simd_register<double, Arch>::value) {
+      return group_sum_lanes % static_cast<index>(xsimd::batch<double, Arch>::size) == 0;
+    } else {
+      return false;
+    }
+  }();
+
+  // Partial p of the reference is lane p mod W of accumulator p / W (W doubles per vector), so each
+  // accumulator takes W consecutive entries: the same additions, in the same order, lane by lane.
+  template <bool Squares>
+  static double vector_group_sums(const float* row, index E, index g, double* s) {
+    using dbatch = xsimd::batch<double, Arch>;
+    constexpr index W = static_cast<index>(dbatch::size), L = group_sum_lanes / W;
+    dbatch sq[L];
+    RESONANCE_IMPL_UNROLL_LANES
+    for (index a = 0; a < L; ++a) sq[a] = dbatch(0.0);
+    for (index e = 0; e < E; ++e) {
+      const float* x = row + e * g;
+      dbatch p[L];
+      RESONANCE_IMPL_UNROLL_LANES
+      for (index a = 0; a < L; ++a) p[a] = dbatch(0.0);
+      for (index i = 0; i < g; i += group_sum_lanes) {
+        RESONANCE_IMPL_UNROLL_LANES
+        for (index a = 0; a < L; ++a) {
+          const dbatch v = xsimd_compat::load_widened<Arch>(x + i + a * W);
+          p[a] += v;
+          if constexpr (Squares) {
+            const dbatch q = v * v;
+            sq[a] += q;
+          }
+        }
+      }
+      s[e] = combine_group_vectors(p);
+    }
+    return Squares ? combine_group_vectors(sq) : 0.0;
+  }
+
+  // combine_group_lanes on L vectors: its levels w >= W add accumulator a + w/W into a; the last
+  // log2(W) levels run on the lanes of the one vector left.
+  template <class DBatch, index L>
+  static double combine_group_vectors(DBatch (&acc)[L]) {
+    constexpr index W = static_cast<index>(DBatch::size);
+    if constexpr (L >= 8) {
+      RESONANCE_IMPL_UNROLL_LANES
+      for (index a = 0; a < 4; ++a) acc[a] = acc[a] + acc[a + 4];
+    }
+    if constexpr (L >= 4) {
+      acc[0] = acc[0] + acc[2];
+      acc[1] = acc[1] + acc[3];
+    }
+    if constexpr (L >= 2) acc[0] = acc[0] + acc[1];
+    double lanes[W];
+    acc[0].store_unaligned(lanes);
+    if constexpr (W >= 8) {
+      RESONANCE_IMPL_UNROLL_LANES
+      for (index j = 0; j < 4; ++j) lanes[j] = lanes[j] + lanes[j + 4];
+    }
+    if constexpr (W >= 4) {
+      lanes[0] = lanes[0] + lanes[2];
+      lanes[1] = lanes[1] + lanes[3];
+    }
+    return W >= 2 ? lanes[0] + lanes[1] : lanes[0];
+  }
+
   // The selection keys of entries [i, i + W) from their x values v, and of one entry; the same
   // operations as scalar_rows::topk.
   struct plain_key {
@@ -176,8 +277,8 @@ struct simd_rows {
   // so this is the scalar scan's order), counted W at a time; the k best land in rank order. cval is
   // padded with -Inf up to a multiple of W (a padded lane is never above or equal-and-before a value).
   static void rank_select(const float* cval, const id_type* cidx, index c, index k, float* vals, id_type* ids) {
-    float rank_val[max_candidates];
-    id_type rank_idx[max_candidates];
+    float dump_val;  // ranks >= k are written here: a select instead of a branch or a copy loop
+    id_type dump_idx;
     alignas(64) float lane_index[width];
     for (index l = 0; l < width; ++l) lane_index[l] = static_cast<float>(l);
     const batch iota = batch::load_aligned(lane_index);
@@ -190,57 +291,73 @@ struct simd_rows {
         count.add((vj > vi) || ((vj == vi) && before));
       }
       const index r = count.total();  // < c: every candidate gets a distinct rank, no branch
-      rank_val[r] = cval[i];
-      rank_idx[r] = cidx[i];
-    }
-    for (index r = 0; r < k; ++r) {
-      vals[r] = rank_val[r];
-      ids[r] = rank_idx[r];
+      const bool kept = r < k;
+      *(kept ? vals + r : &dump_val) = cval[i];
+      *(kept ? ids + r : &dump_idx) = cidx[i];
     }
   }
 
-  template <class Key>
-  static bool filtered_topk(const float* x, index n, index k, float* vals, id_type* ids, const Key& key) {
+  // Pass 1 with M accumulators of W lanes (a compile-time count, so they live in registers and the
+  // loops unroll): returns tau, the k-th largest of the M·W lane maxima, and sets `finite` to whether
+  // every x is finite (tau is unspecified when not). The maxima are M·W >= k distinct entries, so tau is at most the
+  // row's k-th largest key: tau = min{ m_i : #{j : m_j > m_i} < k }.
+  template <index M, class Key>
+  static float lane_bound(const float* x, index n, index k, const Key& key, bool& finite) {
     const index nv = n / width;
-    // Pass 1: about 2k lane maxima (at least k, at most 32) from m accumulators of W lanes.
-    // ceil(2k/W) >= ceil(k/W) accumulators, at most 32 maxima since k <= 16; topk() checked nv >= ceil(k/W).
-    index m = (2 * k + width - 1) / width;
-    m = m > nv ? nv : m;
-    batch acc[max_maxima / width];
+    batch acc[M];
+    // x - x is +0 for a finite x and NaN otherwise; OR-ing the bits keeps the check off the critical path.
     batch bad(0.0f);
-    for (index j = 0; j < m; ++j) {
+    for (index j = 0; j < M; ++j) {
       const batch v = batch::load_unaligned(x + j * width);
-      bad += v - v;
+      bad = bad | (v - v);
       acc[j] = key(v, j * width);
     }
-    index v = m;
-    for (; v + m <= nv; v += m) {
-      for (index j = 0; j < m; ++j) {
+    index v = M;
+    for (; v + M <= nv; v += M) {
+      for (index j = 0; j < M; ++j) {
         const batch xv = batch::load_unaligned(x + (v + j) * width);
-        bad += xv - xv;
+        bad = bad | (xv - xv);
         acc[j] = xsimd::max(acc[j], key(xv, (v + j) * width));
       }
     }
     for (index j = 0; v < nv; ++v, ++j) {
       const batch xv = batch::load_unaligned(x + v * width);
-      bad += xv - xv;
+      bad = bad | (xv - xv);
       acc[j] = xsimd::max(acc[j], key(xv, v * width));
     }
-    bool finite = xsimd::all(bad == batch(0.0f));
+    finite = xsimd::all(bad == batch(0.0f));
     for (index i = nv * width; i < n; ++i) finite &= (x[i] - x[i]) == 0.0f;
-    if (!finite) return false;
-    // The M = m·W lane maxima are M >= k distinct entries, so their k-th largest value, tau, is at
-    // most the k-th largest key of the row: tau = min{ m_i : #{j : m_j > m_i} < k }.
-    alignas(64) float maxima[max_maxima];
-    const index M = m * width;
-    for (index j = 0; j < m; ++j) acc[j].store_aligned(maxima + j * width);
+    alignas(64) float maxima[M * width];
+    for (index j = 0; j < M; ++j) acc[j].store_aligned(maxima + j * width);
     float tau = std::numeric_limits<float>::infinity();
-    for (index i = 0; i < M; ++i) {
+    for (index i = 0; i < M * width; ++i) {
       const batch mi(maxima[i]);
       lane_counter above;
-      for (index j = 0; j < m; ++j) above.add(acc[j] > mi);
+      for (index j = 0; j < M; ++j) above.add(acc[j] > mi);
       tau = above.total() < k && maxima[i] < tau ? maxima[i] : tau;
     }
+    return tau;
+  }
+
+  // lane_bound<m> for a run-time m in [1, max_maxima / W].
+  template <index M = 1, class Key>
+  static float lane_bound_for(index m, const float* x, index n, index k, const Key& key, bool& finite) {
+    if constexpr (M < max_maxima / width) {
+      if (m > M) return lane_bound_for<M + 1>(m, x, n, k, key, finite);
+    }
+    return lane_bound<M>(x, n, k, key, finite);
+  }
+
+  template <class Key>
+  static bool filtered_topk(const float* x, index n, index k, float* vals, id_type* ids, const Key& key) {
+    const index nv = n / width;
+    // About 2k lane maxima (at least k, at most 32): ceil(2k/W) >= ceil(k/W) accumulators, at most
+    // 32/W since k <= 16; topk() checked nv >= ceil(k/W).
+    index m = (2 * k + width - 1) / width;
+    m = m > nv ? nv : m;
+    bool finite = true;
+    const float tau = lane_bound_for(m, x, n, k, key, finite);
+    if (!finite) return false;
     // Pass 2: the entries >= tau, in ascending index order, gathered 64 at a time through a bit map
     // (no branch per vector). Entries below tau cannot be among the top k.
     constexpr index group = 64 / width;

@@ -81,4 +81,18 @@ struct capacity_state<C> {
 template <class C>
 using capacity_state_t = typename detail::capacity_state<C>::type;
 
+// Whether a capacity policy reads capacity_context::logits. Stateless policies see only the shape; a
+// scheduler is assumed to read them unless it declares `static constexpr bool reads_logits = false`.
+// The router skips materialising the T×E logits when nothing reads them (see router.hpp).
+template <class C>
+inline constexpr bool reads_logits_v = [] {
+  if constexpr (stateless_capacity_policy<C>) {
+    return false;
+  } else if constexpr (requires { requires !C::reads_logits; }) {
+    return false;
+  } else {
+    return true;
+  }
+}();
+
 }  // namespace resonance

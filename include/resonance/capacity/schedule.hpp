@@ -33,6 +33,9 @@ struct schedule {
     friend constexpr bool operator==(const state_type&, const state_type&) = default;
   };
 
+  // The schedule depends on the step alone: the router may route without materialising the logits.
+  static constexpr bool reads_logits = false;
+
   void validate() const {
     detail::require(std::isfinite(start) && start > 0.0, "schedule.start", "a finite value > 0", start);
     detail::require(std::isfinite(end) && end > 0.0, "schedule.end", "a finite value > 0", end);

@@ -3,6 +3,9 @@
 // Per-row selection kernels, written once for host and device: raw pointers and extents only, no
 // allocation, no std:: calls that are not constexpr. Ties always go to the lowest index.
 
+#include <bit>
+#include <cstdint>
+
 #include "config.hpp"
 
 namespace resonance::detail {
@@ -47,17 +50,17 @@ RESONANCE_INLINE_FUNCTION void topk_row(index n, index k, const Key& key, V* val
 // beats an insertion sort's unpredictable moves on random ids.
 RESONANCE_INLINE_FUNCTION void sort_by_id(id_type* ids, float* vals, index n) {
   if (n <= 16) {
-    id_type id_copy[16];
-    float val_copy[16];
-    for (index i = 0; i < n; ++i) {
-      id_copy[i] = ids[i];
-      val_copy[i] = vals[i];
-    }
+    // (id, value bits) packed in one word: distinct non-negative ids order the words as they order
+    // the ids, and the packing loop is not a plain copy that a compiler would turn into memcpy calls.
+    std::uint64_t packed[16];
+    for (index i = 0; i < n; ++i)
+      packed[i] =
+          static_cast<std::uint64_t>(static_cast<std::uint32_t>(ids[i])) << 32 | std::bit_cast<std::uint32_t>(vals[i]);
     for (index i = 0; i < n; ++i) {
       index rank = 0;
-      for (index j = 0; j < n; ++j) rank += static_cast<index>(id_copy[j] < id_copy[i]);
-      ids[rank] = id_copy[i];
-      vals[rank] = val_copy[i];
+      for (index j = 0; j < n; ++j) rank += static_cast<index>(packed[j] < packed[i]);
+      ids[rank] = static_cast<id_type>(packed[i] >> 32);
+      vals[rank] = std::bit_cast<float>(static_cast<std::uint32_t>(packed[i]));
     }
     return;
   }

@@ -55,7 +55,7 @@ struct expert_choice {
     using detail::require;
     detail::check_top_k(top_k, num_experts);
     detail::check_score(score);
-    require(std::isfinite(temperature) && temperature > 0.0f, "temperature", "a finite value > 0", temperature);
+    detail::check_temperature(temperature);
     if (!thresholds.empty()) {
       // Non-causal expert choice has no use for thresholds: refuse them rather than ignore them.
       require(causal, "thresholds", "empty unless causal (thresholds select the causal candidates)", thresholds.size,

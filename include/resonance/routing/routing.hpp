@@ -2,6 +2,7 @@
 
 // The routing-direction axis: turns a T×E score matrix into candidate (token, expert, weight) triples.
 
+#include <cmath>
 #include <concepts>
 #include <optional>
 #include <string>
@@ -54,6 +55,13 @@ inline void check_top_k(index top_k, index num_experts) {
   require(num_experts >= 1, "num_experts", "at least 1 expert", num_experts);
   require(top_k >= 1 && top_k <= num_experts, "top_k",
           "1 <= top_k <= num_experts (" + std::to_string(num_experts) + ")", top_k);
+}
+
+// Logits are multiplied by 1 / temperature: a subnormal temperature would make that +Inf (and a zero
+// logit NaN), so the reciprocal must be finite too.
+inline void check_temperature(float temperature) {
+  require(std::isfinite(temperature) && temperature > 0.0f && std::isfinite(1.0f / temperature), "temperature",
+          "a finite value > 0 whose reciprocal is finite (at least about 2.94e-39)", temperature);
 }
 
 inline void check_score(resonance::score fn) {

@@ -54,7 +54,7 @@ struct token_choice {
     detail::check_top_k(top_k, num_experts);
     detail::check_score(score);
     require(!pre_softmax || score == resonance::score::softmax, "pre_softmax", "score == softmax");
-    require(std::isfinite(temperature) && temperature > 0.0f, "temperature", "a finite value > 0", temperature);
+    detail::check_temperature(temperature);
     require(std::isfinite(scaling_factor) && scaling_factor > 0.0f, "scaling_factor", "a finite value > 0",
             scaling_factor);
     require(std::isfinite(renorm_epsilon) && renorm_epsilon >= 0.0f, "renorm_epsilon", "a finite value >= 0",
@@ -145,13 +145,16 @@ RESONANCE_INLINE_FUNCTION bool token_choice_row(const token_choice& p, const flo
 
   // Weights from the unbiased quantity.
   if (post_softmax) {
+    float* shifted = scores;  // free in this branch; E >= k entries
     float m = logits[out_expert[0]] * inv_t;
-    for (index j = 1; j < k; ++j) m = logits[out_expert[j]] * inv_t > m ? logits[out_expert[j]] * inv_t : m;
-    float sum = 0.0f;
     for (index j = 0; j < k; ++j) {
-      out_weight[j] = detail::exp_portable(logits[out_expert[j]] * inv_t - m);
-      sum += out_weight[j];
+      shifted[j] = logits[out_expert[j]] * inv_t;
+      m = shifted[j] > m ? shifted[j] : m;
     }
+    for (index j = 0; j < k; ++j) shifted[j] -= m;
+    Rows::exp_n(shifted, out_weight, k);
+    float sum = 0.0f;
+    for (index j = 0; j < k; ++j) sum += out_weight[j];
     for (index j = 0; j < k; ++j) out_weight[j] /= sum;
   } else {
     for (index j = 0; j < k; ++j) out_weight[j] = scores[out_expert[j]];
@@ -172,51 +175,72 @@ RESONANCE_INLINE_FUNCTION bool token_choice_row(const token_choice& p, const flo
 
 }  // namespace kernel
 
-// Host driver: runs token_choice_row over every token on the backend. Checks, in the same pass, that
-// the logits and the weights are finite (token_choice::checks_finite tells the router so), and reports
-// the lowest offending token whatever the backend.
-template <execution_backend Backend>
-void select(const Backend& be, const token_choice& p, matrix_view<const float> logits, const capacity_limits&,
-            candidate_set& out) {
-  using rows = detail::row_ops_t<Backend>;
-  const index T = logits.rows;
-  const index E = logits.cols;
-  const index k = p.top_k;
+// The host driver in three steps, which the router's fused path (router.hpp) also drives one block of
+// tokens at a time: begin_selection sizes the candidate set for T tokens; select_rows selects a block
+// of rows (token `first` onward) on the calling thread with the backend's row primitives, checking in
+// the same pass that the logits and the weights are finite (token_choice::checks_finite), and returns
+// the lowest offending token of the block, or first + rows; fail_selection throws the error of an
+// offending token, given its logits row and the weights select_rows wrote.
+inline void begin_selection(const token_choice& p, index num_tokens, index num_experts, candidate_set& out) {
+  const index T = num_tokens, k = p.top_k;
   out.num_tokens = T;
-  out.num_experts = E;
+  out.num_experts = num_experts;
   out.offsets.resize(static_cast<std::size_t>(T + 1));
+  out.offsets[0] = 0;
   out.expert.resize(static_cast<std::size_t>(T * k));
   out.weight.resize(static_cast<std::size_t>(T * k));
   out.priority.clear();
   out.demand.clear();
   out.forced_drop.reset();
+}
+
+template <execution_backend Backend>
+index select_rows(const Backend&, const token_choice& p, matrix_view<const float> logits, index first,
+                  candidate_set& out) {
+  using rows = detail::row_ops_t<Backend>;
+  const index E = logits.cols;
+  const index k = p.top_k;
   const float* bias = p.expert_bias.empty() ? nullptr : p.expert_bias.data;
   const index scratch = p.scratch_size(E);
+  std::vector<float> fs(static_cast<std::size_t>(scratch));
+  std::vector<id_type> is(static_cast<std::size_t>(scratch));
+  for (index r = 0; r < logits.rows; ++r) {
+    const index t = first + r;
+    float* w = out.weight.data() + t * k;
+    bool ok =
+        kernel::token_choice_row<rows>(p, logits.row(r), E, bias, out.expert.data() + t * k, w, fs.data(), is.data());
+    for (index j = 0; j < k; ++j) ok &= (w[j] - w[j]) == 0.0f;
+    if (!ok) return t;  // the rest of this block cannot hold a lower token
+    out.offsets[static_cast<std::size_t>(t + 1)] = static_cast<id_type>((t + 1) * k);
+  }
+  return first + logits.rows;
+}
+
+[[noreturn]] inline void fail_selection(const token_choice& p, const float* logits_row, index num_experts, index t,
+                                        const candidate_set& out) {
+  const index k = p.top_k;
+  detail::check_finite(matrix_view<const float>{logits_row, 1, num_experts, num_experts}, "logits", t);
+  float w = 0.0f;
+  for (index j = k - 1; j >= 0; --j)
+    if (const float v = out.weight[static_cast<std::size_t>(t * k + j)]; !std::isfinite(v)) w = v;
+  detail::fail("routing weight", "a finite fp32 value (logits / temperature or weight * scaling_factor overflowed)", w,
+               " for token ", t);
+}
+
+// Host driver: runs token_choice_row over every token on the backend and reports the lowest offending
+// token whatever the backend.
+template <execution_backend Backend>
+void select(const Backend& be, const token_choice& p, matrix_view<const float> logits, const capacity_limits&,
+            candidate_set& out) {
+  const index T = logits.rows;
+  const index E = logits.cols;
+  begin_selection(p, T, E, out);
   detail::first_index bad(T);
   be.parallel_for_blocks(T, 512, [&](index begin, index end) {
-    std::vector<float> fs(static_cast<std::size_t>(scratch));
-    std::vector<id_type> is(static_cast<std::size_t>(scratch));
-    for (index t = begin; t < end; ++t) {
-      float* w = out.weight.data() + t * k;
-      bool ok =
-          kernel::token_choice_row<rows>(p, logits.row(t), E, bias, out.expert.data() + t * k, w, fs.data(), is.data());
-      for (index j = 0; j < k; ++j) ok &= (w[j] - w[j]) == 0.0f;
-      if (!ok) {
-        bad.propose(t);
-        return;  // the rest of this block cannot hold a lower token
-      }
-      out.offsets[static_cast<std::size_t>(t + 1)] = static_cast<id_type>((t + 1) * k);
-    }
+    const matrix_view<const float> block{logits.row(begin), end - begin, E, logits.stride};
+    if (const index t = select_rows(be, p, block, begin, out); t < end) bad.propose(t);
   });
-  out.offsets[0] = 0;
-  if (const index t = bad.get(); t < T) {
-    detail::check_finite(matrix_view<const float>{logits.row(t), 1, E, E}, "logits", t);
-    float w = 0.0f;
-    for (index j = k - 1; j >= 0; --j)
-      if (const float v = out.weight[static_cast<std::size_t>(t * k + j)]; !std::isfinite(v)) w = v;
-    detail::fail("routing weight", "a finite fp32 value (logits / temperature or weight * scaling_factor overflowed)",
-                 w, " for token ", t);
-  }
+  if (const index t = bad.get(); t < T) fail_selection(p, logits.row(t), E, t, out);
 }
 
 }  // namespace resonance::routing

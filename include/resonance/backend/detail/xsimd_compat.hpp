@@ -59,4 +59,25 @@ std::uint64_t to_mask(const xsimd::batch_bool<float, A>& b) {
 #endif
 }
 
+// batch<double, A>::size floats from p (unaligned), widened exactly to doubles: one cvtps2pd on x86
+// (xsimd has no float-to-double widening load in 8.1, and its converting load goes through memory).
+template <class A>
+xsimd::batch<double, A> load_widened(const float* p) {
+#if XSIMD_WITH_AVX512F
+  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) return _mm512_cvtps_pd(_mm256_loadu_ps(p));
+#endif
+#if XSIMD_WITH_AVX
+  if constexpr (std::is_base_of_v<xsimd::avx, A>) return _mm256_cvtps_pd(_mm_loadu_ps(p));
+#endif
+#if XSIMD_WITH_SSE2
+  // A 64-bit load (_mm_loadl_epi64 reads through an unaligned, may-alias type).
+  if constexpr (std::is_base_of_v<xsimd::sse2, A>)
+    return _mm_cvtps_pd(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#endif
+  constexpr std::size_t n = xsimd::batch<double, A>::size;
+  double lanes[n];
+  for (std::size_t i = 0; i < n; ++i) lanes[i] = static_cast<double>(p[i]);
+  return xsimd::batch<double, A>::load_unaligned(lanes);
+}
+
 }  // namespace resonance::detail::xsimd_compat
