@@ -26,6 +26,7 @@
 #include <resonance/backend/tbb.hpp>
 #endif
 
+#include "backends.hpp"
 #include "error_of.hpp"
 #include "random_inputs.hpp"
 
@@ -60,48 +61,8 @@ static_assert(!fuses<ra::grap_cosine, rt::expert_choice, cap::factor>);
 static_assert(rs::router<ra::linear, rt::token_choice, cap::dropless>::fuses_on<rs::backend::tbb<>>);
 #endif
 
-// The first field in which two plans differ (every span compared bit for bit), or "".
-std::string plan_difference(const rs::routing_plan& a, const rs::routing_plan& b) {
-  const auto same = [](auto x, auto y) {
-    return x.size() == y.size() && (x.empty() || std::memcmp(x.data(), y.data(), x.size_bytes()) == 0);
-  };
-  if (a.num_tokens() != b.num_tokens()) return "num_tokens";
-  if (a.num_experts() != b.num_experts()) return "num_experts";
-  if (a.capacity() != b.capacity()) return "capacity";
-  if (a.num_slots() != b.num_slots()) return "num_slots";
-  if (!same(a.expert_offsets(), b.expert_offsets())) return "expert_offsets";
-  if (!same(a.expert_counts(), b.expert_counts())) return "expert_counts";
-  if (!same(a.expert_demand(), b.expert_demand())) return "expert_demand";
-  if (!same(a.slot_token(), b.slot_token())) return "slot_token";
-  if (!same(a.slot_weight(), b.slot_weight())) return "slot_weight";
-  if (!same(a.token_offsets(), b.token_offsets())) return "token_offsets";
-  if (!same(a.token_expert(), b.token_expert())) return "token_expert";
-  if (!same(a.token_weight(), b.token_weight())) return "token_weight";
-  if (!same(a.token_slot(), b.token_slot())) return "token_slot";
-  return {};
-}
-
-// f(backend, name) on serial, simd<>, and tbb<> and tbb<simd<>> in arenas of 1, 2 and 3 threads (the
-// global limit raised to 3 so that 3 threads really run on a 2-core machine).
-template <class F>
-void for_each_backend(F&& f) {
-  f(rs::backend::serial{}, std::string("serial"));
-#if RESONANCE_HAS_SIMD
-  f(rs::backend::simd<>{}, std::string("simd<>"));
-#endif
-#if RESONANCE_HAS_TBB
-  const tbb::global_control allow(tbb::global_control::max_allowed_parallelism, 3);
-  for (int threads : {1, 2, 3}) {
-    tbb::task_arena arena(threads);
-    arena.execute([&] {
-      f(rs::backend::tbb<>{}, "tbb<> in an arena of " + std::to_string(threads));
-#if RESONANCE_HAS_SIMD
-      f(rs::backend::tbb<rs::backend::simd<>>{}, "tbb<simd<>> in an arena of " + std::to_string(threads));
-#endif
-    });
-  }
-#endif
-}
+using resonance_test::for_each_backend;
+using resonance_test::plan_difference;
 
 // The gate weights of cosine and linear (E×d, normal) and linear's bias, alive for the whole run.
 struct gates {
