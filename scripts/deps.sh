@@ -2,12 +2,14 @@
 # Installs the Debian 12 packages a task needs when any is missing (see shared research/env.md).
 #   scripts/deps.sh demo   compiler, CMake, Ninja
 #   scripts/deps.sh test   + Eigen, xsimd, oneTBB, doctest, Google Benchmark, NumPy (CLI reference test)
+#   scripts/deps.sh MODE PACKAGE...   MODE's packages plus the Debian packages named (e.g. python3-matplotlib)
 set -euo pipefail
 
 packages=(g++ cmake ninja-build)
 if [[ "${1:-test}" == "test" ]]; then
   packages+=(libeigen3-dev libxsimd-dev libtbb-dev doctest-dev libbenchmark-dev python3-numpy)
 fi
+packages+=("${@:2}")
 
 missing=()
 for p in "${packages[@]}"; do
