@@ -16,16 +16,6 @@
 #include <resonance/affinity/linear.hpp>
 #include <resonance/resonance.hpp>
 
-#if RESONANCE_HAS_SIMD
-#include <resonance/backend/simd.hpp>
-#endif
-#if RESONANCE_HAS_TBB
-#include <oneapi/tbb/global_control.h>
-#include <oneapi/tbb/task_arena.h>
-
-#include <resonance/backend/tbb.hpp>
-#endif
-
 #include "backends.hpp"
 #include "error_of.hpp"
 #include "random_inputs.hpp"

@@ -54,6 +54,16 @@ void run_arms(const etr::options& o, const etr::task_setup& tk, std::vector<etr:
   // clang-format on
 }
 
+// Steps (the task's default unless --steps or --quick), log interval, optimiser and seed: the same
+// rules for every task.
+void set_schedule(const etr::options& o, long default_steps, etr::task_setup& tk) {
+  tk.steps = o.steps > 0 ? o.steps : (o.quick ? 60 : default_steps);
+  tk.log_every = o.log_every > 0 ? o.log_every : std::max(1L, tk.steps / 60);
+  tk.lr = o.lr;
+  tk.tau = static_cast<float>(o.tau);
+  tk.seed = o.seed;
+}
+
 void print_summary(const std::vector<etr::run_summary>& rows) {
   std::printf(
       "\n| task | arm | loss | acc | ppl | kept/expert | slots/expert | C | train slots/expert | drop | pad | "
@@ -90,11 +100,7 @@ int main(int argc, char** argv) {
       tk.train_batch = [data](std::mt19937_64& rng) { return data.train_batch(rng); };
       tk.eval = data.eval_set(o.seed + 1000003, o.quick ? 4 : 32);
       tk.definition2 = true;
-      tk.steps = o.steps > 0 ? o.steps : (o.quick ? 60 : 1500);
-      tk.log_every = o.log_every > 0 ? o.log_every : std::max(1L, tk.steps / 60);
-      tk.lr = o.lr;
-      tk.tau = static_cast<float>(o.tau);
-      tk.seed = o.seed;
+      set_schedule(o, 1500, tk);
       std::fprintf(stderr, "synthetic: %ld classes = experts, d = %ld, s = %ld, %ld samples (%ld tokens) per step\n",
                    o.experts, o.width, o.seq, o.batch, o.batch * o.seq);
       run_arms(o, tk, summary);
@@ -119,11 +125,7 @@ int main(int argc, char** argv) {
       tk.perplexity = true;
       // The text is small (31k training characters): held-out perplexity is best near 500 steps and
       // rises after (overfitting), so the text task trains for fewer steps than the synthetic one.
-      tk.steps = o.steps > 0 ? o.steps : (o.quick ? 60 : 500);
-      tk.log_every = o.log_every > 0 ? o.log_every : std::max(1L, tk.steps / 60);
-      tk.lr = o.lr;
-      tk.tau = static_cast<float>(o.tau);
-      tk.seed = o.seed;
+      set_schedule(o, 500, tk);
       std::fprintf(stderr, "text: %s, %ld symbols, %ld training / %ld held-out characters, context %ld, %ld per step\n",
                    path.c_str(), data.vocab(), data.train_chars(), data.heldout_chars(), o.context, o.text_batch);
       run_arms(o, tk, summary);
