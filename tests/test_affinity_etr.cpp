@@ -19,6 +19,7 @@
 #include <resonance/affinity/linear.hpp>
 #include <resonance/resonance.hpp>
 
+#include "backends.hpp"
 #include "error_of.hpp"
 #include "random_inputs.hpp"
 
@@ -141,20 +142,9 @@ void check_close(const strided<T>& got, const dense& want, double rel, double ab
   CHECK(bad == 0);
 }
 
-// Splits [0, n) into blocks of growing size (1, 2, 3, ...) whatever the grain, and runs them last
-// first: any result that depended on the split or on the order of the blocks would differ from serial.
-struct scrambled_backend {
-  static constexpr const char* name = "scrambled";
-  rs::index concurrency() const { return 4; }
-  template <class Body>
-  void parallel_for_blocks(rs::index n, rs::index, Body&& body) const {
-    std::vector<std::pair<rs::index, rs::index>> blocks;
-    for (rs::index begin = 0, size = 1; begin < n; begin += size, ++size)
-      blocks.emplace_back(begin, std::min(n, begin + size));
-    for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) body(it->first, it->second);
-  }
-};
-static_assert(rs::execution_backend<scrambled_backend>);
+// A backend whose primitives run rows last first (tests/backends.hpp): any result that depended on the
+// order of the rows would differ from serial.
+using resonance_test::scrambled_backend;
 
 constexpr float sentinel_f = 12345.0f;
 constexpr double sentinel_d = 12345.0;

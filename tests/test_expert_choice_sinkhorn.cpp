@@ -23,6 +23,7 @@
 
 #include <resonance/resonance.hpp>
 
+#include "backends.hpp"
 #include "error_of.hpp"
 #include "random_inputs.hpp"
 #include "reference.hpp"
@@ -50,23 +51,9 @@ rs::routing_plan route(const Router& r, const std::vector<float>& x, rs::index T
   return r.route(be, view(x, T, E));
 }
 
-// A backend that ignores the grain, cuts the range into blocks of growing sizes 1, 2, 3, ... and runs
-// them last to first: any result that depends on the split or the order differs from serial's.
-struct odd_blocks {
-  static constexpr const char* name = "odd_blocks";
-  rs::index concurrency() const { return 4; }
-  template <class Body>
-  void parallel_for_blocks(rs::index n, rs::index, Body&& body) const {
-    std::vector<std::pair<rs::index, rs::index>> blocks;
-    for (rs::index b = 0, len = 1; b < n; ++len) {
-      const rs::index e = std::min(n, b + len);
-      blocks.emplace_back(b, e);
-      b = e;
-    }
-    for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) body(it->first, it->second);
-  }
-};
-static_assert(rs::execution_backend<odd_blocks>);
+// A backend whose primitives run rows last first (tests/backends.hpp): any result that depends on the
+// order of the work differs from serial's.
+using odd_blocks = resonance_test::scrambled_backend;
 
 // ---------------------------------------------------------------------------------------------------
 // References.

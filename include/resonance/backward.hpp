@@ -136,7 +136,7 @@ inline void weight_backward_row(const weight_rule& r, const double* l, index E, 
 
 // The checks every weight_backward shares, before anything is written.
 template <input_scalar T>
-void check_weight_backward(matrix_view<const T> logits, const plan_view& plan, vector_view<const T> dweight,
+void check_weight_backward(matrix_view<const T> logits, const plan_view<>& plan, vector_view<const T> dweight,
                            matrix_view<T> dlogits) {
   check_matrix(logits, "logits");
   const index T_ = logits.rows, E = logits.cols;
@@ -177,13 +177,13 @@ void check_weight_backward(matrix_view<const T> logits, const plan_view& plan, v
 // internal buffer first, so that a mismatch throws with dlogits untouched.
 template <execution_backend Backend, input_scalar T, class MakeSelector>
 void weight_backward_impl(const Backend& be, const weight_rule& rule, matrix_view<const T> logits,
-                          const plan_view& plan, vector_view<const T> dweight, matrix_view<T> dlogits,
+                          const plan_view<>& plan, vector_view<const T> dweight, matrix_view<T> dlogits,
                           MakeSelector&& make_selector) {
   const auto sz = [](index n) { return static_cast<std::size_t>(n); };
   const index T_ = logits.rows, E = logits.cols;
   std::vector<T> result(sz(T_ * E));
   std::atomic<index> first_bad{T_};
-  be.parallel_for_blocks(T_, 256, [&](index begin, index end) {
+  detail::host_blocks(be, T_, 256, [&](index begin, index end) {
     auto select_row = make_selector();
     std::vector<double> l(sz(E)), g(sz(E)), s(sz(E)), ds(sz(E)), out(sz(E));
     std::vector<unsigned char> sel(sz(E), 1);
@@ -216,7 +216,7 @@ void weight_backward_impl(const Backend& be, const weight_rule& rule, matrix_vie
   require(bad == T_, "plan",
           "the plan route() produced from these logits (every kept expert among the token's selected experts)",
           "a kept expert outside the selection of token ", bad);
-  be.parallel_for_blocks(T_, 1024, [&](index begin, index end) {
+  detail::host_blocks(be, T_, 1024, [&](index begin, index end) {
     for (index t = begin; t < end; ++t)
       for (index e = 0; e < E; ++e) dlogits(t, e) = result[sz(t * E + e)];
   });
@@ -266,7 +266,7 @@ namespace routing {
 // overload per direction, found by ADL. Throws resonance::error, writing nothing, on a shape mismatch
 // or when a kept expert is not among the token's recomputed proposals.
 template <execution_backend Backend, input_scalar T>
-void weight_backward(const Backend& be, const token_choice& p, matrix_view<const T> logits, const plan_view& plan,
+void weight_backward(const Backend& be, const token_choice& p, matrix_view<const T> logits, const plan_view<>& plan,
                      vector_view<const T> dweight, matrix_view<T> dlogits) {
   detail::check_weight_backward(logits, plan, dweight, dlogits);
   p.validate(logits.cols);
@@ -277,7 +277,7 @@ void weight_backward(const Backend& be, const token_choice& p, matrix_view<const
 
 // Bidirectional routing keeps token choice's weights (its proposal step); only the kept set differs.
 template <execution_backend Backend, input_scalar T>
-void weight_backward(const Backend& be, const bidirectional& p, matrix_view<const T> logits, const plan_view& plan,
+void weight_backward(const Backend& be, const bidirectional& p, matrix_view<const T> logits, const plan_view<>& plan,
                      vector_view<const T> dweight, matrix_view<T> dlogits) {
   detail::check_weight_backward(logits, plan, dweight, dlogits);
   p.validate(logits.cols);
@@ -286,7 +286,7 @@ void weight_backward(const Backend& be, const bidirectional& p, matrix_view<cons
 
 // Expert choice: w = S[t, e], the full score of logits / temperature.
 template <execution_backend Backend, input_scalar T>
-void weight_backward(const Backend& be, const expert_choice& p, matrix_view<const T> logits, const plan_view& plan,
+void weight_backward(const Backend& be, const expert_choice& p, matrix_view<const T> logits, const plan_view<>& plan,
                      vector_view<const T> dweight, matrix_view<T> dlogits) {
   detail::check_weight_backward(logits, plan, dweight, dlogits);
   p.validate(logits.cols);
@@ -298,7 +298,7 @@ void weight_backward(const Backend& be, const expert_choice& p, matrix_view<cons
 
 // Sinkhorn: w = sigmoid(logit) for top_k == 1, softmax(logits) over all E for top_k > 1.
 template <execution_backend Backend, input_scalar T>
-void weight_backward(const Backend& be, const sinkhorn& p, matrix_view<const T> logits, const plan_view& plan,
+void weight_backward(const Backend& be, const sinkhorn& p, matrix_view<const T> logits, const plan_view<>& plan,
                      vector_view<const T> dweight, matrix_view<T> dlogits) {
   detail::check_weight_backward(logits, plan, dweight, dlogits);
   p.validate(logits.cols);
@@ -354,7 +354,7 @@ concept affinity_backward_input = requires(const A& a, const Backend& be, matrix
 template <execution_backend Backend, affinity_policy Affinity, routing_policy Direction, capacity_policy Capacity,
           input_scalar T>
 void backward(const Backend& be, const router<Affinity, Direction, Capacity>& r, matrix_view<const T> x,
-              const plan_view& plan, vector_view<const std::type_identity_t<T>> dweight,
+              const plan_view<>& plan, vector_view<const std::type_identity_t<T>> dweight,
               const router_gradients<std::type_identity_t<T>>& grads) {
   using S = std::remove_cv_t<T>;
   static_assert(
@@ -435,7 +435,7 @@ void backward(const Backend& be, const router<Affinity, Direction, Capacity>& r,
 
 // The same on backend::serial.
 template <affinity_policy Affinity, routing_policy Direction, capacity_policy Capacity, input_scalar T>
-void backward(const router<Affinity, Direction, Capacity>& r, matrix_view<const T> x, const plan_view& plan,
+void backward(const router<Affinity, Direction, Capacity>& r, matrix_view<const T> x, const plan_view<>& plan,
               vector_view<const std::type_identity_t<T>> dweight,
               const router_gradients<std::type_identity_t<T>>& grads) {
   backward(backend::serial{}, r, x, plan, dweight, grads);

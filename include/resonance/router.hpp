@@ -57,6 +57,29 @@ template <class A>
 inline constexpr bool token_block_affinity_v =
     !std::is_same_v<A, affinity::precomputed> && !opts_out_of_token_blocks_v<A>;
 
+// The backend that runs work inside one block of B: a threaded wrapper's inner backend (tbb<Inner> ->
+// Inner, which has the same row primitives), so nested work does not spawn threads; B itself otherwise.
+template <class B>
+struct block_backend {
+  using type = B;
+};
+template <class B>
+requires requires { typename B::inner_type; }
+struct block_backend<B> {
+  using type = typename block_backend<typename B::inner_type>::type;
+};
+template <class B>
+using block_backend_t = typename block_backend<B>::type;
+
+template <class B>
+block_backend_t<B> block_backend_of(const B& be) {
+  if constexpr (requires { typename B::inner_type; }) {
+    return block_backend_t<B>{};  // the wrappers hold no inner instance
+  } else {
+    return be;
+  }
+}
+
 // One fused block's logits. Thread-local, so each thread reuses the buffer its previous block left in
 // cache instead of allocating (a block's body never yields to the scheduler, so no other block can
 // interleave on the same thread).
@@ -82,8 +105,9 @@ struct router {
 
   // Whether route() on Backend takes the fused path (see the top of this file).
   template <class Backend>
-  static constexpr bool fuses_on = detail::token_block_affinity_v<Affinity> && !reads_logits_v<Capacity> &&
-                                   detail::selects_row_blocks<Direction, detail::block_backend_t<Backend>>;
+  static constexpr bool fuses_on =
+      std::is_same_v<memory_space_t<Backend>, host_space>&& detail::token_block_affinity_v<Affinity> &&
+      !reads_logits_v<Capacity> && detail::selects_row_blocks<Direction, detail::block_backend_t<Backend>>;
 
   // Validates the policies against an input of `cols` columns; returns the number of experts.
   index validate(index cols) const {
@@ -106,7 +130,8 @@ struct router {
 
   // One routing step with a stateless capacity policy.
   template <execution_backend Backend, input_scalar T>
-  requires stateless_capacity_policy<Capacity> routing_plan route(const Backend& be, matrix_view<const T> x)
+  requires stateless_capacity_policy<Capacity> basic_routing_plan<memory_space_t<Backend>> route(const Backend& be,
+                                                                                                 matrix_view<const T> x)
   const {
     return route_impl(be, x, [&](const capacity_context& ctx) {
       return capacity.limits(ctx.num_tokens, ctx.num_experts, ctx.top_k);
@@ -116,22 +141,23 @@ struct router {
   // One routing step with a stateful scheduler: `state` (owned by the caller) is read and advanced,
   // and left untouched when the call throws.
   template <execution_backend Backend, input_scalar T>
-  requires stateful_capacity_policy<Capacity> routing_plan route(const Backend& be, matrix_view<const T> x,
-                                                                 capacity_state_t<Capacity>& state)
+  requires stateful_capacity_policy<Capacity> basic_routing_plan<memory_space_t<Backend>> route(
+      const Backend& be, matrix_view<const T> x, capacity_state_t<Capacity>& state)
   const {
     capacity_state_t<Capacity> next = state;
-    routing_plan plan = route_impl(be, x, [&](const capacity_context& ctx) { return capacity.limits(ctx, next); });
+    auto plan = route_impl(be, x, [&](const capacity_context& ctx) { return capacity.limits(ctx, next); });
     state = next;
     return plan;
   }
 
   template <execution_backend Backend, input_scalar T>
-  requires stateful_capacity_policy<Capacity> routing_plan route(const Backend& be, matrix_view<T> x,
-                                                                 capacity_state_t<Capacity>& state)
+  requires stateful_capacity_policy<Capacity> basic_routing_plan<memory_space_t<Backend>> route(
+      const Backend& be, matrix_view<T> x, capacity_state_t<Capacity>& state)
   const { return route(be, matrix_view<const T>(x), state); }
 
   template <execution_backend Backend, input_scalar T>
-  requires stateless_capacity_policy<Capacity> routing_plan route(const Backend& be, matrix_view<T> x)
+  requires stateless_capacity_policy<Capacity> basic_routing_plan<memory_space_t<Backend>> route(const Backend& be,
+                                                                                                 matrix_view<T> x)
   const { return route(be, matrix_view<const T>(x)); }
 
   template <class T>
@@ -142,7 +168,8 @@ struct router {
 
  private:
   template <execution_backend Backend, input_scalar T, class LimitsFn>
-  routing_plan route_impl(const Backend& be, matrix_view<const T> x, LimitsFn&& limits_of) const {
+  basic_routing_plan<memory_space_t<Backend>> route_impl(const Backend& be, matrix_view<const T> x,
+                                                         LimitsFn&& limits_of) const {
     detail::check_matrix(x, "input");
     const index E = validate(x.cols);
     const index T_ = x.rows;
@@ -208,12 +235,17 @@ struct router {
       return affinity.compute(inner, matrix_view<const T>{x.row(begin), end - begin, x.cols, x.stride}, storage);
     };
     begin_selection(direction, T_, E, cands);
-    detail::first_index bad(T_);
-    be.parallel_for_blocks(T_, B, [&](index begin, index end) {
-      const matrix_view<const float> l = block_logits(begin, end, detail::fused_block_storage());
-      if (const index t = select_rows(inner, direction, l, begin, cands); t < end) bad.propose(t);
-    });
-    if (const index t = bad.get(); t < T_) {
+    // One block per item; the lowest offending token of a block, and the lowest over blocks.
+    const index bad = reduce_min(
+        be, (T_ + B - 1) / B,
+        [&](index b) {
+          const index begin = b * B, end = std::min(T_, begin + B);
+          const matrix_view<const float> l = block_logits(begin, end, detail::fused_block_storage());
+          const index t = select_rows(inner, direction, l, begin, cands);
+          return t < end ? t : T_;
+        },
+        index{1});
+    if (const index t = bad; t < T_) {
       // The offending token's block again (the same block, hence the same logits) for the message.
       const index begin = t / B * B;
       std::vector<float> storage;

@@ -121,7 +121,7 @@ struct basic_cosine {
     detail::check_matrix(logits, "logits", x.rows, E);
     const unit_embeddings v = normalized_embeddings();
     const double tau = static_cast<double>(temperature), eps = static_cast<double>(epsilon);
-    be.parallel_for_blocks(x.rows, block_tokens, [&](index begin, index end) {
+    detail::host_blocks(be, x.rows, block_tokens, [&](index begin, index end) {
       std::vector<double> u(static_cast<std::size_t>(d));
       for (index t = begin; t < end; ++t) {
         T* out = logits.row(t);
@@ -157,7 +157,7 @@ struct basic_cosine {
     // Per pair: a = (dlogit/τ)/‖x_t‖ and b = (dlogit/τ)·c, so that dw_e = (Σ_t a·x_t − (Σ_t b)·v_e)/‖w_e‖.
     std::vector<double> a(static_cast<std::size_t>(T_ * E)), b(a.size());
 
-    be.parallel_for_blocks(T_, block_tokens, [&](index begin, index end) {
+    detail::host_blocks(be, T_, block_tokens, [&](index begin, index end) {
       std::vector<double> u(static_cast<std::size_t>(d)), acc(u.size());
       for (index t = begin; t < end; ++t) {
         const T* dl = dlogits.row(t);
@@ -189,7 +189,7 @@ struct basic_cosine {
       }
     });
 
-    be.parallel_for_blocks(E, block_experts, [&](index begin, index end) {
+    detail::host_blocks(be, E, block_experts, [&](index begin, index end) {
       std::vector<double> acc(static_cast<std::size_t>((end - begin) * d), 0.0),
           bsum(static_cast<std::size_t>(end - begin), 0.0);
       for (index t = 0; t < T_; ++t) {

@@ -51,7 +51,7 @@ struct grap {
     detail::check_matrix(logits, "logits", x.rows, E);
     const double inv_g = 1.0 / static_cast<double>(g);
     using rows = detail::row_ops_t<Backend>;
-    be.parallel_for_blocks(x.rows, block_tokens, [&](index begin, index end) {
+    detail::host_blocks(be, x.rows, block_tokens, [&](index begin, index end) {
       std::vector<double> s(static_cast<std::size_t>(E));
       for (index t = begin; t < end; ++t) {
         rows::group_sums(x.row(t), E, g, s.data());
@@ -70,7 +70,7 @@ struct grap {
     detail::check_matrix(dlogits, "dlogits", x.rows, E);
     detail::check_matrix(dx, "dx", x.rows, x.cols);
     const double inv_g = 1.0 / static_cast<double>(g);
-    be.parallel_for_blocks(x.rows, block_tokens, [&](index begin, index end) {
+    detail::host_blocks(be, x.rows, block_tokens, [&](index begin, index end) {
       for (index t = begin; t < end; ++t) {
         const T* dl = dlogits.row(t);
         T* out = dx.row(t);

@@ -46,7 +46,7 @@ struct grap_cosine {
     const index E = num_experts, g = x.cols / E;
     detail::check_matrix(logits, "logits", x.rows, E);
     const double sqrt_g = std::sqrt(static_cast<double>(g));
-    be.parallel_for_blocks(x.rows, block_tokens, [&](index begin, index end) {
+    detail::host_blocks(be, x.rows, block_tokens, [&](index begin, index end) {
       std::vector<double> s(static_cast<std::size_t>(E));
       for (index t = begin; t < end; ++t) {
         const detail::scaled_norm n = group_sums<detail::row_ops_t<Backend>>(x.row(t), E, g, s.data());
@@ -74,7 +74,7 @@ struct grap_cosine {
     detail::check_matrix(dlogits, "dlogits", x.rows, E);
     detail::check_matrix(dx, "dx", x.rows, x.cols);
     const double sqrt_g = std::sqrt(static_cast<double>(g));
-    be.parallel_for_blocks(x.rows, block_tokens, [&](index begin, index end) {
+    detail::host_blocks(be, x.rows, block_tokens, [&](index begin, index end) {
       std::vector<double> s(static_cast<std::size_t>(E));
       for (index t = begin; t < end; ++t) {
         const T* row = x.row(t);

@@ -88,7 +88,7 @@ struct basic_linear {
     const cmap xm(x.data, T_, d, Eigen::OuterStride<>(x.stride));
 
     const index token_blocks = (T_ + block_rows - 1) / block_rows;
-    be.parallel_for_blocks(token_blocks, 1, [&](index b_begin, index b_end) {
+    detail::host_blocks(be, token_blocks, 1, [&](index b_begin, index b_end) {
       for (index b = b_begin; b < b_end; ++b) {
         const index r0 = b * block_rows;
         const index rows = T_ - r0 < block_rows ? T_ - r0 : block_rows;
@@ -97,7 +97,7 @@ struct basic_linear {
       }
     });
     const index expert_blocks = (E + block_rows - 1) / block_rows;
-    be.parallel_for_blocks(expert_blocks, 1, [&](index b_begin, index b_end) {
+    detail::host_blocks(be, expert_blocks, 1, [&](index b_begin, index b_end) {
       for (index b = b_begin; b < b_end; ++b) {
         const index e0 = b * block_rows;
         const index n = E - e0 < block_rows ? E - e0 : block_rows;
@@ -128,7 +128,7 @@ struct basic_linear {
     const index T_ = x.rows, E = weight.rows, d = x.cols;
     const cmap w(weight.data, E, d, Eigen::OuterStride<>(weight.stride));
     const index nblocks = (T_ + block_rows - 1) / block_rows;
-    be.parallel_for_blocks(nblocks, 1, [&](index b_begin, index b_end) {
+    detail::host_blocks(be, nblocks, 1, [&](index b_begin, index b_end) {
       mat tmp;
       for (index b = b_begin; b < b_end; ++b) {
         const index r0 = b * block_rows;

@@ -38,7 +38,7 @@ struct precomputed {
  private:
   template <execution_backend Backend, input_scalar T>
   static void copy_rows(const Backend& be, matrix_view<const T> from, matrix_view<T> to) {
-    be.parallel_for_blocks(from.rows, 1024, [&](index begin, index end) {
+    detail::host_blocks(be, from.rows, 1024, [&](index begin, index end) {
       for (index r = begin; r < end; ++r)
         for (index c = 0; c < from.cols; ++c) to(r, c) = from(r, c);
     });

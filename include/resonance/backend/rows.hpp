@@ -188,17 +188,4 @@ struct scalar_rows {
   }
 };
 
-// A backend may name its primitives `row_ops`; the others use the scalar reference.
-template <class B>
-struct row_ops_of {
-  using type = scalar_rows;
-};
-template <class B>
-requires requires { typename B::row_ops; }
-struct row_ops_of<B> {
-  using type = typename B::row_ops;
-};
-template <class B>
-using row_ops_t = typename row_ops_of<B>::type;
-
 }  // namespace resonance::detail

@@ -419,22 +419,23 @@ struct simd_rows {
 
 namespace backend {
 
-// One thread; row primitives vectorised for Arch.
+// One thread; row primitives vectorised for Arch. Its execution primitives are serial's.
 template <class Arch = xsimd::default_arch>
 struct simd {
   using arch_type = Arch;
-  using row_ops = detail::simd_rows<Arch>;
   static constexpr const char* name = "simd";
-
-  index concurrency() const { return 1; }
-
-  template <class Body>
-  void parallel_for_blocks(index n, index grain, Body&& body) const {
-    serial{}.parallel_for_blocks(n, grain, body);
-  }
+  using memory_space = host_space;
+  template <class T>
+  using buffer = buffer_t<host_space, T>;
+  using group = host_group<detail::simd_rows<Arch>>;
 
   friend constexpr bool operator==(const simd&, const simd&) = default;
 };
+
+template <class Arch>
+inline constexpr bool sequential_host_v<simd<Arch>> = true;
+
+static_assert(execution_backend<simd<>>);
 
 namespace simd_detail {
 template <class First, class... Rest, class F, class... Args>

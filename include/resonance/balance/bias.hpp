@@ -105,7 +105,7 @@ class bias_state {
   }
 
   // Adds one micro-batch's loads (demand or kept counts, per opts.load).
-  void accumulate(const plan_view& plan, const bias_update& opts = {}) {
+  void accumulate(const plan_view<>& plan, const bias_update& opts = {}) {
     opts.validate();
     check_experts(plan.num_experts(), "plan");
     const auto counts = opts.load == load_source::kept ? plan.expert_counts() : plan.expert_demand();
@@ -133,7 +133,7 @@ class bias_state {
   }
 
   // One-shot: the loads of this plan (plus anything accumulated before), then update.
-  void update(const plan_view& plan, const bias_update& opts = {}) {
+  void update(const plan_view<>& plan, const bias_update& opts = {}) {
     opts.validate();
     check_experts(plan.num_experts(), "plan");
     const auto counts = opts.load == load_source::kept ? plan.expert_counts() : plan.expert_demand();

@@ -36,7 +36,7 @@ struct routing_stats {
   std::vector<id_type> expert_kept;    // per expert: kept assignments (a copy of plan.expert_counts())
 };
 
-inline routing_stats compute_stats(const plan_view& plan) {
+inline routing_stats compute_stats(const plan_view<>& plan) {
   routing_stats s;
   s.capacity = plan.capacity();
   for (id_type d : plan.expert_demand()) s.demanded += d;
@@ -132,7 +132,7 @@ float > ||
   return detail::entropy_of_mass(mass, normalised);
 }
 
-inline double routing_entropy(const plan_view& plan, bool normalised = false) {
+inline double routing_entropy(const plan_view<>& plan, bool normalised = false) {
   const index E = plan.num_experts();
   const auto offsets = plan.expert_offsets();
   const auto token = plan.slot_token();
@@ -177,7 +177,7 @@ enum class ch_form : unsigned char {
 template <class T>
 requires std::same_as < std::remove_cv_t<T>,
 float > ||
-    std::same_as<std::remove_cv_t<T>, double> double calinski_harabasz(matrix_view<T> features, const plan_view& plan,
+    std::same_as<std::remove_cv_t<T>, double> double calinski_harabasz(matrix_view<T> features, const plan_view<>& plan,
                                                                        ch_form form = ch_form::standard) {
   resonance::detail::check_matrix(features, "features");
   resonance::detail::require(features.rows == plan.num_tokens(), "features",

@@ -164,7 +164,7 @@ loss_segment_stats loss_segments(const B& be, matrix_view<const T> logits, reson
   st.psum.assign(static_cast<std::size_t>(nseg * E), 0.0);
   st.counts.assign(static_cast<std::size_t>(nseg * E), 0);
   st.nvalid.assign(static_cast<std::size_t>(nseg), 0);
-  be.parallel_for_blocks(nseg, 1, [&](index g_begin, index g_end) {
+  detail::host_blocks(be, nseg, 1, [&](index g_begin, index g_end) {
     std::vector<double> s(static_cast<std::size_t>(E));
     std::vector<float> lf(static_cast<std::size_t>(E)), sf(static_cast<std::size_t>(E)),
         vals(static_cast<std::size_t>(std::max<index>(top_k, 1)));
@@ -202,7 +202,7 @@ template <execution_backend B, class T>
 void loss_write_grad(const B& be, matrix_view<const T> logits, resonance::score fn, const std::vector<double>& gs,
                      index seg_len, vector_view<const std::uint8_t> valid, matrix_view<T> dlogits) {
   const index Tn = logits.rows, E = logits.cols;
-  be.parallel_for_blocks(Tn, loss_block, [&](index begin, index end) {
+  detail::host_blocks(be, Tn, loss_block, [&](index begin, index end) {
     std::vector<double> s(static_cast<std::size_t>(E)), tmp(static_cast<std::size_t>(E));
     for (index t = begin; t < end; ++t) {
       T* out = dlogits.row(t);
@@ -276,7 +276,7 @@ double loss_z_impl(const B& be, matrix_view<const T> logits, const loss::z_loss_
   check_finite(logits, "logits");
   const index Tn = logits.rows, E = logits.cols;
   std::vector<double> lse(static_cast<std::size_t>(Tn), 0.0);
-  be.parallel_for_blocks(Tn, loss_block, [&](index begin, index end) {
+  detail::host_blocks(be, Tn, loss_block, [&](index begin, index end) {
     for (index t = begin; t < end; ++t) {
       if (!loss_token_valid(valid, t)) continue;
       const T* l = logits.row(t);
@@ -300,7 +300,7 @@ double loss_z_impl(const B& be, matrix_view<const T> logits, const loss::z_loss_
   }
   const double N = static_cast<double>(n);
   if (want_grad) {
-    be.parallel_for_blocks(Tn, loss_block, [&](index begin, index end) {
+    detail::host_blocks(be, Tn, loss_block, [&](index begin, index end) {
       for (index t = begin; t < end; ++t) {
         const T* l = logits.row(t);
         T* out = dlogits.row(t);

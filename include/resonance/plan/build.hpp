@@ -1,17 +1,14 @@
 #pragma once
 
-// Plan builder: candidates + capacity limits -> routing_plan, by a stable counting sort
-// (histogram, exclusive scan, scatter) in O(nnz + E). Only an expert that has more candidates than
-// slots runs a selection, over its own candidates only (std::nth_element with a strict total order),
-// so no comparison sort of all assignments ever happens and the result does not depend on the backend.
+// Plan builder: candidates + capacity limits -> plan, by a stable counting sort in O(nnz + E) and,
+// only for an expert that has more candidates than slots, a selection of its top C by a unique 64-bit
+// key. Both have unique results, so the plan is the same on every backend; the builder is written
+// once on the execution primitives (backend/execution.hpp).
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <numeric>
 #include <utility>
-#include <vector>
 
 #include "../backend/backend.hpp"
 #include "../capacity/capacity.hpp"
@@ -31,170 +28,246 @@ RESONANCE_INLINE_FUNCTION std::uint64_t random_priority(std::uint64_t seed, std:
   return z ^ (z >> 31);
 }
 
-// Tokens per block of the plan builder's counting sort (fixed: the blocks, not the threads, define
-// the order of work).
-inline constexpr index plan_block = 2048;
-
 inline index round_up(index n, index multiple) { return (n + multiple - 1) / multiple * multiple; }
 
-template <execution_backend Backend>
-routing_plan build_plan_unchecked(const Backend& be, const candidate_set& c, const capacity_limits& lim) {
-  const index T = c.num_tokens;
-  const index E = c.num_experts;
-  const index nnz = c.size();
-  const auto& rank = c.ranking();
-  const auto sz = [](index n) { return static_cast<std::size_t>(n); };
+// The capacity cut's selection key of one candidate: higher is kept first, and within one expert no two
+// candidates share a key, so "the top C keys" is one set on every backend. score: the priority's
+// order-preserving bits (-0 read as +0, so that a tie still goes to the lower token), then the
+// inverted token id; random: the 64-bit hash alone, which is already unique within an expert (for a
+// fixed seed and expert the hash's input is an odd multiple of the token plus a constant, a bijection
+// of the token, and the splitmix64 finaliser is a bijection).
+RESONANCE_INLINE_FUNCTION std::uint32_t ordered_bits(float x) {
+  const std::uint32_t u = __builtin_bit_cast(std::uint32_t, x + 0.0f);
+  return (u & 0x80000000u) != 0 ? ~u : (u | 0x80000000u);
+}
 
-  plan_data d;
+RESONANCE_INLINE_FUNCTION std::uint64_t drop_key(drop_policy drop, std::uint64_t seed, float priority, id_type token,
+                                                 index expert) {
+  if (drop == drop_policy::random)
+    return random_priority(seed, static_cast<std::uint64_t>(token), static_cast<std::uint64_t>(expert));
+  return static_cast<std::uint64_t>(ordered_bits(priority)) << 32 | static_cast<std::uint32_t>(~token);
+}
+
+// A stage's temporaries carved from one allocation: each array at an offset aligned for any scalar.
+class workspace_layout {
+ public:
+  // Reserves n objects of T; returns their byte offset.
+  template <class T>
+  index reserve(index n) {
+    const index at = bytes_;
+    bytes_ += (n * static_cast<index>(sizeof(T)) + 15) / 16 * 16;
+    return at;
+  }
+  index bytes() const { return bytes_; }
+
+ private:
+  index bytes_ = 0;
+};
+
+template <class T>
+T* at_offset(void* base, index offset) {
+  return reinterpret_cast<T*>(static_cast<unsigned char*>(base) + offset);
+}
+
+// Non-owning candidates in memory space Space, as the plan builder reads them: token-major CSR with
+// strictly ascending expert ids per token. priority null: the weight ranks; demand null: counted.
+template <class Space = host_space>
+struct candidate_view {
+  index num_tokens = 0;
+  index num_experts = 0;
+  index size = 0;
+  const id_type* offsets = nullptr;  // T+1
+  const id_type* expert = nullptr;
+  const float* weight = nullptr;
+  const float* priority = nullptr;
+  const id_type* demand = nullptr;
+  bool has_forced_drop = false;
+  drop_policy forced_drop = drop_policy::score;
+};
+
+inline candidate_view<host_space> view_of(const candidate_set& c) {
+  return {c.num_tokens,
+          c.num_experts,
+          c.size(),
+          c.offsets.data(),
+          c.expert.data(),
+          c.weight.data(),
+          c.priority.empty() ? nullptr : c.priority.data(),
+          c.demand.empty() ? nullptr : c.demand.data(),
+          c.forced_drop.has_value(),
+          c.forced_drop.value_or(drop_policy::score)};
+}
+
+// The plan builder, on the execution primitives only:
+//   1 stable_bucket by expert: each expert's candidates in ascending token order (the counting sort);
+//   2 per expert: kept count, slot count (capacity, padding, alignment); exclusive_scan -> offsets;
+//   3 drop keys of the overfull experts, segmented_select -> each one's C-th largest key;
+//   4 per expert, the stable compaction of its kept candidates into its slots, then padding;
+//   5 token CSR: kept per token, exclusive_scan, fill.
+// Everything is allocated before step 1 (the plan at its worst-case size); the host reads two sizes at
+// the end.
+template <execution_backend Backend, class Space>
+basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& be, const candidate_view<Space>& c,
+                                                                 const capacity_limits& lim) {
+  using space = memory_space_t<Backend>;
+  static_assert(accessible_from_v<Space, space>, "the candidates must be in memory the backend can read");
+  const index T = c.num_tokens, E = c.num_experts, nnz = c.size;
+  const index cap = lim.capacity;
+  const bool pad = lim.pad_to_capacity && cap >= 0;
+  const index align = lim.align;
+  const drop_policy drop = c.has_forced_drop ? c.forced_drop : lim.drop;
+  const bool by_key = cap > 0 && drop != drop_policy::position;
+  const std::uint64_t seed = lim.seed;
+  const index max_slots = (pad ? E * cap : nnz) + E * (align - 1);
+
+  plan_data<space> d;
   d.num_tokens = T;
   d.num_experts = E;
-  d.capacity = lim.capacity;
+  d.capacity = cap;
+  d.expert_offsets = allocate<id_type>(be, E + 1);
+  d.expert_counts = allocate<id_type>(be, E);
+  d.expert_demand = allocate<id_type>(be, E);
+  d.slot_token = allocate<id_type>(be, max_slots);
+  d.slot_weight = allocate<float>(be, max_slots);
+  d.token_offsets = allocate<id_type>(be, T + 1);
+  d.token_expert = allocate<id_type>(be, nnz);
+  d.token_weight = allocate<float>(be, nnz);
+  d.token_slot = allocate<id_type>(be, nnz);
 
-  // 1. Per token block, a histogram of candidates per expert; then one exclusive scan in (expert,
-  //    block) order gives every block its write cursor per expert and every expert its bucket start.
-  //    Blocks are fixed (plan_block tokens), so the counting sort is the same on every backend.
-  const index blocks = T > 0 ? (T + plan_block - 1) / plan_block : 0;
-  std::vector<id_type> block_cursor(sz(blocks * E), 0);
-  const auto block_tokens = [&](index b) {  // [first, last) tokens of plan block b
-    return std::pair<index, index>{b * plan_block, std::min(T, (b + 1) * plan_block)};
-  };
-  be.parallel_for_blocks(blocks, 1, [&](index b_begin, index b_end) {
-    for (index b = b_begin; b < b_end; ++b) {
-      id_type* count = block_cursor.data() + b * E;
-      const auto [t_begin, t_end] = block_tokens(b);
-      for (id_type i = c.offsets[sz(t_begin)]; i < c.offsets[sz(t_end)]; ++i) ++count[sz(c.expert[sz(i)])];
-    }
+  workspace_layout layout;
+  const index o_token = layout.reserve<id_type>(nnz);
+  const index o_start = layout.reserve<id_type>(E + 1);
+  const index o_perm = layout.reserve<id_type>(nnz);
+  const index o_slot = layout.reserve<id_type>(nnz);
+  const index o_sizes = layout.reserve<id_type>(2);
+  const index o_keys = layout.reserve<std::uint64_t>(by_key ? nnz : 0);
+  const index o_kth = layout.reserve<std::uint64_t>(by_key ? E : 0);
+  const index o_bucket = layout.reserve<unsigned char>(stable_bucket_workspace(be, nnz, E));
+  const index o_select = layout.reserve<unsigned char>(by_key ? segmented_select_workspace(be, nnz, E) : 0);
+  auto work = allocate<unsigned char>(be, layout.bytes());
+  void* base = work.data();
+  id_type* const cand_token = at_offset<id_type>(base, o_token);
+  id_type* const start = at_offset<id_type>(base, o_start);
+  id_type* const perm = at_offset<id_type>(base, o_perm);
+  id_type* const cand_slot = at_offset<id_type>(base, o_slot);
+  id_type* const sizes = at_offset<id_type>(base, o_sizes);
+  std::uint64_t* const keys = at_offset<std::uint64_t>(base, o_keys);
+  std::uint64_t* const kth = at_offset<std::uint64_t>(base, o_kth);
+
+  const id_type* const offsets = c.offsets;
+  const id_type* const expert = c.expert;
+  const float* const weight = c.weight;
+  const float* const priority = c.priority != nullptr ? c.priority : c.weight;
+  id_type* const expert_offsets = d.expert_offsets.data();
+  id_type* const counts = d.expert_counts.data();
+  id_type* const demand = d.expert_demand.data();
+  id_type* const slot_token = d.slot_token.data();
+  float* const slot_weight = d.slot_weight.data();
+  id_type* const token_offsets = d.token_offsets.data();
+  id_type* const token_expert = d.token_expert.data();
+  float* const token_weight = d.token_weight.data();
+  id_type* const token_slot = d.token_slot.data();
+
+  // 1. The counting sort by expert.
+  for_each(be, T, [=](index t) {
+    for (id_type i = offsets[t]; i < offsets[t + 1]; ++i) cand_token[i] = static_cast<id_type>(t);
   });
-  std::vector<id_type> bucket_size(sz(E), 0);
-  std::vector<id_type> bucket_start(sz(E + 1), 0);
-  {
-    id_type running = 0;
-    for (index e = 0; e < E; ++e) {
-      bucket_start[sz(e)] = running;
-      for (index b = 0; b < blocks; ++b) {
-        const id_type n = block_cursor[sz(b * E + e)];
-        block_cursor[sz(b * E + e)] = running;
-        running += n;
-      }
-      bucket_size[sz(e)] = running - bucket_start[sz(e)];
-    }
-    bucket_start[sz(E)] = running;
-  }
-  d.expert_demand = c.demand.empty() ? bucket_size : c.demand;
+  stable_bucket(be, expert, nnz, E, start, perm, at_offset<void>(base, o_bucket));
 
-  // 2. Stable scatter, block by block: candidates in ascending token order within each expert bucket.
-  std::vector<id_type> bucket_cand(sz(nnz));
-  std::vector<id_type> bucket_token(sz(nnz));
-  be.parallel_for_blocks(blocks, 1, [&](index b_begin, index b_end) {
-    for (index b = b_begin; b < b_end; ++b) {
-      id_type* cursor = block_cursor.data() + b * E;
-      const auto [t_begin, t_end] = block_tokens(b);
-      for (index t = t_begin; t < t_end; ++t) {
-        for (id_type i = c.offsets[sz(t)]; i < c.offsets[sz(t + 1)]; ++i) {
-          const id_type pos = cursor[sz(c.expert[sz(i)])]++;
-          bucket_cand[sz(pos)] = i;
-          bucket_token[sz(pos)] = static_cast<id_type>(t);
+  // 2. Kept and slot counts per expert, then the slot offsets.
+  if (c.demand != nullptr) copy(be, demand, c.demand, E);
+  const bool counted_demand = c.demand == nullptr;
+  for_each(be, E, [=](index e) {
+    const index n = start[e + 1] - start[e];
+    const index kept = cap < 0 || n <= cap ? n : cap;
+    counts[e] = static_cast<id_type>(kept);
+    if (counted_demand) demand[e] = static_cast<id_type>(n);
+    expert_offsets[e] = static_cast<id_type>(round_up(pad ? cap : kept, align));
+  });
+  exclusive_scan(be, expert_offsets, expert_offsets, E);
+
+  // 3. The selection keys of every overfull expert's candidates, and each one's C-th largest key.
+  if (by_key) {
+    for_each(
+        be, E,
+        [=](index e) {
+          if (start[e + 1] - start[e] <= cap) return;
+          for (id_type j = start[e]; j < start[e + 1]; ++j) {
+            const id_type i = perm[j];
+            keys[j] = drop_key(drop, seed, priority[i], cand_token[i], e);
+          }
+        },
+        index{1});
+    segmented_select(be, keys, start, E, cap, kth, at_offset<void>(base, o_select));
+  }
+
+  // 4. Each expert's kept candidates in bucket (ascending token) order, then its padding slots. A
+  //    candidate of an overfull expert is kept when its key is among the top C (keys are recomputed:
+  //    segmented_select may have permuted them).
+  for_each(
+      be, E,
+      [=](index e) {
+        const index b = start[e], n = start[e + 1] - b;
+        const bool full = cap >= 0 && n > cap;
+        id_type slot = expert_offsets[e];
+        for (index j = 0; j < n; ++j) {
+          const id_type i = perm[b + j];
+          bool keep = true;
+          if (full) keep = by_key ? drop_key(drop, seed, priority[i], cand_token[i], e) >= kth[e] : j < cap;
+          if (!keep) {
+            cand_slot[i] = -1;
+            continue;
+          }
+          slot_token[slot] = cand_token[i];
+          slot_weight[slot] = weight[i];
+          cand_slot[i] = slot++;
         }
-      }
+        for (; slot < expert_offsets[e + 1]; ++slot) {
+          slot_token[slot] = -1;
+          slot_weight[slot] = 0.0f;
+        }
+      },
+      index{1});
+
+  // 5. The token-major CSR over kept candidates, in candidate (ascending expert) order.
+  for_each(be, T, [=](index t) {
+    id_type n = 0;
+    for (id_type i = offsets[t]; i < offsets[t + 1]; ++i) n += cand_slot[i] >= 0 ? 1 : 0;
+    token_offsets[t] = n;
+  });
+  exclusive_scan(be, token_offsets, token_offsets, T);
+  for_each(be, T, [=](index t) {
+    id_type out = token_offsets[t];
+    for (id_type i = offsets[t]; i < offsets[t + 1]; ++i) {
+      if (cand_slot[i] < 0) continue;
+      token_expert[out] = expert[i];
+      token_weight[out] = weight[i];
+      token_slot[out] = cand_slot[i];
+      ++out;
     }
   });
 
-  // 3. Per expert: which candidates are kept.
-  std::vector<unsigned char> kept(sz(nnz), 1);
-  d.expert_counts.assign(sz(E), 0);
-  const index cap = lim.capacity;
-  const drop_policy drop = c.forced_drop ? *c.forced_drop : lim.drop;
-  be.parallel_for_blocks(E, 1, [&](index e_begin, index e_end) {
-    std::vector<id_type> order;
-    for (index e = e_begin; e < e_end; ++e) {
-      const id_type b = bucket_start[sz(e)];
-      const index n = bucket_size[sz(e)];
-      if (cap < 0 || n <= cap) {
-        d.expert_counts[sz(e)] = static_cast<id_type>(n);
-        continue;
-      }
-      d.expert_counts[sz(e)] = static_cast<id_type>(cap);
-      if (drop == drop_policy::position || cap == 0) {  // the earliest `cap` tokens stay
-        for (index j = cap; j < n; ++j) kept[sz(bucket_cand[sz(b + j)])] = 0;
-        continue;
-      }
-      for (index j = 0; j < n; ++j) kept[sz(bucket_cand[sz(b + j)])] = 0;
-      order.resize(sz(n));
-      std::iota(order.begin(), order.end(), b);  // positions in the bucket: ascending token order
-      if (drop == drop_policy::score) {
-        std::nth_element(order.begin(), order.begin() + cap - 1, order.end(), [&](id_type x, id_type y) {
-          const float px = rank[sz(bucket_cand[sz(x)])];
-          const float py = rank[sz(bucket_cand[sz(y)])];
-          return px > py || (px == py && x < y);
-        });
-      } else {
-        std::nth_element(order.begin(), order.begin() + cap - 1, order.end(), [&](id_type x, id_type y) {
-          const auto px =
-              random_priority(lim.seed, static_cast<std::uint64_t>(bucket_token[sz(x)]), static_cast<std::uint64_t>(e));
-          const auto py =
-              random_priority(lim.seed, static_cast<std::uint64_t>(bucket_token[sz(y)]), static_cast<std::uint64_t>(e));
-          return px > py || (px == py && x < y);
-        });
-      }
-      for (index j = 0; j < cap; ++j) kept[sz(bucket_cand[sz(order[sz(j)])])] = 1;
-    }
+  // The plan's two sizes: the one device-to-host copy of a route.
+  for_each(be, 1, [=](index) {
+    sizes[0] = expert_offsets[E];
+    sizes[1] = token_offsets[T];
   });
-
-  // 4. Slots per expert: kept count, or the capacity when padding; then aligned. Exclusive scan.
-  d.expert_offsets.assign(sz(E + 1), 0);
-  for (index e = 0; e < E; ++e) {
-    index slots = d.expert_counts[sz(e)];
-    if (lim.pad_to_capacity && cap >= 0) slots = cap;
-    slots = round_up(slots, lim.align);
-    d.expert_offsets[sz(e + 1)] = static_cast<id_type>(d.expert_offsets[sz(e)] + slots);
+  id_type host_sizes[2] = {0, 0};
+  copy_to_host(be, host_sizes, sizes, 2);
+  fence(be);
+  d.num_slots = host_sizes[0];
+  d.num_assignments = host_sizes[1];
+  if constexpr (std::is_same_v<space, host_space>) {
+    d.slot_token.resize(static_cast<std::size_t>(d.num_slots));
+    d.slot_weight.resize(static_cast<std::size_t>(d.num_slots));
   }
-  const index S = d.expert_offsets[sz(E)];
+  return basic_routing_plan<space>(std::move(d));
+}
 
-  // 5. Slot arrays, expert by expert, in bucket (ascending token) order.
-  d.slot_token.assign(sz(S), -1);
-  d.slot_weight.assign(sz(S), 0.0f);
-  std::vector<id_type> cand_slot(sz(nnz), -1);
-  be.parallel_for_blocks(E, 1, [&](index e_begin, index e_end) {
-    for (index e = e_begin; e < e_end; ++e) {
-      id_type slot = d.expert_offsets[sz(e)];
-      for (id_type j = bucket_start[sz(e)]; j < bucket_start[sz(e + 1)]; ++j) {
-        const id_type i = bucket_cand[sz(j)];
-        if (!kept[sz(i)]) continue;
-        d.slot_token[sz(slot)] = bucket_token[sz(j)];
-        d.slot_weight[sz(slot)] = c.weight[sz(i)];
-        cand_slot[sz(i)] = slot++;
-      }
-    }
-  });
-
-  // 6. Token-major CSR over kept candidates, in candidate (ascending expert) order: per-token counts
-  //    in parallel, one scan, then the fill in parallel.
-  d.token_offsets.assign(sz(T + 1), 0);
-  be.parallel_for_blocks(T, plan_block, [&](index t_begin, index t_end) {
-    for (index t = t_begin; t < t_end; ++t) {
-      id_type n = 0;
-      for (id_type i = c.offsets[sz(t)]; i < c.offsets[sz(t + 1)]; ++i) n += kept[sz(i)];
-      d.token_offsets[sz(t + 1)] = n;
-    }
-  });
-  for (index t = 0; t < T; ++t) d.token_offsets[sz(t + 1)] += d.token_offsets[sz(t)];
-  const index kept_total = d.token_offsets[sz(T)];
-  d.token_expert.resize(sz(kept_total));
-  d.token_weight.resize(sz(kept_total));
-  d.token_slot.resize(sz(kept_total));
-  be.parallel_for_blocks(T, plan_block, [&](index t_begin, index t_end) {
-    for (index t = t_begin; t < t_end; ++t) {
-      id_type out = d.token_offsets[sz(t)];
-      for (id_type i = c.offsets[sz(t)]; i < c.offsets[sz(t + 1)]; ++i) {
-        if (!kept[sz(i)]) continue;
-        d.token_expert[sz(out)] = c.expert[sz(i)];
-        d.token_weight[sz(out)] = c.weight[sz(i)];
-        d.token_slot[sz(out)] = cand_slot[sz(i)];
-        ++out;
-      }
-    }
-  });
-  return routing_plan(std::move(d));
+template <execution_backend Backend>
+basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& be, const candidate_set& c,
+                                                                 const capacity_limits& lim) {
+  return build_plan_unchecked(be, view_of(c), lim);
 }
 
 inline void check_limits(const capacity_limits& lim) {
@@ -218,7 +291,8 @@ inline void check_slot_budget(index num_experts, index nnz, const capacity_limit
 // Builds a plan from caller-supplied candidates (routing replay, precomputed indices, a custom
 // direction). Validates the candidate set fully before building.
 template <execution_backend Backend>
-routing_plan build_plan(const Backend& be, const candidate_set& c, const capacity_limits& lim) {
+basic_routing_plan<memory_space_t<Backend>> build_plan(const Backend& be, const candidate_set& c,
+                                                       const capacity_limits& lim) {
   using detail::require;
   const auto sz = [](index n) { return static_cast<std::size_t>(n); };
   require(c.num_tokens >= 0, "candidates.num_tokens", "num_tokens >= 0", c.num_tokens);

@@ -16,7 +16,7 @@
 namespace resonance {
 
 template <execution_backend Backend, class T>
-void dispatch(const Backend& be, const plan_view& plan, matrix_view<const T> x, matrix_view<T> buffer) {
+void dispatch(const Backend& be, const plan_view<>& plan, matrix_view<const T> x, matrix_view<T> buffer) {
   static_assert(!std::is_const_v<T>, "dispatch writes its buffer");
   detail::check_matrix(x, "x");
   detail::require(x.rows == plan.num_tokens(), "x", std::to_string(plan.num_tokens()) + " rows (one per token)",
@@ -24,7 +24,7 @@ void dispatch(const Backend& be, const plan_view& plan, matrix_view<const T> x, 
   detail::check_matrix(buffer, "buffer", plan.num_slots(), x.cols);
   const auto slot_token = plan.slot_token();
   const index d = x.cols;
-  be.parallel_for_blocks(plan.num_slots(), 256, [&](index begin, index end) {
+  detail::host_blocks(be, plan.num_slots(), 256, [&](index begin, index end) {
     for (index s = begin; s < end; ++s) {
       const id_type t = slot_token[static_cast<std::size_t>(s)];
       T* dst = buffer.row(s);
@@ -38,12 +38,12 @@ void dispatch(const Backend& be, const plan_view& plan, matrix_view<const T> x, 
 }
 
 template <execution_backend Backend, class T>
-void dispatch(const Backend& be, const plan_view& plan, matrix_view<T> x, matrix_view<T> buffer) {
+void dispatch(const Backend& be, const plan_view<>& plan, matrix_view<T> x, matrix_view<T> buffer) {
   dispatch(be, plan, matrix_view<const T>(x), buffer);
 }
 
 template <execution_backend Backend, class T>
-void combine(const Backend& be, const plan_view& plan, matrix_view<const T> expert_out, matrix_view<T> y) {
+void combine(const Backend& be, const plan_view<>& plan, matrix_view<const T> expert_out, matrix_view<T> y) {
   static_assert(!std::is_const_v<T>, "combine writes y");
   detail::check_matrix(expert_out, "expert_out");
   detail::require(expert_out.rows == plan.num_slots(), "expert_out",
@@ -53,7 +53,7 @@ void combine(const Backend& be, const plan_view& plan, matrix_view<const T> expe
   const auto w = plan.token_weight();
   const auto slot = plan.token_slot();
   const index d = y.cols;
-  be.parallel_for_blocks(plan.num_tokens(), 256, [&](index begin, index end) {
+  detail::host_blocks(be, plan.num_tokens(), 256, [&](index begin, index end) {
     for (index t = begin; t < end; ++t) {
       // The expert rows are scattered gathers the hardware prefetcher cannot predict: request the
       // rows two tokens ahead while this one is summed.
@@ -87,7 +87,7 @@ void combine(const Backend& be, const plan_view& plan, matrix_view<const T> expe
 }
 
 template <execution_backend Backend, class T>
-void combine(const Backend& be, const plan_view& plan, matrix_view<T> expert_out, matrix_view<T> y) {
+void combine(const Backend& be, const plan_view<>& plan, matrix_view<T> expert_out, matrix_view<T> y) {
   combine(be, plan, matrix_view<const T>(expert_out), y);
 }
 

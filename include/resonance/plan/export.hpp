@@ -19,7 +19,7 @@ namespace resonance {
 
 // Writes the dense Megatron form. Both outputs are checked before anything is written.
 template <class P, class M>
-void to_dense(const plan_view& plan, matrix_view<P> probs, matrix_view<M> mask) {
+void to_dense(const plan_view<>& plan, matrix_view<P> probs, matrix_view<M> mask) {
   static_assert(!std::is_const_v<P> && !std::is_const_v<M>, "to_dense writes its outputs");
   const index T = plan.num_tokens(), E = plan.num_experts();
   detail::check_matrix(probs, "probs", T, E);
@@ -49,7 +49,7 @@ struct block_aligned_layout {
   index block = 1;
 };
 
-inline block_aligned_layout to_block_aligned(const plan_view& plan, index block) {
+inline block_aligned_layout to_block_aligned(const plan_view<>& plan, index block) {
   detail::require(block >= 1, "block", "block >= 1", block);
   const index E = plan.num_experts();
   const auto counts = plan.expert_counts();
@@ -94,7 +94,7 @@ struct rank_layout {
   index num_ranks = 0;
 };
 
-inline rank_layout to_rank_layout(const plan_view& plan, const dist::expert_placement& placement) {
+inline rank_layout to_rank_layout(const plan_view<>& plan, const dist::expert_placement& placement) {
   const index T = plan.num_tokens(), E = plan.num_experts();
   placement.validate(E);
   const index R = placement.num_ranks;

@@ -73,7 +73,7 @@ void select(const Backend& be, const bidirectional& p, matrix_view<const float> 
   if (p.causal || p.rank == rank_by::weight) return;  // the weight is already the default priority
   const index E = logits.cols;
   out.priority.resize(out.weight.size());
-  be.parallel_for_blocks(out.num_tokens, 1024, [&](index begin, index end) {
+  detail::host_blocks(be, out.num_tokens, 1024, [&](index begin, index end) {
     std::vector<float> s(p.rank == rank_by::score ? static_cast<std::size_t>(E) : 0);
     for (index t = begin; t < end; ++t) {
       const float* row = logits.row(t);

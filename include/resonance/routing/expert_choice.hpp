@@ -90,7 +90,7 @@ std::vector<float> expert_choice_scores(const Backend& be, const routing::expert
   const index T = logits.rows, E = logits.cols;
   std::vector<float> s(static_cast<std::size_t>(T * E));
   const float inv_t = 1.0f / p.temperature;
-  be.parallel_for_blocks(T, 1024, [&](index begin, index end) {
+  detail::host_blocks(be, T, 1024, [&](index begin, index end) {
     for (index t = begin; t < end; ++t) score_row(p.score, logits.row(t), s.data() + t * E, E, inv_t);
   });
   for (index i = 0; i < T * E; ++i)
@@ -124,7 +124,7 @@ void expert_choice_fill(const Backend& be, const std::vector<unsigned char>& kee
                         index E, candidate_set& out) {
   const auto sz = [](index n) { return static_cast<std::size_t>(n); };
   out.offsets.assign(sz(T + 1), 0);
-  be.parallel_for_blocks(T, 1024, [&](index begin, index end) {
+  detail::host_blocks(be, T, 1024, [&](index begin, index end) {
     for (index t = begin; t < end; ++t) {
       id_type n = 0;
       for (index e = 0; e < E; ++e) n += keep[sz(t * E + e)];
@@ -134,7 +134,7 @@ void expert_choice_fill(const Backend& be, const std::vector<unsigned char>& kee
   for (index t = 0; t < T; ++t) out.offsets[sz(t + 1)] += out.offsets[sz(t)];
   out.expert.resize(sz(out.offsets[sz(T)]));
   out.weight.resize(sz(out.offsets[sz(T)]));
-  be.parallel_for_blocks(T, 1024, [&](index begin, index end) {
+  detail::host_blocks(be, T, 1024, [&](index begin, index end) {
     for (index t = begin; t < end; ++t) {
       id_type i = out.offsets[sz(t)];
       for (index e = 0; e < E; ++e) {
@@ -176,7 +176,7 @@ void select(const Backend& be, const expert_choice& p, matrix_view<const float> 
 
   if (!p.causal) {
     const index C = lim.capacity < T ? lim.capacity : T;
-    be.parallel_for_blocks(E, 1, [&](index e_begin, index e_end) {
+    detail::host_blocks(be, E, 1, [&](index e_begin, index e_end) {
       std::vector<detail::expert_choice_entry> col;
       for (index e = e_begin; e < e_end; ++e) {
         if (C == 0) continue;
@@ -196,7 +196,7 @@ void select(const Backend& be, const expert_choice& p, matrix_view<const float> 
 
   // Causal: a token's candidates depend on its own scores only, and position priority makes its slot
   // depend only on earlier tokens.
-  be.parallel_for_blocks(T, 1024, [&](index begin, index end) {
+  detail::host_blocks(be, T, 1024, [&](index begin, index end) {
     std::vector<float> vals(sz(p.top_k));
     std::vector<id_type> ids(sz(p.top_k));
     for (index t = begin; t < end; ++t) {

@@ -94,7 +94,7 @@ index sinkhorn_run(const Backend& be, matrix_view<const float> logits, matrix_vi
   if (T == 0 || E == 0) return 0;
 
   // cost_te = exp(l_te − max_e l_te), in (0, 1] with a 1 in every row.
-  be.parallel_for_blocks(T, 256, [&](index begin, index end) {
+  detail::host_blocks(be, T, 256, [&](index begin, index end) {
     for (index t = begin; t < end; ++t) {
       const float* l = logits.row(t);
       double m = static_cast<double>(l[0]);
@@ -113,7 +113,7 @@ index sinkhorn_run(const Backend& be, matrix_view<const float> logits, matrix_vi
   index it = 0;
   while (it < max_iterations && error > tolerance) {
     // d0_t = (1/T) / (Σ_e d1_e·cost_te + eps), the sum in expert order.
-    be.parallel_for_blocks(T, 256, [&](index begin, index end) {
+    detail::host_blocks(be, T, 256, [&](index begin, index end) {
       for (index t = begin; t < end; ++t) {
         const double* c = p.row(t);
         double s = 0.0;
@@ -123,7 +123,7 @@ index sinkhorn_run(const Backend& be, matrix_view<const float> logits, matrix_vi
     });
     // Σ_t d0_t·cost_te: per fixed chunk of tokens (in token order), then over chunks in order. The
     // chunks, not the backend's blocks, fix the summation order.
-    be.parallel_for_blocks(chunks, 1, [&](index c_begin, index c_end) {
+    detail::host_blocks(be, chunks, 1, [&](index c_begin, index c_end) {
       for (index ch = c_begin; ch < c_end; ++ch) {
         double* acc = partial.data() + ch * E;
         for (index e = 0; e < E; ++e) acc[e] = 0.0;
@@ -135,7 +135,7 @@ index sinkhorn_run(const Backend& be, matrix_view<const float> logits, matrix_vi
         }
       }
     });
-    be.parallel_for_blocks(E, 64, [&](index begin, index end) {
+    detail::host_blocks(be, E, 64, [&](index begin, index end) {
       for (index e = begin; e < end; ++e) {
         double s = 0.0;
         for (index ch = 0; ch < chunks; ++ch) s += partial[sz(ch * E + e)];
@@ -150,7 +150,7 @@ index sinkhorn_run(const Backend& be, matrix_view<const float> logits, matrix_vi
   }
 
   // P = d1 * cost * d0, in Megatron's order.
-  be.parallel_for_blocks(T, 256, [&](index begin, index end) {
+  detail::host_blocks(be, T, 256, [&](index begin, index end) {
     for (index t = begin; t < end; ++t) {
       double* c = p.row(t);
       for (index e = 0; e < E; ++e) c[e] = d1[sz(e)] * c[e] * d0[sz(t)];
@@ -198,7 +198,7 @@ void select(const Backend& be, const sinkhorn& p, matrix_view<const float> logit
   out.weight.resize(sz(T * k));
   out.priority.clear();
   out.demand.clear();
-  be.parallel_for_blocks(T, 1024, [&](index begin, index end) {
+  detail::host_blocks(be, T, 1024, [&](index begin, index end) {
     std::vector<float> scores(sz(k > 1 ? E : 0));
     std::vector<double> vals(sz(k));
     for (index t = begin; t < end; ++t) {

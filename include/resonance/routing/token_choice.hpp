@@ -98,6 +98,10 @@ struct token_choice {
     const index g = grouped() ? detail::group_topk_scratch(num_groups, top_k, group_topk) : 0;
     return num_experts + top_k + g;
   }
+  // Bytes of scratch of one token's selection: scratch_size floats, then as many ids.
+  RESONANCE_HOST_DEVICE constexpr index scratch_bytes(index num_experts) const {
+    return scratch_size(num_experts) * static_cast<index>(sizeof(float) + sizeof(id_type));
+  }
 
   friend constexpr bool operator==(const token_choice&, const token_choice&) = default;
 };
@@ -173,6 +177,24 @@ RESONANCE_INLINE_FUNCTION bool token_choice_row(const token_choice& p, const flo
   return true;
 }
 
+// One token of the selection driver: token_choice_row with the group's row primitives, the weights'
+// finiteness checked in the same pass, and the token's CSR end written. `scratch` holds
+// p.scratch_bytes(E) bytes. Returns true when the token fails (non-finite logits or weights).
+template <class Rows>
+RESONANCE_INLINE_FUNCTION bool token_choice_select(const token_choice& p, const float* logits_row, index num_experts,
+                                                   const float* bias, index t, id_type* expert, float* weight,
+                                                   id_type* offsets, void* scratch) {
+  const index k = p.top_k;
+  float* fs = static_cast<float*>(scratch);
+  id_type* is = reinterpret_cast<id_type*>(fs + p.scratch_size(num_experts));
+  float* w = weight + t * k;
+  bool ok = token_choice_row<Rows>(p, logits_row, num_experts, bias, expert + t * k, w, fs, is);
+  for (index j = 0; j < k; ++j) ok &= (w[j] - w[j]) == 0.0f;
+  if (!ok) return true;
+  offsets[t + 1] = static_cast<id_type>((t + 1) * k);
+  return false;
+}
+
 }  // namespace kernel
 
 // The host driver in three steps, which the router's fused path (router.hpp) also drives one block of
@@ -199,20 +221,12 @@ index select_rows(const Backend&, const token_choice& p, matrix_view<const float
                   candidate_set& out) {
   using rows = detail::row_ops_t<Backend>;
   const index E = logits.cols;
-  const index k = p.top_k;
   const float* bias = p.expert_bias.empty() ? nullptr : p.expert_bias.data;
-  const index scratch = p.scratch_size(E);
-  std::vector<float> fs(static_cast<std::size_t>(scratch));
-  std::vector<id_type> is(static_cast<std::size_t>(scratch));
-  for (index r = 0; r < logits.rows; ++r) {
-    const index t = first + r;
-    float* w = out.weight.data() + t * k;
-    bool ok =
-        kernel::token_choice_row<rows>(p, logits.row(r), E, bias, out.expert.data() + t * k, w, fs.data(), is.data());
-    for (index j = 0; j < k; ++j) ok &= (w[j] - w[j]) == 0.0f;
-    if (!ok) return t;  // the rest of this block cannot hold a lower token
-    out.offsets[static_cast<std::size_t>(t + 1)] = static_cast<id_type>((t + 1) * k);
-  }
+  backend::host_scratch scratch(p.scratch_bytes(E));
+  for (index r = 0; r < logits.rows; ++r)
+    if (kernel::token_choice_select<rows>(p, logits.row(r), E, bias, first + r, out.expert.data(), out.weight.data(),
+                                          out.offsets.data(), scratch.get()))
+      return first + r;  // the rest of this block cannot hold a lower token
   return first + logits.rows;
 }
 
@@ -227,20 +241,23 @@ index select_rows(const Backend&, const token_choice& p, matrix_view<const float
                " for token ", t);
 }
 
-// Host driver: runs token_choice_row over every token on the backend and reports the lowest offending
-// token whatever the backend.
+// The driver: token_choice_select over every token as one group each; the lowest offending token is
+// reported whatever the backend.
 template <execution_backend Backend>
 void select(const Backend& be, const token_choice& p, matrix_view<const float> logits, const capacity_limits&,
             candidate_set& out) {
   const index T = logits.rows;
   const index E = logits.cols;
   begin_selection(p, T, E, out);
-  detail::first_index bad(T);
-  be.parallel_for_blocks(T, 512, [&](index begin, index end) {
-    const matrix_view<const float> block{logits.row(begin), end - begin, E, logits.stride};
-    if (const index t = select_rows(be, p, block, begin, out); t < end) bad.propose(t);
+  const float* bias = p.expert_bias.empty() ? nullptr : p.expert_bias.data;
+  id_type* expert = out.expert.data();
+  float* weight = out.weight.data();
+  id_type* offsets = out.offsets.data();
+  const index bad = for_each_group(be, T, p.scratch_bytes(E), [=](const auto& g, index t) {
+    using rows = typename std::remove_cvref_t<decltype(g)>::rows;
+    return kernel::token_choice_select<rows>(p, logits.row(t), E, bias, t, expert, weight, offsets, g.scratch());
   });
-  if (const index t = bad.get(); t < T) fail_selection(p, logits.row(t), E, t, out);
+  if (bad < T) fail_selection(p, logits.row(bad), E, bad, out);
 }
 
 }  // namespace resonance::routing
