@@ -38,6 +38,9 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
+#include <new>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -56,11 +59,38 @@ struct host_space {
 template <class Space>
 struct space_traits;
 
+namespace detail {
+// An allocator that default-initialises: a host buffer of scalars is not zeroed when it is created or
+// grown, since every stage writes each entry it later reads (zeroing cost a pass over the memory).
+template <class T>
+struct default_init_allocator : std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = default_init_allocator<U>;
+  };
+  default_init_allocator() = default;
+  template <class U>
+  constexpr default_init_allocator(const default_init_allocator<U>&) noexcept {}
+  template <class U>
+  void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+}  // namespace detail
+
+// A host buffer: a std::vector whose new entries are left uninitialised.
+template <class T>
+using host_buffer = std::vector<T, detail::default_init_allocator<T>>;
+
 template <>
 struct space_traits<host_space> {
   static constexpr bool host_accessible = true;
   template <class T>
-  using buffer = std::vector<T>;
+  using buffer = host_buffer<T>;
 };
 
 template <class Space>
@@ -233,8 +263,8 @@ template <class B>
 concept host_backend = std::is_same_v<typename B::memory_space, host_space>;
 
 template <class T, host_backend B>
-std::vector<T> allocate(const B&, index n) {
-  return std::vector<T>(static_cast<std::size_t>(n));
+host_buffer<T> allocate(const B&, index n) {
+  return host_buffer<T>(static_cast<std::size_t>(n));
 }
 
 template <host_backend B, class T>
