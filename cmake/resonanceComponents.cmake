@@ -38,6 +38,11 @@ macro(resonance_find_component name)
       _resonance_component_target(tbb TBB::tbb)
     endif()
   elseif("${name}" STREQUAL "kokkos")
+    # Kokkos' config forces CMAKE_CXX_EXTENSIONS OFF in the cache, with a warning, unless it is already
+    # OFF; resonance needs no extensions, so say OFF first when the project left it unset.
+    if(NOT DEFINED CMAKE_CXX_EXTENSIONS)
+      set(CMAKE_CXX_EXTENSIONS OFF)
+    endif()
     find_package(Kokkos QUIET)
     if(TARGET Kokkos::kokkos)
       # Debian's Trilinos Kokkos exports a non-existent include directory; point it at the real one.
@@ -53,8 +58,10 @@ macro(resonance_find_component name)
     find_package(CUDAToolkit QUIET)
     if(TARGET CUDA::cudart)
       _resonance_component_target(cuda CUDA::cudart)
-      # Host-only paths pass host lambdas to the host/device per-row kernels.
-      target_compile_options(resonance::cuda INTERFACE $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr>)
+      # Host-only paths pass host lambdas to the host/device per-row kernels. No FMA contraction in device
+      # code, as -ffp-contract=off for host code: a fused a*b + c would change the last bit of a score.
+      target_compile_options(resonance::cuda INTERFACE $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr
+                                                       --fmad=false>)
     endif()
   elseif("${name}" STREQUAL "mpi")
     find_package(MPI QUIET COMPONENTS CXX)

@@ -216,12 +216,22 @@ struct router {
     // Finite logits can still overflow fp32 once divided by a tiny temperature or scaled by a huge
     // scaling factor: a NaN or Inf weight must not reach the plan.
     if constexpr (!self_checked) {
-      const auto sz = [](index n) { return static_cast<std::size_t>(n); };
-      for (index t = 0; t < cands.num_tokens; ++t)
-        for (index i = cands.offsets[sz(t)]; i < cands.offsets[sz(t + 1)]; ++i)
+      const id_type* offsets = cands.offsets.data();
+      const float* weight = cands.weight.data();
+      const float* priority = cands.priority.empty() ? weight : cands.priority.data();
+      const index bad = reduce_min(be, cands.num_tokens, [=](index t) {
+        bool ok = true;
+        for (id_type i = offsets[t]; i < offsets[t + 1]; ++i)
+          ok &= (weight[i] - weight[i]) == 0.0f && (priority[i] - priority[i]) == 0.0f;
+        return ok ? no_index : t;
+      });
+      if (bad < cands.num_tokens) {
+        const auto sz = [](index n) { return static_cast<std::size_t>(n); };
+        for (index i = cands.offsets[sz(bad)]; i < cands.offsets[sz(bad + 1)]; ++i)
           detail::require(std::isfinite(cands.weight[sz(i)]) && std::isfinite(cands.ranking()[sz(i)]), "routing weight",
                           "a finite fp32 value (logits / temperature or weight * scaling_factor overflowed)",
-                          cands.weight[sz(i)], " for token ", t);
+                          cands.weight[sz(i)], " for token ", bad);
+      }
     }
   }
 

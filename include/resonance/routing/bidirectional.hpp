@@ -12,8 +12,6 @@
 // the same name); only the ranking inside an expert differs. `causal` replaces the ranking by position
 // priority (earliest candidates first), so a token's fate depends only on tokens at or before it.
 
-#include <vector>
-
 #include "../capacity/capacity.hpp"
 #include "../core/error.hpp"
 #include "../score/score.hpp"
@@ -73,17 +71,19 @@ void select(const Backend& be, const bidirectional& p, matrix_view<const float> 
   if (p.causal || p.rank == rank_by::weight) return;  // the weight is already the default priority
   const index E = logits.cols;
   out.priority.resize(out.weight.size());
-  detail::host_blocks(be, out.num_tokens, 1024, [&](index begin, index end) {
-    std::vector<float> s(p.rank == rank_by::score ? static_cast<std::size_t>(E) : 0);
-    for (index t = begin; t < end; ++t) {
-      const float* row = logits.row(t);
-      if (p.rank == rank_by::score) detail::score_row(p.score, row, s.data(), E, 1.0f / p.temperature);
-      for (id_type i = out.offsets[static_cast<std::size_t>(t)]; i < out.offsets[static_cast<std::size_t>(t + 1)];
-           ++i) {
-        const id_type e = out.expert[static_cast<std::size_t>(i)];
-        out.priority[static_cast<std::size_t>(i)] = p.rank == rank_by::score ? s[static_cast<std::size_t>(e)] : row[e];
-      }
-    }
+  const id_type* offsets = out.offsets.data();
+  const id_type* expert = out.expert.data();
+  float* priority = out.priority.data();
+  const bool by_score = p.rank == rank_by::score;
+  const resonance::score fn = p.score;
+  const float inv_t = 1.0f / p.temperature;
+  // The ranking key of each candidate: its affinity, or its full score (which needs the row's scores).
+  for_each_group(be, out.num_tokens, by_score ? E * static_cast<index>(sizeof(float)) : 0, [=](const auto& g, index t) {
+    const float* row = logits.row(t);
+    float* s = static_cast<float*>(g.scratch());
+    if (by_score) detail::score_row(fn, row, s, E, inv_t);
+    for (id_type i = offsets[t]; i < offsets[t + 1]; ++i) priority[i] = by_score ? s[expert[i]] : row[expert[i]];
+    return false;
   });
 }
 

@@ -39,21 +39,39 @@ struct exp_constants {
                          p4 = 1.6666665459e-1f, p5 = 5.0000001201e-1f;
 };
 
+// A product and a sum rounded on their own: never fused into an FMA, whatever the compiler's
+// contraction setting on a device (CUDA's __fmul_rn/__fadd_rn are never contracted; host code relies on
+// the -ffp-contract=off that resonance::resonance carries).
+RESONANCE_INLINE_FUNCTION float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+RESONANCE_INLINE_FUNCTION float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
 RESONANCE_INLINE_FUNCTION float exp_portable(float x) {
   using c = exp_constants;
   if (!(x == x)) return x;  // NaN
   if (x < c::lo) return 0.0f;
   if (x > c::hi) return std::numeric_limits<float>::infinity();
-  const float n = (x * c::log2e + c::round_magic) - c::round_magic;
-  float r = x - n * c::ln2_hi;
-  r = r - n * c::ln2_lo;
+  const float n = add_rn(mul_rn(x, c::log2e), c::round_magic) - c::round_magic;
+  float r = x - mul_rn(n, c::ln2_hi);
+  r = r - mul_rn(n, c::ln2_lo);
   float p = c::p0;
-  p = p * r + c::p1;
-  p = p * r + c::p2;
-  p = p * r + c::p3;
-  p = p * r + c::p4;
-  p = p * r + c::p5;
-  p = p * (r * r) + r;
+  p = add_rn(mul_rn(p, r), c::p1);
+  p = add_rn(mul_rn(p, r), c::p2);
+  p = add_rn(mul_rn(p, r), c::p3);
+  p = add_rn(mul_rn(p, r), c::p4);
+  p = add_rn(mul_rn(p, r), c::p5);
+  p = add_rn(mul_rn(p, mul_rn(r, r)), r);
   p = p + 1.0f;
   // 2^n as 2^h * 2^(n-h), h = n/2 rounded toward zero: each factor is a normal float for n in [-126, 128].
   const auto ni = static_cast<std::int32_t>(n);
