@@ -3,9 +3,12 @@
 // Shared by the tests that compare backends: every backend of the build, and a bitwise plan diff.
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <functional>
+#include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <resonance/resonance.hpp>
@@ -29,7 +32,7 @@ struct scrambled_backend {
   static constexpr const char* name = "scrambled";
   using memory_space = resonance::host_space;
   template <class T>
-  using buffer = std::vector<T>;
+  using buffer = resonance::host_buffer<T>;
   using group = resonance::backend::host_group<resonance::detail::scalar_rows>;
 
   template <class F>
@@ -38,7 +41,7 @@ struct scrambled_backend {
   }
   template <class F>
   friend resonance::index for_each_group(const scrambled_backend&, resonance::index n, resonance::index bytes,
-                                         const F& f) {
+                                         const F& f, resonance::index = 0) {
     resonance::index bad = n;
     for (resonance::index i = n - 1; i >= 0; --i) {
       resonance::backend::host_scratch scratch(bytes);
@@ -88,8 +91,8 @@ struct scrambled_backend {
     }
   }
   template <class T>
-  friend std::vector<T> allocate(const scrambled_backend&, resonance::index n) {
-    return std::vector<T>(static_cast<std::size_t>(n));
+  friend resonance::host_buffer<T> allocate(const scrambled_backend&, resonance::index n) {
+    return resonance::host_buffer<T>(static_cast<std::size_t>(n));
   }
   template <class T>
   friend void copy(const scrambled_backend&, T* dst, const T* src, resonance::index n) {
@@ -104,24 +107,51 @@ struct scrambled_backend {
 };
 static_assert(resonance::execution_backend<scrambled_backend>);
 
-// The first field in which two plans differ (every span compared bit for bit), or "".
-inline std::string plan_difference(const resonance::routing_plan& a, const resonance::routing_plan& b) {
-  const auto same = [](auto x, auto y) {
-    return x.size() == y.size() && (x.empty() || std::memcmp(x.data(), y.data(), x.size_bytes()) == 0);
+// Where two plans first differ, or "": the field, and for an array the first index with both values
+// ("slot_token[17]: 3 vs 5"). Every array is compared bit for bit, except that a weight_tolerance > 0
+// lets weights differ by that much relative to the larger magnitude (DESIGN §3: 1e-6 for a backend
+// that is not bitwise). Plans in any host-readable memory space (a host plan, a Kokkos host plan).
+template <class SpaceA, class SpaceB>
+requires(resonance::host_accessible_v<SpaceA>&& resonance::host_accessible_v<SpaceB>) std::string
+    plan_difference(const resonance::basic_routing_plan<SpaceA>& a, const resonance::basic_routing_plan<SpaceB>& b,
+                    double weight_tolerance = 0.0) {
+  const auto scalar = [](const char* field, resonance::index x, resonance::index y) {
+    return x == y ? std::string{} : std::string(field) + ": " + std::to_string(x) + " vs " + std::to_string(y);
   };
-  if (a.num_tokens() != b.num_tokens()) return "num_tokens";
-  if (a.num_experts() != b.num_experts()) return "num_experts";
-  if (a.capacity() != b.capacity()) return "capacity";
-  if (a.num_slots() != b.num_slots()) return "num_slots";
-  if (!same(a.expert_offsets(), b.expert_offsets())) return "expert_offsets";
-  if (!same(a.expert_counts(), b.expert_counts())) return "expert_counts";
-  if (!same(a.expert_demand(), b.expert_demand())) return "expert_demand";
-  if (!same(a.slot_token(), b.slot_token())) return "slot_token";
-  if (!same(a.slot_weight(), b.slot_weight())) return "slot_weight";
-  if (!same(a.token_offsets(), b.token_offsets())) return "token_offsets";
-  if (!same(a.token_expert(), b.token_expert())) return "token_expert";
-  if (!same(a.token_weight(), b.token_weight())) return "token_weight";
-  if (!same(a.token_slot(), b.token_slot())) return "token_slot";
+  // Bitwise (weights too unless a tolerance is given): the first index whose entries differ.
+  const auto array = [weight_tolerance](const char* field, auto x, auto y) -> std::string {
+    using T = typename decltype(x)::value_type;
+    if (x.size() != y.size())
+      return std::string(field) + ": " + std::to_string(x.size()) + " vs " + std::to_string(y.size()) + " entries";
+    for (std::size_t i = 0; i < x.size(); ++i) {
+      bool same = std::memcmp(&x[i], &y[i], sizeof(T)) == 0;
+      if constexpr (std::is_floating_point_v<T>) {
+        if (!same && weight_tolerance > 0.0) {
+          const double u = x[i], v = y[i];
+          same = std::fabs(u - v) <= weight_tolerance * std::max(std::fabs(u), std::fabs(v));
+        }
+      }
+      if (!same) {
+        std::ostringstream os;
+        os.precision(9);
+        os << field << "[" << i << "]: " << x[i] << " vs " << y[i];
+        return os.str();
+      }
+    }
+    return {};
+  };
+  for (const std::string& d :
+       {scalar("num_tokens", a.num_tokens(), b.num_tokens()), scalar("num_experts", a.num_experts(), b.num_experts()),
+        scalar("capacity", a.capacity(), b.capacity()), scalar("num_slots", a.num_slots(), b.num_slots()),
+        scalar("num_assignments", a.num_assignments(), b.num_assignments()),
+        array("expert_offsets", a.expert_offsets(), b.expert_offsets()),
+        array("expert_counts", a.expert_counts(), b.expert_counts()),
+        array("expert_demand", a.expert_demand(), b.expert_demand()),
+        array("slot_token", a.slot_token(), b.slot_token()), array("slot_weight", a.slot_weight(), b.slot_weight()),
+        array("token_offsets", a.token_offsets(), b.token_offsets()),
+        array("token_expert", a.token_expert(), b.token_expert()),
+        array("token_weight", a.token_weight(), b.token_weight()), array("token_slot", a.token_slot(), b.token_slot())})
+    if (!d.empty()) return d;
   return {};
 }
 
@@ -152,6 +182,13 @@ template <class F>
 void for_each_backend(F&& f) {
   f(resonance::backend::serial{}, std::string("serial"));
   for_each_parallel_backend(f);
+}
+
+// Every host backend of the build (serial first), then scrambled_backend.
+template <class F>
+void for_each_backend_and_scrambled(F&& f) {
+  for_each_backend(f);
+  f(scrambled_backend{}, std::string("scrambled"));
 }
 
 }  // namespace resonance_test

@@ -1,8 +1,10 @@
 // Aux-loss-free expert-bias updater and routing statistics (entropy, Calinski-Harabasz), each checked
-// against an independent brute-force restatement written here and against closed forms.
+// against an independent brute-force restatement written here and against closed forms, and bitwise
+// the same on every backend.
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -12,6 +14,7 @@
 
 #include <resonance/resonance.hpp>
 
+#include "backends.hpp"
 #include "error_of.hpp"
 #include "random_inputs.hpp"
 
@@ -523,4 +526,111 @@ TEST_CASE("test_balance: compute_stats exposes per-expert demand and kept counts
   CHECK(s.expert_kept == std::vector<rs::id_type>{2, 1, 0});
   CHECK(s.dropped == 1);
   CHECK(rb::compute_stats(p.view()).expert_kept == s.expert_kept);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Determinism: the token sums run over fixed chunks of 1024 tokens, the per-expert sums in slot order,
+// the sums over experts in expert order, so every backend gives the same bits.
+
+TEST_CASE("test_balance: statistics and the bias update are bitwise the same on every backend") {
+  std::mt19937_64 rng(101);
+  const rs::index T = 2500, E = 7, d = 5;  // 3 chunks of 1024 tokens
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  std::vector<double> sd(usz(T * E));
+  for (double& x : sd) x = u(rng);
+  const std::vector<float> sf(sd.begin(), sd.end());
+  std::vector<float> logits = resonance_test::normal_values(rng, T * E, 1.0);
+  for (rs::index t = 0; t < T; ++t) logits[usz(t * E + t % E)] += 1.5f;
+  const rs::routing_plan plan = rs::router<rs::affinity::precomputed, rt::token_choice, rs::capacity::factor>{
+      {},
+      {.top_k = 2},
+      {.factor = 0.8,
+       .pad_to_capacity = true}}.route(rs::matrix_view<const float>{logits.data(), T, E});
+  REQUIRE(plan.num_dropped() > 0);
+  std::vector<double> fd = resonance_test::normal_values<double>(rng, T * d, 1.0);
+  for (rs::index t = 0; t < T; ++t) fd[usz(t * d + t % d)] += 3.0;
+  const std::vector<float> ff(fd.begin(), fd.end());
+
+  const auto all = [&](const auto& be) {
+    std::vector<double> out;
+    for (const bool norm : {false, true}) {
+      out.push_back(rb::routing_entropy(be, rs::matrix_view<const float>{sf.data(), T, E}, norm));
+      out.push_back(rb::routing_entropy(be, rs::matrix_view<const double>{sd.data(), T, E}, norm));
+      out.push_back(rb::routing_entropy(be, plan, norm));
+    }
+    for (const auto form : {rb::ch_form::standard, rb::ch_form::paper}) {
+      out.push_back(rb::calinski_harabasz(be, rs::matrix_view<const float>{ff.data(), T, d}, plan, form));
+      out.push_back(rb::calinski_harabasz(be, rs::matrix_view<const double>{fd.data(), T, d}, plan.view(), form));
+    }
+    return out;
+  };
+  const auto biases = [&](const auto& be) {
+    rb::bias_state s(E);
+    s.accumulate(be, plan);
+    s.accumulate(be, plan.view(), {.load = rb::load_source::kept});
+    s.update(be, plan, {.rate = 0.01, .recentre = true});
+    s.update(be, plan.view(), {.rate = 0.01, .load = rb::load_source::kept});
+    return s;
+  };
+  const std::vector<double> want = all(rs::backend::serial{});
+  const rb::bias_state want_bias = biases(rs::backend::serial{});
+  // The overloads without a backend are serial's.
+  CHECK(rb::routing_entropy(rs::matrix_view<const float>{sf.data(), T, E}) == want[0]);
+  CHECK(rb::routing_entropy(plan) == want[2]);
+  CHECK(rb::calinski_harabasz(rs::matrix_view<const float>{ff.data(), T, d}, plan) == want[6]);
+  rb::bias_state host(E);
+  host.accumulate(plan);
+  host.accumulate(plan.view(), {.load = rb::load_source::kept});
+  host.update(plan, {.rate = 0.01, .recentre = true});
+  host.update(plan.view(), {.rate = 0.01, .load = rb::load_source::kept});
+  CHECK(host == want_bias);
+  resonance_test::for_each_backend_and_scrambled([&](const auto& be, const std::string& name) {
+    CAPTURE(name);
+    const std::vector<double> got = all(be);
+    REQUIRE(got.size() == want.size());
+    CHECK(std::memcmp(got.data(), want.data(), want.size() * sizeof(double)) == 0);
+    CHECK(biases(be) == want_bias);
+  });
+}
+
+TEST_CASE("test_balance: statistics errors name the first offending entry on every backend") {
+  std::mt19937_64 rng(102);
+  const rs::index T = 3000, E = 4, d = 3;
+  std::vector<float> s(usz(T * E), 0.5f);
+  s[usz(2200 * E + 1)] = std::numeric_limits<float>::quiet_NaN();  // the third chunk
+  s[usz(1800 * E + 2)] = -0.25f;                                   // the second chunk: the first one
+  std::vector<float> zero_row(usz(T * E), 0.5f);
+  for (rs::index e = 0; e < E; ++e) zero_row[usz(1100 * E + e)] = 0.0f;
+  zero_row[usz(2900 * E)] = -1.0f;
+  std::vector<double> f = resonance_test::normal_values<double>(rng, T * d, 1.0);
+  f[usz(2100 * d + 0)] = std::numeric_limits<double>::infinity();
+  f[usz(1800 * d + 2)] = std::numeric_limits<double>::quiet_NaN();
+  // One expert per token, weight 1, except two negative kept weights: expert 2's slots come first.
+  rs::candidate_set c;
+  c.num_tokens = T;
+  c.num_experts = 6;
+  c.offsets.clear();
+  for (rs::index t = 0; t < T; ++t) {
+    c.offsets.push_back(static_cast<rs::id_type>(t));
+    c.expert.push_back(static_cast<rs::id_type>(t % 6));
+    c.weight.push_back(t == 100 ? -0.5f : t == 2000 ? -1.0f : 1.0f);
+  }
+  c.offsets.push_back(static_cast<rs::id_type>(T));
+  const rs::routing_plan p = rs::build_plan(rs::backend::serial{}, c, rs::capacity_limits{});
+  const std::string slot = std::to_string(p.token_slot()[2000]);
+  resonance_test::for_each_backend_and_scrambled([&](const auto& be, const std::string& name) {
+    CAPTURE(name);
+    std::string msg = error_of([&] { (void)rb::routing_entropy(be, rs::matrix_view<const float>{s.data(), T, E}); });
+    CHECK(msg.find("resonance: scores: expected finite values >= 0") == 0);
+    CHECK(msg.find("scores(1800, 2) = -0.25") != std::string::npos);
+    msg = error_of([&] { (void)rb::routing_entropy(be, rs::matrix_view<const float>{zero_row.data(), T, E}); });
+    CHECK(msg.find("resonance: scores: expected rows with a finite positive sum") == 0);
+    CHECK(msg.find("row 1100 sums to 0") != std::string::npos);
+    msg = error_of([&] { (void)rb::routing_entropy(be, p); });
+    CHECK(msg.find("resonance: plan: expected finite kept weights >= 0") == 0);
+    CHECK(msg.find("slot " + slot + " has weight -1") != std::string::npos);
+    msg = error_of([&] { (void)rb::calinski_harabasz(be, rs::matrix_view<const double>{f.data(), T, d}, p); });
+    CHECK(msg.find("resonance: features: expected finite values") == 0);
+    CHECK(msg.find("features(1800, 2) = ") != std::string::npos);
+  });
 }

@@ -396,6 +396,9 @@ TEST_CASE("cli: every backend of the build writes the same files") {
 #if RESONANCE_HAS_TBB
   backends.push_back("tbb");
 #endif
+#if RESONANCE_ROUTE_HAS_KOKKOS
+  backends.push_back("kokkos");
+#endif
   const char* files[] = {"probs.npy",         "routing_map.npy",    "expert_counts.npy",
                          "expert_demand.npy", "expert_offsets.npy", "slot_token.npy"};
   for (const char* direction : {"token", "bidirectional", "expert", "sinkhorn"}) {
@@ -770,7 +773,7 @@ TEST_CASE("cli: bad input exits 2 with one line on stderr and no output director
       {{"--logits", good, "--out", out, "--capacity-factor", "1", "--drop", "oldest"}, "--drop"},
       {{"--logits", good, "--out", out, "--drop", "position"}, "needs --capacity-factor"},
       {{"--logits", good, "--out", out, "--backend", "cuda"}, "--backend cuda: not available in this build"},
-      {{"--logits", good, "--out", out, "--backend", "gpu"}, "--backend: expected serial, simd or tbb"},
+      {{"--logits", good, "--out", out, "--backend", "gpu"}, "--backend: expected serial, simd, tbb, kokkos or cuda"},
       {{"--logits", good, "--out", out, "--score", "sigmoid", "--expert-bias", (d / "bias3.npy").string()},
        "--expert-bias"},
       {{"--logits", good, "--out", out, "--direction", "sinkhorn", "--score", "sigmoid"},

@@ -16,6 +16,8 @@
 
 #include <resonance/resonance.hpp>
 
+#include "backends.hpp"
+#include "error_of.hpp"
 #include "random_inputs.hpp"
 
 namespace {
@@ -354,6 +356,156 @@ TEST_CASE("test_dispatch: to_rank_layout equals DeepEP layout brute force") {
   }
   // The batches did send tokens to two experts of one rank, which must count once.
   CHECK(shared_rank_tokens > 100);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Every backend
+
+// Everything dispatch, combine and the exports write for one plan, bit for bit, on backend `be` (the
+// plan passed owning or as a view, alternately). Outputs start as `fill`, so an entry one backend
+// leaves unwritten shows as a difference.
+struct exported {
+  std::vector<float> buffer, y;
+  std::vector<double> y_double;
+  std::vector<float> probs;
+  std::vector<std::uint8_t> mask;
+  std::vector<rs::block_aligned_layout> blocks;
+  std::vector<rs::rank_layout> ranks;
+};
+
+const std::vector<rs::dist::expert_placement>& test_placements() {
+  using rs::dist::expert_placement;
+  static const std::vector<expert_placement> placements{
+      expert_placement::contiguous(16, 4, 2), expert_placement::contiguous(16, 16, 4),
+      expert_placement{3, 3, {2, 0, 1, 1, 0, 2, 2, 0, 1, 1, 1, 0, 2, 0, 0, 2}}};
+  return placements;
+}
+
+template <class Backend>
+exported export_all(const Backend& be, const rs::routing_plan& plan, bool as_view, float fill) {
+  std::mt19937_64 rng(77);  // the same inputs on every backend
+  const rs::index T = plan.num_tokens(), S = plan.num_slots(), E = plan.num_experts(), d = 19;
+  const std::vector<float> x = resonance_test::normal_values(rng, T * d);
+  const std::vector<float> eo = resonance_test::normal_values(rng, S * d);
+  const std::vector<double> eo_double = resonance_test::normal_values<double>(rng, S * d);
+  exported out;
+  out.buffer.assign(usz(S * d), fill);
+  out.y.assign(usz(T * d), fill);
+  out.y_double.assign(usz(T * d), static_cast<double>(fill));
+  out.probs.assign(usz(T * E), fill);
+  out.mask.assign(usz(T * E), 7);
+  const auto run = [&](const auto& p) {
+    rs::dispatch(be, p, rs::matrix_view<const float>{x.data(), T, d}, rs::matrix_view<float>{out.buffer.data(), S, d});
+    rs::combine(be, p, rs::matrix_view<const float>{eo.data(), S, d}, rs::matrix_view<float>{out.y.data(), T, d});
+    rs::combine(be, p, rs::matrix_view<const double>{eo_double.data(), S, d},
+                rs::matrix_view<double>{out.y_double.data(), T, d});
+    rs::to_dense(be, p, rs::matrix_view<float>{out.probs.data(), T, E},
+                 rs::matrix_view<std::uint8_t>{out.mask.data(), T, E});
+    for (rs::index block : {1, 3, 16, 64}) out.blocks.push_back(rs::to_block_aligned(be, p, block));
+    for (const auto& pl : test_placements()) out.ranks.push_back(rs::to_rank_layout(be, p, pl));
+  };
+  if (as_view) {
+    run(plan.view());
+  } else {
+    run(plan);
+  }
+  return out;
+}
+
+template <class T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+}
+
+// The first output in which two runs differ, or "".
+std::string export_difference(const exported& a, const exported& b) {
+  if (!same_bits(a.buffer, b.buffer)) return "dispatch";
+  if (!same_bits(a.y, b.y)) return "combine float";
+  if (!same_bits(a.y_double, b.y_double)) return "combine double";
+  if (!same_bits(a.probs, b.probs)) return "to_dense probs";
+  if (!same_bits(a.mask, b.mask)) return "to_dense mask";
+  if (a.blocks.size() != b.blocks.size()) return "to_block_aligned count";
+  for (std::size_t i = 0; i < a.blocks.size(); ++i) {
+    const auto &x = a.blocks[i], &y = b.blocks[i];
+    if (x.block != y.block || x.num_tokens_post_pad != y.num_tokens_post_pad ||
+        !same_bits(x.sorted_token_ids, y.sorted_token_ids) || !same_bits(x.expert_ids, y.expert_ids))
+      return "to_block_aligned block " + std::to_string(x.block);
+  }
+  if (a.ranks.size() != b.ranks.size()) return "to_rank_layout count";
+  for (std::size_t i = 0; i < a.ranks.size(); ++i) {
+    const auto &x = a.ranks[i], &y = b.ranks[i];
+    if (x.num_ranks != y.num_ranks || !same_bits(x.num_tokens_per_rank, y.num_tokens_per_rank) ||
+        !same_bits(x.num_tokens_per_node, y.num_tokens_per_node) ||
+        !same_bits(x.num_tokens_per_expert, y.num_tokens_per_expert) ||
+        !same_bits(x.is_token_in_rank, y.is_token_in_rank))
+      return "to_rank_layout placement " + std::to_string(i);
+  }
+  return {};
+}
+
+TEST_CASE(
+    "test_dispatch: dispatch, combine and the exports are serial's bitwise on every backend, scrambled included") {
+  std::mt19937_64 rng(41);
+  namespace cap = rs::capacity;
+  std::vector<routed> plans;
+  // Several blocks of 256 rows (dispatch, combine) and of tbb's default grain (the exports).
+  for (rs::index T : {0, 1, 300, 2049, 5000}) {
+    plans.push_back(route_random(rng, T, 16, 4, cap::dropless{.align = 8}, "dropless align 8"));
+    plans.push_back(
+        route_random(rng, T, 16, 2,
+                     cap::factor{.factor = 0.5, .drop = rs::drop_policy::position, .pad_to_capacity = true, .align = 4},
+                     "factor 0.5 position pad align 4"));
+  }
+  for (const routed& r : plans) {
+    CAPTURE(r.name);
+    // The reference: serial through the backend-less exports (dispatch and combine need a backend).
+    exported want = export_all(rs::backend::serial{}, r.plan, false, 0.0f);
+    const rs::index T = r.plan.num_tokens(), E = r.plan.num_experts();
+    std::vector<float> probs(usz(T * E));
+    std::vector<std::uint8_t> mask(usz(T * E));
+    rs::to_dense(r.plan, rs::matrix_view<float>{probs.data(), T, E}, rs::matrix_view<std::uint8_t>{mask.data(), T, E});
+    CHECK(same_bits(probs, want.probs));
+    CHECK(same_bits(mask, want.mask));
+    for (const auto& b : want.blocks) {
+      const rs::block_aligned_layout l = rs::to_block_aligned(r.plan, b.block);
+      CHECK((l.num_tokens_post_pad == b.num_tokens_post_pad && l.sorted_token_ids == b.sorted_token_ids &&
+             l.expert_ids == b.expert_ids));
+    }
+    for (std::size_t i = 0; i < test_placements().size(); ++i) {
+      const rs::rank_layout l = rs::to_rank_layout(r.plan, test_placements()[i]);
+      CHECK((l.num_tokens_per_rank == want.ranks[i].num_tokens_per_rank &&
+             l.num_tokens_per_node == want.ranks[i].num_tokens_per_node &&
+             l.num_tokens_per_expert == want.ranks[i].num_tokens_per_expert &&
+             l.is_token_in_rank == want.ranks[i].is_token_in_rank));
+    }
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const auto check = [&](const auto& be, const std::string& name) {
+      for (bool as_view : {false, true}) {
+        const std::string diff = export_difference(export_all(be, r.plan, as_view, nan), want);
+        CHECK_MESSAGE(diff.empty(), name << (as_view ? " (plan_view)" : " (routing_plan)") << ": " << diff);
+      }
+    };
+    check(resonance_test::scrambled_backend{}, "scrambled");
+    resonance_test::for_each_backend(check);
+  }
+}
+
+TEST_CASE("test_dispatch: to_block_aligned rejects a block whose experts' padded runs only overflow together") {
+  // Two experts with tokens and blocks of 2^30: each run fits in 32-bit ids, the layout (2^31) does not.
+  std::mt19937_64 rng(42);
+  const routed r = route_random(rng, 40, 4, 2, rs::capacity::dropless{}, "dropless");
+  rs::index nonempty = 0;
+  for (rs::id_type c : r.plan.expert_counts()) nonempty += c > 0 ? 1 : 0;
+  REQUIRE(nonempty >= 2);
+  const rs::index block = rs::index{1} << 30;
+  const std::string want = resonance_test::error_of([&] { (void)rs::to_block_aligned(r.plan, block); });
+  CHECK(want.starts_with("resonance: block: "));
+  CHECK(resonance_test::error_of(
+            [&] { (void)rs::to_block_aligned(resonance_test::scrambled_backend{}, r.plan, block); }) == want);
+  resonance_test::for_each_backend([&](const auto& be, const std::string& name) {
+    CHECK_MESSAGE(resonance_test::error_of([&] { (void)rs::to_block_aligned(be, r.plan.view(), block); }) == want,
+                  name);
+  });
 }
 
 }  // namespace

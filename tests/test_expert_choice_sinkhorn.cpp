@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <numeric>
@@ -530,6 +531,83 @@ TEST_CASE("test_expert_choice_sinkhorn: expert_choice_thresholds is each expert'
   }
 }
 
+TEST_CASE("test_expert_choice_sinkhorn: expert choice's selection is the same on every backend, with many exact ties") {
+  // Scores drawn from a few values (signed zeros included): most columns tie at the cut, and the keys
+  // (score bits, inverted token) must still pick the same tokens whatever order the primitives run in.
+  const auto same = [](const rs::candidate_set& a, const rs::candidate_set& b) {
+    const auto bits = [](const auto& x, const auto& y) {
+      return x.size() == y.size() && (x.empty() || std::memcmp(x.data(), y.data(), x.size() * sizeof(x[0])) == 0);
+    };
+    return a.num_tokens == b.num_tokens && a.num_experts == b.num_experts && bits(a.offsets, b.offsets) &&
+           bits(a.expert, b.expert) && bits(a.weight, b.weight) && bits(a.demand, b.demand) && a.priority.empty() &&
+           b.priority.empty() && a.forced_drop == b.forced_drop;
+  };
+  std::mt19937_64 rng(11);
+  const rs::score fns[] = {rs::score::identity, rs::score::sigmoid, rs::score::softmax};
+  for (int n = 0; n < 40; ++n) {
+    const rs::index T = 1 + static_cast<rs::index>(rng() % 200), E = 1 + static_cast<rs::index>(rng() % 12);
+    const std::vector<float> x = resonance_test::draw_from(rng, T * E, {-1.0f, -0.0f, 0.0f, 0.5f, 2.0f});
+    const rs::score fn = fns[n % 3];
+    const rs::index Cr = 1 + static_cast<rs::index>(rng() % static_cast<std::uint64_t>(T));
+    for (rs::index C : {rs::index{0}, rs::index{1}, Cr, T - 1, T, T + 3}) {
+      if (C < 0) continue;
+      CAPTURE(n);
+      CAPTURE(C);
+      const rs::capacity_limits lim{.capacity = C};
+      std::vector<rt::expert_choice> policies = {{.score = fn},
+                                                 {.top_k = std::min<rs::index>(E, 2), .score = fn, .causal = true}};
+      std::vector<float> thr;
+      if (C >= 1) {
+        thr = rt::expert_choice_thresholds(rt::expert_choice{.score = fn}, view(x, T, E), C);
+        policies.push_back({.score = fn, .causal = true, .thresholds = {thr.data(), E}});
+      }
+      for (const rt::expert_choice& p : policies) {
+        CAPTURE(p.causal);
+        rs::candidate_set want;
+        rt::select(rs::backend::serial{}, p, view(x, T, E), lim, want);
+        if (fn == rs::score::identity && !p.causal) {
+          // S = x exactly: the brute-force selection has no near ties to excuse.
+          bool ok = true;
+          const std::vector<double> S(x.begin(), x.end());
+          const auto kept = ref_expert_choice(S, T, E, C, ok);
+          std::vector<std::vector<rs::index>> got(sz(E));
+          for (rs::index t = 0; t < T; ++t)
+            for (rs::id_type i = want.offsets[sz(t)]; i < want.offsets[sz(t + 1)]; ++i)
+              got[sz(want.expert[sz(i)])].push_back(t);
+          CHECK(got == kept);
+        }
+        rs::candidate_set got;
+        rt::select(odd_blocks{}, p, view(x, T, E), lim, got);
+        CHECK(same(got, want));
+        resonance_test::for_each_parallel_backend([&](const auto& be, const std::string& name) {
+          CAPTURE(name);
+          rs::candidate_set other;
+          rt::select(be, p, view(x, T, E), lim, other);
+          CHECK(same(other, want));
+        });
+      }
+    }
+  }
+}
+
+TEST_CASE("test_expert_choice_sinkhorn: capacity::quantile is the nearest-rank element, with many exact ties") {
+  std::mt19937_64 rng(5);
+  CHECK(rs::capacity::quantile({}, 0.5) == 0.0);
+  for (int n = 0; n < 200; ++n) {
+    const rs::index m = 1 + static_cast<rs::index>(rng() % 60);
+    const std::vector<float> v = n % 2 == 0 ? resonance_test::draw_from(rng, m, {-0.5f, 0.0f, 0.25f, 0.25f, 1.0f})
+                                            : resonance_test::normal_values(rng, m, 1.0);
+    std::vector<float> sorted = v;
+    std::sort(sorted.begin(), sorted.end());
+    for (double q : {0.0, 0.1, 0.5, 0.9, 0.999, 1.0, static_cast<double>(rng() % 1000) / 1000.0}) {
+      const double want = sorted[sz(std::min<rs::index>(m - 1, static_cast<rs::index>(q * static_cast<double>(m))))];
+      CAPTURE(m);
+      CAPTURE(q);
+      CHECK(rs::capacity::quantile(v, q) == want);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Sinkhorn.
 
@@ -663,6 +741,36 @@ TEST_CASE("test_expert_choice_sinkhorn: sinkhorn selects the top-k of P, weights
     }
   }
   CHECK(skipped * 100 <= rows);
+}
+
+TEST_CASE("test_expert_choice_sinkhorn: sinkhorn's P and selection are serial's bitwise on every backend") {
+  std::mt19937_64 rng(55);
+  // Several 256-token chunks (the column sums' fixed order), and more rows than one block of any backend.
+  const std::pair<rs::index, rs::index> shapes[] = {{1, 3}, {255, 8}, {257, 5}, {1100, 16}, {2600, 24}};
+  for (const auto& shape : shapes) {
+    const rs::index T = shape.first, E = shape.second;
+    CAPTURE(T);
+    CAPTURE(E);
+    const std::vector<float> x = resonance_test::normal_values(rng, T * E, 2.0);
+    std::vector<double> want(sz(T * E));
+    const rs::index it = rt::sinkhorn_normalize(rs::backend::serial{}, view(x, T, E), {want.data(), T, E}, 200, 1e-7);
+    rs::candidate_set want_sel;
+    const rt::sinkhorn policy{.top_k = std::min<rs::index>(E, 3), .max_iterations = 40};
+    rt::select(rs::backend::serial{}, policy, view(x, T, E), rs::capacity_limits{}, want_sel);
+    const auto check = [&](const auto& be, const std::string& name) {
+      CAPTURE(name);
+      std::vector<double> got(sz(T * E), -1.0);
+      CHECK(rt::sinkhorn_normalize(be, view(x, T, E), {got.data(), T, E}, 200, 1e-7) == it);
+      CHECK(std::memcmp(got.data(), want.data(), got.size() * sizeof(double)) == 0);
+      rs::candidate_set sel;
+      rt::select(be, policy, view(x, T, E), rs::capacity_limits{}, sel);
+      CHECK(sel.offsets == want_sel.offsets);
+      CHECK(sel.expert == want_sel.expert);
+      CHECK(std::memcmp(sel.weight.data(), want_sel.weight.data(), sel.weight.size() * sizeof(float)) == 0);
+    };
+    check(odd_blocks{}, "scrambled");
+    resonance_test::for_each_parallel_backend(check);
+  }
 }
 
 TEST_CASE("test_expert_choice_sinkhorn: sinkhorn ties go to the lowest expert id") {

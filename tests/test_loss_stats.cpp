@@ -1,8 +1,10 @@
 // Load-balancing loss, z-loss and routing statistics against brute-force restatements in double and
-// against closed forms derived by hand.
+// against closed forms derived by hand, and bitwise the same on every backend.
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
@@ -12,6 +14,7 @@
 
 #include <resonance/resonance.hpp>
 
+#include "backends.hpp"
 #include "random_inputs.hpp"
 
 namespace {
@@ -149,6 +152,30 @@ TEST_CASE("test_loss: z_loss equals mean logsumexp squared in double") {
   CHECK(rs::loss::z_loss(rs::backend::serial{}, rs::matrix_view<const float>{nullptr, 0, 8}) == 0.0);
 }
 
+TEST_CASE("test_loss: switch_aux_loss and z_loss are bitwise the same on every backend") {
+  std::mt19937_64 rng(54);
+  const rs::index T = 5000, E = 16, stride = 19;  // 5 chunks of 1024 tokens
+  const std::vector<float> x = resonance_test::grid_values(rng, T * stride, 8, 0.125f);
+  const rs::matrix_view<const float> l{x.data(), T, E, stride};
+  const auto bits = [](double v) {
+    std::uint64_t u = 0;
+    std::memcpy(&u, &v, sizeof u);
+    return u;
+  };
+  const auto all = [&](const auto& be) {
+    std::vector<std::uint64_t> out;
+    for (rs::score fn : {rs::score::softmax, rs::score::sigmoid, rs::score::sqrt_softplus})
+      for (rs::index k : {1, 2, 5}) out.push_back(bits(rs::loss::switch_aux_loss(be, l, fn, k)));
+    out.push_back(bits(rs::loss::z_loss(be, l)));
+    return out;
+  };
+  const std::vector<std::uint64_t> want = all(rs::backend::serial{});
+  resonance_test::for_each_backend_and_scrambled([&](const auto& be, const std::string& name) {
+    CAPTURE(name);
+    CHECK(all(be) == want);
+  });
+}
+
 // ---------------------------------------------------------------------------------------------------
 // routing statistics
 
@@ -282,6 +309,41 @@ TEST_CASE("test_stats: compute_stats closed forms") {
   CHECK(s.mean_load == 0.0);
   CHECK(s.load_cv == 0.0);
   CHECK(s.max_over_mean == 0.0);
+}
+
+TEST_CASE("test_stats: compute_stats is the same on every backend and for a view") {
+  std::mt19937_64 rng(55);
+  const rs::index T = 3000, E = 12, k = 2;
+  std::vector<float> x = resonance_test::normal_values(rng, T * E, 1.0);
+  for (rs::index t = 0; t < T; ++t)
+    for (rs::index e = 0; e < E; ++e) x[usz(t * E + e)] += 0.2f * static_cast<float>(e);
+  const rs::routing_plan plan = rs::router<rs::affinity::precomputed, rt::token_choice, rs::capacity::factor>{
+      {},
+      {.top_k = k},
+      {.factor = 0.9,
+       .pad_to_capacity = true}}.route(rs::matrix_view<const float>{x.data(), T, E});
+  const rs::balance::routing_stats want = rs::balance::compute_stats(plan);
+  REQUIRE(want.dropped > 0);
+  const auto same = [&](const rs::balance::routing_stats& got) {
+    // Every field, the doubles bit for bit.
+    CHECK(got.capacity == want.capacity);
+    CHECK(got.demanded == want.demanded);
+    CHECK(got.kept == want.kept);
+    CHECK(got.dropped == want.dropped);
+    CHECK(got.slots == want.slots);
+    for (const auto field : {&rs::balance::routing_stats::drop_rate, &rs::balance::routing_stats::padding_fraction,
+                             &rs::balance::routing_stats::mean_load, &rs::balance::routing_stats::max_load,
+                             &rs::balance::routing_stats::load_cv, &rs::balance::routing_stats::max_over_mean})
+      CHECK(std::memcmp(&(got.*field), &(want.*field), sizeof(double)) == 0);
+    CHECK(got.expert_demand == want.expert_demand);
+    CHECK(got.expert_kept == want.expert_kept);
+  };
+  same(rs::balance::compute_stats(plan.view()));
+  resonance_test::for_each_backend_and_scrambled([&](const auto& be, const std::string& name) {
+    CAPTURE(name);
+    same(rs::balance::compute_stats(be, plan));
+    same(rs::balance::compute_stats(be, plan.view()));
+  });
 }
 
 }  // namespace

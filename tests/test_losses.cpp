@@ -1,20 +1,26 @@
 // Training losses with gradients: each against an independent double restatement written here, and
-// its analytic gradient against a central finite difference of the library's own value.
+// its analytic gradient against a central finite difference of the library's own value; every value
+// and gradient bitwise the same on every backend.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <doctest/doctest.h>
 
 #include <resonance/resonance.hpp>
 
+#include "backends.hpp"
 #include "error_of.hpp"
+#include "random_inputs.hpp"
 
 namespace {
 
@@ -411,4 +417,121 @@ TEST_CASE("test_losses: every error names its argument and writes nothing") {
     expect("eps", [&] {
       rl::locality_loss(be, lv, rl::locality_options{nv, 2, 0, rl::locality_form::smoothed, eps}, gv);
     });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Determinism: every token sum runs over fixed chunks of 1024 tokens in token order, then the chunks in
+// order, so each value and gradient has the same bits on every backend (tbb in arenas of 1, 2 and 3
+// threads, and scrambled_backend, whose primitives run in reverse order).
+
+namespace {
+
+// The outputs of every loss on one backend: each value (as a one-entry array) and its gradient, and
+// the global-batch accumulators' states.
+template <class S>
+struct loss_outputs {
+  std::vector<std::vector<S>> arrays;
+  std::vector<std::int64_t> accumulators;
+};
+
+template <class S, class Backend>
+loss_outputs<S> all_losses(const Backend& b, const std::vector<S>& l, idx T, idx E, idx stride, const mask_t& m) {
+  loss_outputs<S> out;
+  const rs::matrix_view<const S> lv{l.data(), T, E, stride};
+  std::vector<S> g(z(T * E), S(7));
+  const rs::matrix_view<S> gv{g.data(), T, E};
+  const auto keep = [&](S value) {
+    out.arrays.push_back({value});
+    out.arrays.push_back(g);
+    std::fill(g.begin(), g.end(), S(7));
+  };
+  for (rs::score fn : kScores) {
+    keep(rl::switch_loss(b, lv, rl::switch_options{3, fn, 0.3}, gv, mview(m)));
+    keep(rl::seq_aux_loss(b, lv, rl::seq_aux_options{2, fn, 0.5, T / 2}, gv, mview(m)));  // 2 chunks a sequence
+    keep(rl::seq_aux_loss(b, lv, rl::seq_aux_options{3, fn, 0.5, 13}, gv, mview(m)));     // 200 sequences
+    rl::global_aux_accumulator acc;
+    for (int mb = 0; mb < 2; ++mb) keep(rl::global_aux_loss(b, lv, rl::switch_options{2, fn, 0.7}, acc, gv, mview(m)));
+    out.accumulators.insert(out.accumulators.end(), acc.counts.begin(), acc.counts.end());
+    out.accumulators.push_back(acc.tokens);
+  }
+  keep(rl::z_loss(b, lv, rl::z_loss_options{0.25}, gv, mview(m)));
+  std::vector<rs::id_type> node(z(E));
+  for (idx e = 0; e < E; ++e) node[z(e)] = static_cast<rs::id_type>(e % 4);
+  const rs::vector_view<const rs::id_type> nv{node.data(), E};
+  keep(rl::locality_loss(b, lv, rl::locality_options{nv, 4, 1, rl::locality_form::smoothed, 0.05, 0.4}, gv, mview(m)));
+  keep(rl::locality_loss(b, lv, rl::locality_options{nv, 4, 1, rl::locality_form::reversed, 0.05, 0.4}, gv, mview(m)));
+  if constexpr (std::is_same_v<S, float>) {
+    out.arrays.push_back({static_cast<float>(rl::switch_aux_loss(b, lv, rs::score::softmax, 2))});
+    out.arrays.push_back({static_cast<float>(rl::z_loss(b, lv))});
+  }
+  return out;
+}
+
+template <class S>
+void check_losses_backend_independent(std::mt19937_64& rng) {
+  const idx T = 2600, E = 12, stride = 13;  // 3 chunks; T / 2 and 13 divide T
+  // Grid logits: exact ties, so the lowest-index rule decides many counts.
+  const std::vector<float> grid = resonance_test::grid_values(rng, T * stride, 6, 0.25f);
+  std::vector<S> l(grid.begin(), grid.end());
+  if constexpr (std::is_same_v<S, double>) {
+    const std::vector<double> noise = resonance_test::normal_values<double>(rng, T * stride, 1e-3);
+    for (std::size_t i = 0; i < l.size(); i += 2) l[i] += noise[i];  // ties in half the entries only
+  }
+  for (const bool masked : {false, true}) {
+    CAPTURE(masked);
+    const mask_t m = masked ? make_mask(T) : mask_t{};
+    const loss_outputs<S> want = all_losses(be, l, T, E, stride, m);
+    resonance_test::for_each_backend_and_scrambled([&](const auto& backend, const std::string& name) {
+      CAPTURE(name);
+      const loss_outputs<S> got = all_losses(backend, l, T, E, stride, m);
+      CHECK(got.accumulators == want.accumulators);
+      REQUIRE(got.arrays.size() == want.arrays.size());
+      for (std::size_t i = 0; i < want.arrays.size(); ++i) {
+        CAPTURE(i);
+        REQUIRE(got.arrays[i].size() == want.arrays[i].size());
+        CHECK(std::memcmp(got.arrays[i].data(), want.arrays[i].data(), want.arrays[i].size() * sizeof(S)) == 0);
+      }
+    });
+  }
+}
+
+}  // namespace
+
+TEST_CASE("test_losses: every value and gradient is bitwise the same on every backend") {
+  std::mt19937_64 rng(18);
+  check_losses_backend_independent<float>(rng);
+  check_losses_backend_independent<double>(rng);
+}
+
+TEST_CASE("test_losses: a non-finite logit is reported at its first position on every backend") {
+  std::mt19937_64 rng(19);
+  const idx T = 3000, E = 5;
+  std::vector<double> l = resonance_test::normal_values<double>(rng, T * E, 1.0);
+  l[z(2500 * E + 1)] = std::nan("");                              // the third chunk
+  l[z(1500 * E + 3)] = -std::numeric_limits<double>::infinity();  // the second chunk: the first offending entry
+  l[z(1700 * E + 0)] = std::numeric_limits<double>::infinity();
+  const auto lv = cview(l, T, E);
+  std::vector<rs::id_type> node = {0, 0, 1, 1, 1};
+  const rs::vector_view<const rs::id_type> nv{node.data(), E};
+  resonance_test::for_each_backend_and_scrambled([&](const auto& b, const std::string& name) {
+    CAPTURE(name);
+    std::vector<double> g(z(T * E), 42.0);
+    const rs::matrix_view<double> gv{g.data(), T, E};
+    const auto expect = [&](const std::function<void()>& f) {
+      const std::string msg = resonance_test::error_of(f);
+      CAPTURE(msg);
+      CHECK(msg.find("resonance: logits:") == 0);
+      CHECK(msg.find("at row 1500, column 3") != std::string::npos);
+      CHECK(std::all_of(g.begin(), g.end(), [](double x) { return x == 42.0; }));
+    };
+    expect([&] { rl::switch_loss(b, lv, rl::switch_options{2}, gv); });
+    expect([&] { rl::seq_aux_loss(b, lv, rl::seq_aux_options{2, rs::score::sigmoid, 1.0, 5}, gv); });
+    expect([&] { rl::seq_aux_loss(b, lv, rl::seq_aux_options{2, rs::score::softmax, 1.0, T}, gv); });
+    rl::global_aux_accumulator acc;
+    expect([&] { rl::global_aux_loss(b, lv, rl::switch_options{2}, acc, gv); });
+    CHECK(acc.counts.empty());
+    CHECK(acc.tokens == 0);
+    expect([&] { rl::z_loss(b, lv, rl::z_loss_options{}, gv); });
+    expect([&] { rl::locality_loss(b, lv, rl::locality_options{nv, 2, 1}, gv); });
+  });
 }

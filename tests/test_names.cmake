@@ -1,7 +1,7 @@
 # doctest_discover_tests splits a test name at ';' into two CTest entries that each run no test case
 # and still pass, so such a name silently disables its test. Fail when one appears.
 # Usage: cmake -DSOURCE=<repo> -P test_names.cmake
-file(GLOB sources "${SOURCE}/tests/*.cpp")
+file(GLOB sources "${SOURCE}/tests/*.cpp" "${SOURCE}/tests/kokkos/*.cpp")
 set(bad "")
 foreach(f IN LISTS sources)
   file(STRINGS "${f}" lines REGEX "TEST_CASE(_TEMPLATE)?\\(\"[^\"]*;")

@@ -22,6 +22,7 @@
 #include <sys/stat.h>
 #include <system_error>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <resonance/resonance.hpp>
@@ -30,6 +31,11 @@
 #endif
 #if RESONANCE_HAS_TBB
 #include <resonance/backend/tbb.hpp>
+#endif
+#if RESONANCE_HAS_KOKKOS
+#include <Kokkos_Core.hpp>
+
+#include <resonance/backend/kokkos.hpp>
 #endif
 
 #include "npy.hpp"
@@ -40,7 +46,8 @@ namespace npy = resonance::tools::npy;
 
 namespace {
 
-// The backends this build has (xsimd and oneTBB are optional; tbb uses the simd rows when both are).
+// The backends this build has (xsimd, oneTBB and Kokkos are optional; tbb uses the simd rows when both
+// are; kokkos runs on Kokkos' default host execution space).
 constexpr std::string_view available_backends =
     "serial"
 #if RESONANCE_HAS_SIMD
@@ -48,6 +55,9 @@ constexpr std::string_view available_backends =
 #endif
 #if RESONANCE_HAS_TBB
     ", tbb"
+#endif
+#if RESONANCE_HAS_KOKKOS
+    ", kokkos"
 #endif
     ;
 
@@ -58,6 +68,9 @@ bool backend_available(std::string_view name) {
 #endif
 #if RESONANCE_HAS_TBB
   if (name == "tbb") return true;
+#endif
+#if RESONANCE_HAS_KOKKOS
+  if (name == "kokkos") return true;
 #endif
   return false;
 }
@@ -98,8 +111,8 @@ constexpr const char* usage_text =
     "  --pad-to-capacity           every expert gets exactly C slots (padding: token -1)\n"
     "  --min-capacity N            lower bound on C (default 0)\n"
     "  --align N                   round every expert's slot count up to a multiple of N (default 1)\n"
-    "  --backend B                 serial (default), simd or tbb when this build has them; every\n"
-    "                              backend gives the same plan\n"
+    "  --backend B                 serial (default), simd, tbb or kokkos when this build has them;\n"
+    "                              every backend gives the same plan\n"
     "  --help                      this text\n"
     "  --version                   the library version\n"
     "\n"
@@ -328,7 +341,7 @@ action parse_args(int argc, char** argv, options& o) {
     } else if (name == "--backend") {
       const std::string_view v = value();
       if (v != "serial" && v != "simd" && v != "tbb" && v != "cuda" && v != "kokkos")
-        fail("--backend: expected serial, simd or tbb, got '" + std::string(v) + "'");
+        fail("--backend: expected serial, simd, tbb, kokkos or cuda, got '" + std::string(v) + "'");
       if (!backend_available(v))
         fail("--backend " + std::string(v) + ": not available in this build (" + std::string(available_backends) + ")");
       o.backend = v;
@@ -580,6 +593,14 @@ results with_backend(std::string_view name, F&& f) {
 #elif RESONANCE_HAS_TBB
   if (name == "tbb") return f(rs::backend::tbb<>{});
 #endif
+#if RESONANCE_HAS_KOKKOS
+  if (name == "kokkos") {
+    // Kokkos is initialised only when this backend is asked for, and finalised once the routed plan has
+    // been mirrored to the host (route_on returns host data only, so no View outlives the guard).
+    const Kokkos::ScopeGuard kokkos;
+    return f(rs::backend::kokkos<Kokkos::DefaultHostExecutionSpace>{});
+  }
+#endif
   (void)name;
   return f(rs::backend::serial{});
 }
@@ -588,6 +609,16 @@ template <class Direction, class Capacity, class Scalar>
 results route_with(const Direction& dir, const Capacity& cap, const options& o, const std::vector<Scalar>& logits,
                    rs::index T, rs::index E) {
   return with_backend(o.backend, [&](const auto& be) { return route_on(be, dir, cap, o, logits, T, E); });
+}
+
+// The routed plan on the host: a host backend's as it is, another's mirrored (kokkos).
+template <class Backend, class Space>
+rs::routing_plan host_plan(const Backend& be, rs::basic_routing_plan<Space>&& plan) {
+  if constexpr (std::is_same_v<Space, rs::host_space>) {
+    return std::move(plan);
+  } else {
+    return rs::to_host(be, plan);
+  }
 }
 
 template <class Backend, class Direction, class Capacity, class Scalar>
@@ -603,9 +634,9 @@ results route_on(const Backend& be, const Direction& dir, const Capacity& cap, c
     // One batch is a scheduler's first step (its state starts fresh). The bounds read d, the width of
     // the hidden states behind the logits: --hidden-size, else the number of experts.
     rs::capacity_state_t<Capacity> state{};
-    out.plan = r.route(be, l, state);
+    out.plan = host_plan(be, r.route(be, l, state));
   } else {
-    out.plan = r.route(be, l);
+    out.plan = host_plan(be, r.route(be, l));
   }
   out.aux_loss = rs::loss::switch_aux_loss(be, l, o.score, o.top_k);
   out.z_loss = rs::loss::z_loss(be, l);

@@ -3,6 +3,7 @@
 // The umbrella first: every header it pulls in must at least compile (host side) under nvcc.
 #include <resonance/resonance.hpp>
 
+#include <resonance/core/select.hpp>
 #include <resonance/core/topk.hpp>
 #include <resonance/plan/build.hpp>
 #include <resonance/routing/token_choice.hpp>
@@ -42,4 +43,13 @@ __global__ void topk_kernel(const float* in, rs::index T, rs::index E, rs::index
 
 __global__ void random_priority_kernel(unsigned long long seed, unsigned long long* out) {
   out[threadIdx.x] = rs::detail::random_priority(seed, threadIdx.x, blockIdx.x);
+}
+
+// The radix select of segmented_select (the Kokkos backend's; a CUDA backend's per block).
+__global__ void radix_select_kernel(const std::uint64_t* keys, const rs::id_type* offsets, rs::index k,
+                                    std::uint64_t* kth, rs::id_type* histograms) {
+  const rs::index s = blockIdx.x;
+  const rs::index n = offsets[s + 1] - offsets[s];
+  if (n > k)
+    kth[s] = rs::detail::radix_kth_largest(keys + offsets[s], n, k, histograms + s * rs::detail::radix_select_bins);
 }

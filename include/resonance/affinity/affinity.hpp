@@ -33,10 +33,9 @@ matrix_view<const float> as_float(const Backend& be, matrix_view<const T> x, std
     return x;
   } else {
     storage.resize(static_cast<std::size_t>(x.rows * x.cols));
-    detail::host_blocks(be, x.rows, 1024, [&](index begin, index end) {
-      for (index r = begin; r < end; ++r)
-        for (index c = 0; c < x.cols; ++c)
-          storage[static_cast<std::size_t>(r * x.cols + c)] = static_cast<float>(x(r, c));
+    float* out = storage.data();
+    for_each(be, x.rows, [=](index r) {
+      for (index c = 0; c < x.cols; ++c) out[r * x.cols + c] = static_cast<float>(x(r, c));
     });
     return {storage.data(), x.rows, x.cols, x.cols};
   }

@@ -121,17 +121,21 @@ struct basic_cosine {
     detail::check_matrix(logits, "logits", x.rows, E);
     const unit_embeddings v = normalized_embeddings();
     const double tau = static_cast<double>(temperature), eps = static_cast<double>(epsilon);
-    detail::host_blocks(be, x.rows, block_tokens, [&](index begin, index end) {
-      std::vector<double> u(static_cast<std::size_t>(d));
-      for (index t = begin; t < end; ++t) {
-        T* out = logits.row(t);
-        const detail::scaled_norm n = unit_row(x.row(t), d, u.data());
-        for (index e = 0; e < E; ++e) {
-          const bool zero = detail::negligible(n, eps) || v.zero[static_cast<std::size_t>(e)];
-          out[e] = zero ? T(0) : static_cast<T>(pair_cosine(u.data(), v.row(e), d) / tau);
-        }
-      }
-    });
+    const double* unit = v.unit.data();
+    const unsigned char* zero_expert = v.zero.data();
+    for_each_group(
+        be, x.rows, d * static_cast<index>(sizeof(double)),
+        [=](const auto& grp, index t) {
+          double* u = static_cast<double*>(grp.scratch());
+          T* out = logits.row(t);
+          const detail::scaled_norm n = unit_row(x.row(t), d, u);
+          for (index e = 0; e < E; ++e) {
+            const bool zero = detail::negligible(n, eps) || zero_expert[e] != 0;
+            out[e] = zero ? T(0) : static_cast<T>(pair_cosine(u, unit + e * d, d) / tau);
+          }
+          return false;
+        },
+        block_tokens);
   }
 
   // The gradient of Σ dlogits ∘ logits. With u = x/‖x‖, v = w/‖w‖ and c = u·v:

@@ -50,15 +50,17 @@ struct grap {
     const index E = num_experts, g = x.cols / E;
     detail::check_matrix(logits, "logits", x.rows, E);
     const double inv_g = 1.0 / static_cast<double>(g);
-    using rows = detail::row_ops_t<Backend>;
-    detail::host_blocks(be, x.rows, block_tokens, [&](index begin, index end) {
-      std::vector<double> s(static_cast<std::size_t>(E));
-      for (index t = begin; t < end; ++t) {
-        rows::group_sums(x.row(t), E, g, s.data());
-        T* out = logits.row(t);
-        for (index e = 0; e < E; ++e) out[e] = static_cast<T>(s[static_cast<std::size_t>(e)] * inv_g);
-      }
-    });
+    for_each_group(
+        be, x.rows, E * static_cast<index>(sizeof(double)),
+        [=](const auto& grp, index t) {
+          using rows = typename std::remove_cvref_t<decltype(grp)>::rows;
+          double* s = static_cast<double*>(grp.scratch());
+          rows::group_sums(x.row(t), E, g, s);
+          T* out = logits.row(t);
+          for (index e = 0; e < E; ++e) out[e] = static_cast<T>(s[e] * inv_g);
+          return false;
+        },
+        block_tokens);
   }
 
   // The gradient of Σ dlogits ∘ logits with respect to x: dx(t, j) = dlogits(t, e(j)) / g, e(j) = j / g.
@@ -70,16 +72,17 @@ struct grap {
     detail::check_matrix(dlogits, "dlogits", x.rows, E);
     detail::check_matrix(dx, "dx", x.rows, x.cols);
     const double inv_g = 1.0 / static_cast<double>(g);
-    detail::host_blocks(be, x.rows, block_tokens, [&](index begin, index end) {
-      for (index t = begin; t < end; ++t) {
-        const T* dl = dlogits.row(t);
-        T* out = dx.row(t);
-        for (index e = 0; e < E; ++e) {
-          const T v = static_cast<T>(static_cast<double>(dl[e]) * inv_g);
-          for (index j = e * g; j < (e + 1) * g; ++j) out[j] = v;
-        }
-      }
-    });
+    for_each(
+        be, x.rows,
+        [=](index t) {
+          const T* dl = dlogits.row(t);
+          T* out = dx.row(t);
+          for (index e = 0; e < E; ++e) {
+            const T v = static_cast<T>(static_cast<double>(dl[e]) * inv_g);
+            for (index j = e * g; j < (e + 1) * g; ++j) out[j] = v;
+          }
+        },
+        block_tokens);
   }
 
   friend constexpr bool operator==(const grap&, const grap&) = default;

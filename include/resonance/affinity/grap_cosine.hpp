@@ -46,20 +46,23 @@ struct grap_cosine {
     const index E = num_experts, g = x.cols / E;
     detail::check_matrix(logits, "logits", x.rows, E);
     const double sqrt_g = std::sqrt(static_cast<double>(g));
-    detail::host_blocks(be, x.rows, block_tokens, [&](index begin, index end) {
-      std::vector<double> s(static_cast<std::size_t>(E));
-      for (index t = begin; t < end; ++t) {
-        const detail::scaled_norm n = group_sums<detail::row_ops_t<Backend>>(x.row(t), E, g, s.data());
-        T* out = logits.row(t);
-        if (detail::negligible(n, epsilon)) {
-          for (index e = 0; e < E; ++e) out[e] = T(0);
-          continue;
-        }
-        // s holds the sums of the rescaled row when n.exponent != 0, so s / n.scaled is the cosine.
-        for (index e = 0; e < E; ++e)
-          out[e] = static_cast<T>(detail::clamp_cosine(s[static_cast<std::size_t>(e)] / (sqrt_g * n.scaled)));
-      }
-    });
+    const double eps = epsilon;
+    for_each_group(
+        be, x.rows, E * static_cast<index>(sizeof(double)),
+        [=](const auto& grp, index t) {
+          using rows = typename std::remove_cvref_t<decltype(grp)>::rows;
+          double* s = static_cast<double*>(grp.scratch());
+          const detail::scaled_norm n = group_sums<rows>(x.row(t), E, g, s);
+          T* out = logits.row(t);
+          if (detail::negligible(n, eps)) {
+            for (index e = 0; e < E; ++e) out[e] = T(0);
+            return false;
+          }
+          // s holds the sums of the rescaled row when n.exponent != 0, so s / n.scaled is the cosine.
+          for (index e = 0; e < E; ++e) out[e] = static_cast<T>(detail::clamp_cosine(s[e] / (sqrt_g * n.scaled)));
+          return false;
+        },
+        block_tokens);
   }
 
   // The gradient of Σ dδ ∘ δ with respect to x (cosine's ∂c/∂x = (v − c·u)/‖x‖ with v_e = √g·w_e):
@@ -74,29 +77,34 @@ struct grap_cosine {
     detail::check_matrix(dlogits, "dlogits", x.rows, E);
     detail::check_matrix(dx, "dx", x.rows, x.cols);
     const double sqrt_g = std::sqrt(static_cast<double>(g));
-    detail::host_blocks(be, x.rows, block_tokens, [&](index begin, index end) {
-      std::vector<double> s(static_cast<std::size_t>(E));
-      for (index t = begin; t < end; ++t) {
-        const T* row = x.row(t);
-        const T* dl = dlogits.row(t);
-        T* out = dx.row(t);
-        const detail::scaled_norm n = group_sums<detail::row_ops_t<Backend>>(row, E, g, s.data());
-        if (detail::negligible(n, epsilon)) {
-          for (index j = 0; j < x.cols; ++j) out[j] = T(0);
-          continue;
-        }
-        double p = 0.0;  // Σ_e dδ_te·δ_te, with the unclamped δ (identical away from |δ| = 1)
-        for (index e = 0; e < E; ++e) p += static_cast<double>(dl[e]) * s[static_cast<std::size_t>(e)];
-        p /= sqrt_g * n.scaled;
-        for (index e = 0; e < E; ++e) {
-          const double ve = static_cast<double>(dl[e]) / sqrt_g;
-          for (index j = e * g; j < (e + 1) * g; ++j) {
-            const double gj = ve - p * n.unit(static_cast<double>(row[j]));
-            out[j] = static_cast<T>(n.exponent == 0 ? gj / n.scaled : std::scalbn(gj / n.scaled, -n.exponent));
+    const double eps = epsilon;
+    const index d = x.cols;
+    for_each_group(
+        be, x.rows, E * static_cast<index>(sizeof(double)),
+        [=](const auto& grp, index t) {
+          using rows = typename std::remove_cvref_t<decltype(grp)>::rows;
+          double* s = static_cast<double*>(grp.scratch());
+          const T* row = x.row(t);
+          const T* dl = dlogits.row(t);
+          T* out = dx.row(t);
+          const detail::scaled_norm n = group_sums<rows>(row, E, g, s);
+          if (detail::negligible(n, eps)) {
+            for (index j = 0; j < d; ++j) out[j] = T(0);
+            return false;
           }
-        }
-      }
-    });
+          double p = 0.0;  // Σ_e dδ_te·δ_te, with the unclamped δ (identical away from |δ| = 1)
+          for (index e = 0; e < E; ++e) p += static_cast<double>(dl[e]) * s[e];
+          p /= sqrt_g * n.scaled;
+          for (index e = 0; e < E; ++e) {
+            const double ve = static_cast<double>(dl[e]) / sqrt_g;
+            for (index j = e * g; j < (e + 1) * g; ++j) {
+              const double gj = ve - p * n.unit(static_cast<double>(row[j]));
+              out[j] = static_cast<T>(n.exponent == 0 ? gj / n.scaled : std::scalbn(gj / n.scaled, -n.exponent));
+            }
+          }
+          return false;
+        },
+        block_tokens);
   }
 
   friend constexpr bool operator==(const grap_cosine&, const grap_cosine&) = default;

@@ -38,9 +38,8 @@ struct precomputed {
  private:
   template <execution_backend Backend, input_scalar T>
   static void copy_rows(const Backend& be, matrix_view<const T> from, matrix_view<T> to) {
-    detail::host_blocks(be, from.rows, 1024, [&](index begin, index end) {
-      for (index r = begin; r < end; ++r)
-        for (index c = 0; c < from.cols; ++c) to(r, c) = from(r, c);
+    for_each(be, from.rows, [=](index r) {
+      for (index c = 0; c < from.cols; ++c) to(r, c) = from(r, c);
     });
   }
 };

@@ -10,7 +10,8 @@
 // backend; every other line of the library is shared.
 //
 //   for_each(be, n, f[, grain])                f(i) for i in [0, n), in any order
-//   for_each_group(be, n, scratch_bytes, f)    f(g, i) -> bool (true: row i failed); returns the
+//   for_each_group(be, n, scratch_bytes, f[, grain])
+//                                              f(g, i) -> bool (true: row i failed); returns the
 //                                              lowest failing row, or n. g.rows, g.scratch()
 //   reduce_min(be, n, f[, grain])              min_i f(i) for an index-valued f (no_index when n is 0)
 //   exclusive_scan(be, in, out, n)             out[i] = in[0] + ... + in[i-1] for i in [0, n]
@@ -40,8 +41,8 @@
 #include <limits>
 #include <memory>
 #include <new>
-#include <utility>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../core/config.hpp"

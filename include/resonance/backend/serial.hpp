@@ -28,7 +28,7 @@ void for_each(const B&, index n, const F& f, index /*grain*/ = 0) {
 }
 
 template <sequential_host_backend B, class F>
-index for_each_group(const B&, index n, index scratch_bytes, const F& f) {
+index for_each_group(const B&, index n, index scratch_bytes, const F& f, index /*grain*/ = 0) {
   return host::for_each_group<typename B::group::rows>(0, n, scratch_bytes, f);
 }
 

@@ -88,9 +88,9 @@ void for_each(const B&, index n, const F& f, index grain = 0) {
 }
 
 template <tbb_backend B, class F>
-index for_each_group(const B&, index n, index scratch_bytes, const F& f) {
+index for_each_group(const B&, index n, index scratch_bytes, const F& f, index grain = 0) {
   tbb_detail::lowest bad(n);
-  tbb_detail::blocks(n, tbb_detail::group_grain, [&](index begin, index end) {
+  tbb_detail::blocks(n, grain > 0 ? grain : tbb_detail::group_grain, [&](index begin, index end) {
     if (const index i = host::for_each_group<typename B::group::rows>(begin, end, scratch_bytes, f); i < end)
       bad.propose(i);
   });

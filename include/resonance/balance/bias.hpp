@@ -30,6 +30,8 @@
 // saturate at the capacity and would hide an overloaded expert). load_source::kept uses the kept counts
 // instead (identical when dropless). The comparison with the mean is exact for integer counts: the sign
 // of mean - load_e is taken as the sign of (sum of loads) - E * load_e, computed in double.
+// accumulate and update also take a backend first (accumulate(be, plan)): the plan may then be in any
+// memory space the backend can read; its E counts are copied to the host, which holds the state.
 //
 // Re-centring (bias_update::recentre) subtracts the mean bias after the update. A shared offset on every
 // bias changes no selection (every key moves by the same amount), so re-centring does not change the
@@ -44,6 +46,8 @@
 #include <utility>
 #include <vector>
 
+#include "../backend/backend.hpp"
+#include "../backend/serial.hpp"
 #include "../core/config.hpp"
 #include "../core/error.hpp"
 #include "../core/view.hpp"
@@ -104,14 +108,21 @@ class bias_state {
     batches_ = 0;
   }
 
-  // Adds one micro-batch's loads (demand or kept counts, per opts.load).
-  void accumulate(const plan_view<>& plan, const bias_update& opts = {}) {
+  // Adds one micro-batch's loads (demand or kept counts, per opts.load) of a plan in any memory space
+  // the backend can read (the E counts are copied to the host, which holds the state).
+  template <execution_backend Backend, class Space>
+  void accumulate(const Backend& be, const plan_view<Space>& plan, const bias_update& opts = {}) {
     opts.validate();
     check_experts(plan.num_experts(), "plan");
-    const auto counts = opts.load == load_source::kept ? plan.expert_counts() : plan.expert_demand();
+    const std::vector<id_type> counts = plan_loads(be, plan, opts.load);
     for (std::size_t e = 0; e < pending_.size(); ++e) pending_[e] += static_cast<double>(counts[e]);
     ++batches_;
   }
+  template <execution_backend Backend, class Space>
+  void accumulate(const Backend& be, const basic_routing_plan<Space>& plan, const bias_update& opts = {}) {
+    accumulate(be, plan.view(), opts);
+  }
+  void accumulate(const plan_view<>& plan, const bias_update& opts = {}) { accumulate(backend::serial{}, plan, opts); }
   void accumulate(const routing_plan& plan, const bias_update& opts = {}) { accumulate(plan.view(), opts); }
 
   // Adds loads given directly, e.g. counts already all-reduced over the data-parallel ranks. They must be
@@ -133,14 +144,20 @@ class bias_state {
   }
 
   // One-shot: the loads of this plan (plus anything accumulated before), then update.
-  void update(const plan_view<>& plan, const bias_update& opts = {}) {
+  template <execution_backend Backend, class Space>
+  void update(const Backend& be, const plan_view<Space>& plan, const bias_update& opts = {}) {
     opts.validate();
     check_experts(plan.num_experts(), "plan");
-    const auto counts = opts.load == load_source::kept ? plan.expert_counts() : plan.expert_demand();
+    const std::vector<id_type> counts = plan_loads(be, plan, opts.load);
     std::vector<double> loads = pending_;
     for (std::size_t e = 0; e < loads.size(); ++e) loads[e] += static_cast<double>(counts[e]);
     commit(next_biases(loads, opts));
   }
+  template <execution_backend Backend, class Space>
+  void update(const Backend& be, const basic_routing_plan<Space>& plan, const bias_update& opts = {}) {
+    update(be, plan.view(), opts);
+  }
+  void update(const plan_view<>& plan, const bias_update& opts = {}) { update(backend::serial{}, plan, opts); }
   void update(const routing_plan& plan, const bias_update& opts = {}) { update(plan.view(), opts); }
 
   friend bool operator==(const bias_state&, const bias_state&) = default;
@@ -148,6 +165,19 @@ class bias_state {
  private:
   void check_experts(index n, std::string_view name) const {
     detail::require(n == num_experts(), name, std::to_string(num_experts()) + " experts (the bias state's size)", n);
+  }
+
+  // The plan's per-expert loads (demand or kept counts), copied to the host.
+  template <execution_backend Backend, class Space>
+  static std::vector<id_type> plan_loads(const Backend& be, const plan_view<Space>& plan, load_source load) {
+    static_assert(accessible_from_v<Space, memory_space_t<Backend>>, "the plan must be in memory the backend can read");
+    const index E = plan.num_experts();
+    std::vector<id_type> counts(static_cast<std::size_t>(E));
+    if (E > 0) {
+      copy_to_host(be, counts.data(), load == load_source::kept ? plan.expert_counts_ : plan.expert_demand_, E);
+      fence(be);
+    }
+    return counts;
   }
 
   // The updated biases in double; throws (changing nothing) when one would not be finite in fp32.

@@ -3,7 +3,13 @@
 // Statistics of one routing step: load statistics of a plan (compute_stats), the entropy of the mean
 // routing distribution (routing_entropy) and the Calinski-Harabasz index of token features grouped by
 // assigned expert (calinski_harabasz). Every sum is accumulated in double in a fixed order, so results
-// do not depend on the backend that built the plan.
+// do not depend on the backend that built the plan, nor on the backend that computes them.
+//
+// Each statistic is written once on the execution primitives (backend/execution.hpp) and takes a
+// backend first; the overloads without one run on backend::serial. The plan may be in any memory space
+// the backend can read (its raw arrays are read in the functors); score and feature matrices are host
+// views, so those statistics need a backend that can read host memory. Results are host values: the
+// per-expert sums are copied to the host, which finishes the O(E) arithmetic.
 
 #include <algorithm>
 #include <cmath>
@@ -13,6 +19,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "../backend/backend.hpp"
+#include "../backend/serial.hpp"
+#include "../core/concepts.hpp"
 #include "../core/config.hpp"
 #include "../core/error.hpp"
 #include "../core/view.hpp"
@@ -36,35 +45,52 @@ struct routing_stats {
   std::vector<id_type> expert_kept;    // per expert: kept assignments (a copy of plan.expert_counts())
 };
 
-inline routing_stats compute_stats(const plan_view<>& plan) {
+// Load statistics of a plan in any memory space: its per-expert demand and kept counts are copied to
+// the host (they are returned), and the rest is O(E) host arithmetic on them, in expert order.
+template <execution_backend Backend, class Space>
+routing_stats compute_stats(const Backend& be, const plan_view<Space>& plan) {
+  static_assert(accessible_from_v<Space, memory_space_t<Backend>>, "the plan must be in memory the backend can read");
   routing_stats s;
+  const index E = plan.num_experts();
+  s.expert_demand.resize(static_cast<std::size_t>(E));
+  s.expert_kept.resize(static_cast<std::size_t>(E));
+  if (E > 0) {
+    copy_to_host(be, s.expert_demand.data(), plan.expert_demand_, E);
+    copy_to_host(be, s.expert_kept.data(), plan.expert_counts_, E);
+    fence(be);
+  }
   s.capacity = plan.capacity();
-  for (id_type d : plan.expert_demand()) s.demanded += d;
+  for (id_type d : s.expert_demand) s.demanded += d;
   s.kept = plan.num_assignments();
   s.dropped = s.demanded - s.kept;
   s.slots = plan.num_slots();
   s.drop_rate = s.demanded > 0 ? static_cast<double>(s.dropped) / static_cast<double>(s.demanded) : 0.0;
   s.padding_fraction = s.slots > 0 ? static_cast<double>(s.slots - s.kept) / static_cast<double>(s.slots) : 0.0;
-  const auto counts = plan.expert_counts();
-  s.expert_demand.assign(plan.expert_demand().begin(), plan.expert_demand().end());
-  s.expert_kept.assign(counts.begin(), counts.end());
-  const double E = static_cast<double>(counts.size());
+  const std::vector<id_type>& counts = s.expert_kept;
   if (E > 0) {
+    const double En = static_cast<double>(E);
     double sum = 0.0, mx = 0.0;
     for (id_type c : counts) {
       sum += c;
       mx = std::max(mx, static_cast<double>(c));
     }
-    s.mean_load = sum / E;
+    s.mean_load = sum / En;
     s.max_load = mx;
     double var = 0.0;
     for (id_type c : counts) var += (c - s.mean_load) * (c - s.mean_load);
-    var /= E;
+    var /= En;
     s.load_cv = s.mean_load > 0.0 ? std::sqrt(var) / s.mean_load : 0.0;
     s.max_over_mean = s.mean_load > 0.0 ? mx / s.mean_load : 0.0;
   }
   return s;
 }
+
+template <execution_backend Backend, class Space>
+routing_stats compute_stats(const Backend& be, const basic_routing_plan<Space>& plan) {
+  return compute_stats(be, plan.view());
+}
+
+inline routing_stats compute_stats(const plan_view<>& plan) { return compute_stats(backend::serial{}, plan); }
 
 inline routing_stats compute_stats(const routing_plan& plan) { return compute_stats(plan.view()); }
 
@@ -84,7 +110,25 @@ inline routing_stats compute_stats(const routing_plan& plan) { return compute_st
 // normalised = true divides by log E, so that 1 is uniform and 0 is one expert taking everything; with
 // E == 1 the entropy is 0 either way. No tokens (or zero total weight): 0.
 
-namespace detail {
+// From scores, the rows are summed per fixed chunk of stats_block tokens in token order (one group per
+// chunk, which also validates its rows), then the chunks in order; from a plan, each expert sums its
+// kept slots in slot order (one item per expert). The validation errors are those of a check of every
+// row (or slot) in order: the lowest failing chunk (or slot) is found on the backend, and the message
+// built on the host.
+
+}  // namespace resonance::balance
+
+namespace resonance::detail {
+
+// Tokens per chunk of the token sums of the statistics (fixed: it is the summation order).
+inline constexpr index stats_block = 1024;
+
+template <class Backend>
+constexpr void check_stats_host_matrix() {
+  static_assert(accessible_from_v<host_space, memory_space_t<Backend>>,
+                "this statistic reads a host matrix (matrix_view is a host view): it needs a backend that can "
+                "read host memory");
+}
 
 inline double entropy_of_mass(const std::vector<double>& mass, bool normalised) {
   double total = 0.0;
@@ -102,52 +146,121 @@ inline double entropy_of_mass(const std::vector<double>& mass, bool normalised) 
   return log_e > 0.0 ? std::min(h / log_e, 1.0) : 0.0;
 }
 
-}  // namespace detail
-
+// The validation of score rows [begin, end), in order: throws at the first offending entry or row.
 template <class T>
-requires std::same_as < std::remove_cv_t<T>,
-float > ||
-    std::same_as<std::remove_cv_t<T>, double> double routing_entropy(matrix_view<T> scores, bool normalised = false) {
-  resonance::detail::check_matrix(scores, "scores");
-  const index n = scores.rows, E = scores.cols;
-  std::vector<double> mass(static_cast<std::size_t>(E), 0.0);
-  std::vector<double> row(static_cast<std::size_t>(E));
-  // Validate everything before computing (nothing to write, but a clear error beats a NaN).
-  for (index t = 0; t < n; ++t) {
+void check_score_rows(matrix_view<T> scores, index begin, index end) {
+  for (index t = begin; t < end; ++t) {
     double sum = 0.0;
-    for (index e = 0; e < E; ++e) {
+    for (index e = 0; e < scores.cols; ++e) {
       const double v = static_cast<double>(scores(t, e));
-      resonance::detail::require(std::isfinite(v) && v >= 0.0, "scores", "finite values >= 0", "scores(", t, ", ", e,
-                                 ") = ", v);
+      require(std::isfinite(v) && v >= 0.0, "scores", "finite values >= 0", "scores(", t, ", ", e, ") = ", v);
       sum += v;
     }
-    resonance::detail::require(sum > 0.0 && std::isfinite(sum), "scores", "rows with a finite positive sum", "row ", t,
-                               " sums to ", sum);
+    require(sum > 0.0 && std::isfinite(sum), "scores", "rows with a finite positive sum", "row ", t, " sums to ", sum);
   }
-  for (index t = 0; t < n; ++t) {
-    double sum = 0.0;
-    for (index e = 0; e < E; ++e) sum += static_cast<double>(scores(t, e));
-    for (index e = 0; e < E; ++e) mass[static_cast<std::size_t>(e)] += static_cast<double>(scores(t, e)) / sum;
+}
+
+}  // namespace resonance::detail
+
+namespace resonance::balance {
+
+template <execution_backend Backend, input_scalar T>
+double routing_entropy(const Backend& be, matrix_view<T> scores, bool normalised = false) {
+  detail::check_stats_host_matrix<Backend>();
+  detail::check_matrix(scores, "scores");
+  const index n = scores.rows, E = scores.cols, B = detail::stats_block;
+  const index chunks = (n + B - 1) / B;
+  auto work = allocate<double>(be, chunks * E + E);  // per-chunk masses, then the total
+  double* const part = work.data();
+  double* const mass = part + chunks * E;
+  const index bad = for_each_group(
+      be, chunks, 0,
+      [=](const auto&, index c) {
+        double* acc = part + c * E;
+        for (index e = 0; e < E; ++e) acc[e] = 0.0;
+        const index end = (c + 1) * B < n ? (c + 1) * B : n;
+        for (index t = c * B; t < end; ++t) {
+          const auto* row = scores.row(t);
+          double sum = 0.0;
+          for (index e = 0; e < E; ++e) {
+            const double v = static_cast<double>(row[e]);
+            if (!((v - v) == 0.0 && v >= 0.0)) return true;
+            sum += v;
+          }
+          if (!(sum > 0.0 && (sum - sum) == 0.0)) return true;
+          for (index e = 0; e < E; ++e) acc[e] += static_cast<double>(row[e]) / sum;
+        }
+        return false;
+      },
+      index{1});
+  if (bad < chunks) detail::check_score_rows(scores, bad * B, std::min(n, (bad + 1) * B));
+  for_each(be, E, [=](index e) {
+    double m = 0.0;
+    for (index c = 0; c < chunks; ++c) m += part[c * E + e];
+    mass[e] = m;
+  });
+  std::vector<double> host(static_cast<std::size_t>(E));
+  if (E > 0) copy_to_host(be, host.data(), mass, E);
+  fence(be);
+  return detail::entropy_of_mass(host, normalised);
+}
+
+template <input_scalar T>
+double routing_entropy(matrix_view<T> scores, bool normalised = false) {
+  return routing_entropy(backend::serial{}, scores, normalised);
+}
+
+template <execution_backend Backend, class Space>
+double routing_entropy(const Backend& be, const plan_view<Space>& plan, bool normalised = false) {
+  static_assert(accessible_from_v<Space, memory_space_t<Backend>>, "the plan must be in memory the backend can read");
+  const index E = plan.num_experts();
+  auto mass_buf = allocate<double>(be, E);
+  auto bad_buf = allocate<index>(be, E);
+  double* const mass = mass_buf.data();
+  index* const first_bad = bad_buf.data();
+  const id_type* const offsets = plan.expert_offsets_;
+  const id_type* const token = plan.slot_token_;
+  const float* const weight = plan.slot_weight_;
+  // Each expert's kept weight in slot order, and its first kept slot whose weight is not finite and >= 0.
+  for_each(
+      be, E,
+      [=](index e) {
+        double m = 0.0;
+        index bad = no_index;
+        for (id_type s = offsets[e]; s < offsets[e + 1]; ++s) {
+          if (token[s] < 0) continue;  // padding
+          const double w = static_cast<double>(weight[s]);
+          if (!((w - w) == 0.0 && w >= 0.0)) {
+            if (bad == no_index) bad = s;
+            continue;
+          }
+          m += w;
+        }
+        mass[e] = m;
+        first_bad[e] = bad;
+      },
+      index{1});
+  const index bad = reduce_min(be, E, [=](index e) { return first_bad[e]; });
+  if (bad != no_index) {
+    float w = 0.0f;
+    copy_to_host(be, &w, weight + bad, 1);
+    fence(be);
+    detail::fail("plan", "finite kept weights >= 0", "slot ", static_cast<id_type>(bad), " has weight ",
+                 static_cast<double>(w));
   }
-  return detail::entropy_of_mass(mass, normalised);
+  std::vector<double> host(static_cast<std::size_t>(E));
+  if (E > 0) copy_to_host(be, host.data(), mass, E);
+  fence(be);
+  return detail::entropy_of_mass(host, normalised);
+}
+
+template <execution_backend Backend, class Space>
+double routing_entropy(const Backend& be, const basic_routing_plan<Space>& plan, bool normalised = false) {
+  return routing_entropy(be, plan.view(), normalised);
 }
 
 inline double routing_entropy(const plan_view<>& plan, bool normalised = false) {
-  const index E = plan.num_experts();
-  const auto offsets = plan.expert_offsets();
-  const auto token = plan.slot_token();
-  const auto weight = plan.slot_weight();
-  std::vector<double> mass(static_cast<std::size_t>(E), 0.0);
-  for (index e = 0; e < E; ++e)
-    for (id_type s = offsets[static_cast<std::size_t>(e)]; s < offsets[static_cast<std::size_t>(e + 1)]; ++s) {
-      const auto i = static_cast<std::size_t>(s);
-      if (token[i] < 0) continue;  // padding
-      const double w = static_cast<double>(weight[i]);
-      resonance::detail::require(std::isfinite(w) && w >= 0.0, "plan", "finite kept weights >= 0", "slot ", s,
-                                 " has weight ", w);
-      mass[static_cast<std::size_t>(e)] += w;
-    }
-  return detail::entropy_of_mass(mass, normalised);
+  return routing_entropy(backend::serial{}, plan, normalised);
 }
 
 inline double routing_entropy(const routing_plan& plan, bool normalised = false) {
@@ -174,78 +287,137 @@ enum class ch_form : unsigned char {
   paper,     // B / W
 };
 
-template <class T>
-requires std::same_as < std::remove_cv_t<T>,
-float > ||
-    std::same_as<std::remove_cv_t<T>, double> double calinski_harabasz(matrix_view<T> features, const plan_view<>& plan,
-                                                                       ch_form form = ch_form::standard) {
-  resonance::detail::check_matrix(features, "features");
-  resonance::detail::require(features.rows == plan.num_tokens(), "features",
-                             std::to_string(plan.num_tokens()) + " rows (one per token of the plan)", features.rows);
-  resonance::detail::require(form == ch_form::standard || form == ch_form::paper, "form", "standard or paper",
-                             static_cast<int>(form));
-  const index d = features.cols, E = plan.num_experts();
-  for (index t = 0; t < features.rows; ++t)
+// On the primitives: one item per expert sums its cluster (its kept slots in slot order), the grand
+// mean runs per feature over the experts in order, and one item per expert then forms its centroid,
+// its between-cluster term and its within-cluster sum (its slots in order); the E terms are added in
+// expert order on one item. The host reads back N, K, B and W.
+template <execution_backend Backend, input_scalar T, class Space>
+double calinski_harabasz(const Backend& be, matrix_view<T> features, const plan_view<Space>& plan,
+                         ch_form form = ch_form::standard) {
+  detail::check_stats_host_matrix<Backend>();
+  static_assert(accessible_from_v<Space, memory_space_t<Backend>>, "the plan must be in memory the backend can read");
+  detail::check_matrix(features, "features");
+  detail::require(features.rows == plan.num_tokens(), "features",
+                  std::to_string(plan.num_tokens()) + " rows (one per token of the plan)", features.rows);
+  detail::require(form == ch_form::standard || form == ch_form::paper, "form", "standard or paper",
+                  static_cast<int>(form));
+  const index d = features.cols, E = plan.num_experts(), Tn = features.rows;
+  const index bad_row = reduce_min(be, Tn, [=](index t) {
+    const auto* row = features.row(t);
+    bool ok = true;
+    for (index j = 0; j < d; ++j) ok &= (static_cast<double>(row[j]) - static_cast<double>(row[j])) == 0.0;
+    return ok ? no_index : t;
+  });
+  if (bad_row != no_index)
     for (index j = 0; j < d; ++j)
-      resonance::detail::require(std::isfinite(static_cast<double>(features(t, j))), "features", "finite values",
-                                 "features(", t, ", ", j, ") = ", static_cast<double>(features(t, j)));
-  const auto offsets = plan.expert_offsets();
-  const auto token = plan.slot_token();
-  const auto sz = [](index i) { return static_cast<std::size_t>(i); };
+      detail::require(std::isfinite(static_cast<double>(features(bad_row, j))), "features", "finite values",
+                      "features(", bad_row, ", ", j, ") = ", static_cast<double>(features(bad_row, j)));
+  const id_type* const offsets = plan.expert_offsets_;
+  const id_type* const token = plan.slot_token_;
+
+  auto work = allocate<double>(be, E * d + d + 4 * E + 4);
+  double* const centroid = work.data();  // E×d: cluster sums, then means
+  double* const grand = centroid + E * d;
+  double* const count = grand + d;
+  double* const between_e = count + E;
+  double* const within_e = between_e + E;
+  double* const res = within_e + E;  // N, K, B, W
 
   // Cluster sums and sizes, in expert-major slot order (tokens ascending within an expert).
-  std::vector<double> centroid(sz(E * d), 0.0);
-  std::vector<double> count(sz(E), 0.0);
-  for (index e = 0; e < E; ++e)
-    for (id_type s = offsets[sz(e)]; s < offsets[sz(e + 1)]; ++s) {
-      const id_type t = token[static_cast<std::size_t>(s)];
-      if (t < 0) continue;
-      count[sz(e)] += 1.0;
-      for (index j = 0; j < d; ++j) centroid[sz(e * d + j)] += static_cast<double>(features(t, j));
+  for_each(
+      be, E,
+      [=](index e) {
+        double* c = centroid + e * d;
+        for (index j = 0; j < d; ++j) c[j] = 0.0;
+        double n = 0.0;
+        for (id_type s = offsets[e]; s < offsets[e + 1]; ++s) {
+          const id_type t = token[s];
+          if (t < 0) continue;
+          n += 1.0;
+          const auto* x = features.row(t);
+          for (index j = 0; j < d; ++j) c[j] += static_cast<double>(x[j]);
+        }
+        count[e] = n;
+      },
+      index{1});
+  // N and K (exact: sums of integers).
+  for_each(be, 1, [=](index) {
+    double n_points = 0.0, k_clusters = 0.0;
+    for (index e = 0; e < E; ++e) {
+      if (count[e] == 0.0) continue;
+      k_clusters += 1.0;
+      n_points += count[e];
     }
-  double n_points = 0.0;
-  index k_clusters = 0;
-  std::vector<double> grand(sz(d), 0.0);
-  for (index e = 0; e < E; ++e) {
-    if (count[sz(e)] == 0.0) continue;
-    ++k_clusters;
-    n_points += count[sz(e)];
-    for (index j = 0; j < d; ++j) grand[sz(j)] += centroid[sz(e * d + j)];
-  }
-  if (k_clusters < 2) return 0.0;
-  for (index j = 0; j < d; ++j) grand[sz(j)] /= n_points;
-  double between = 0.0;
-  for (index e = 0; e < E; ++e) {
-    if (count[sz(e)] == 0.0) continue;
-    double dist2 = 0.0;
-    for (index j = 0; j < d; ++j) {
-      double& c = centroid[sz(e * d + j)];
-      c /= count[sz(e)];
-      dist2 += (c - grand[sz(j)]) * (c - grand[sz(j)]);
+    res[0] = n_points;
+    res[1] = k_clusters;
+  });
+  // The grand mean per feature, over the non-empty clusters in expert order.
+  for_each(be, d, [=](index j) {
+    double g = 0.0;
+    for (index e = 0; e < E; ++e)
+      if (count[e] != 0.0) g += centroid[e * d + j];
+    grand[j] = res[0] > 0.0 ? g / res[0] : 0.0;
+  });
+  // Per cluster: its mean, n_e·||c_e − c||² and Σ_{x in C_e} ||x − c_e||².
+  for_each(
+      be, E,
+      [=](index e) {
+        between_e[e] = 0.0;
+        within_e[e] = 0.0;
+        if (count[e] == 0.0) return;
+        double* c = centroid + e * d;
+        double dist2 = 0.0;
+        for (index j = 0; j < d; ++j) {
+          c[j] /= count[e];
+          dist2 += (c[j] - grand[j]) * (c[j] - grand[j]);
+        }
+        between_e[e] = count[e] * dist2;
+        double w = 0.0;
+        for (id_type s = offsets[e]; s < offsets[e + 1]; ++s) {
+          const id_type t = token[s];
+          if (t < 0) continue;
+          const auto* x = features.row(t);
+          for (index j = 0; j < d; ++j) {
+            const double diff = static_cast<double>(x[j]) - c[j];
+            w += diff * diff;
+          }
+        }
+        within_e[e] = w;
+      },
+      index{1});
+  for_each(be, 1, [=](index) {
+    double between = 0.0, within = 0.0;
+    for (index e = 0; e < E; ++e) {
+      if (count[e] == 0.0) continue;
+      between += between_e[e];
+      within += within_e[e];
     }
-    between += count[sz(e)] * dist2;
-  }
-  double within = 0.0;
-  for (index e = 0; e < E; ++e)
-    for (id_type s = offsets[sz(e)]; s < offsets[sz(e + 1)]; ++s) {
-      const id_type t = token[static_cast<std::size_t>(s)];
-      if (t < 0) continue;
-      for (index j = 0; j < d; ++j) {
-        const double diff = static_cast<double>(features(t, j)) - centroid[sz(e * d + j)];
-        within += diff * diff;
-      }
-    }
+    res[2] = between;
+    res[3] = within;
+  });
+  double r[4] = {0.0, 0.0, 0.0, 0.0};
+  copy_to_host(be, r, res, 4);
+  fence(be);
+  const double n_points = r[0], K = r[1], between = r[2], within = r[3];
+  if (K < 2.0) return 0.0;
   if (!(within > 0.0)) return between > 0.0 ? std::numeric_limits<double>::infinity() : 0.0;
   if (form == ch_form::paper) return between / within;
-  const double K = static_cast<double>(k_clusters);
   return (between / (K - 1.0)) / (within / (n_points - K));
 }
 
-template <class T>
-requires std::same_as < std::remove_cv_t<T>,
-float > || std::same_as<std::remove_cv_t<T>, double> double calinski_harabasz(matrix_view<T> features,
-                                                                              const routing_plan& plan,
-                                                                              ch_form form = ch_form::standard) {
+template <execution_backend Backend, input_scalar T, class Space>
+double calinski_harabasz(const Backend& be, matrix_view<T> features, const basic_routing_plan<Space>& plan,
+                         ch_form form = ch_form::standard) {
+  return calinski_harabasz(be, features, plan.view(), form);
+}
+
+template <input_scalar T>
+double calinski_harabasz(matrix_view<T> features, const plan_view<>& plan, ch_form form = ch_form::standard) {
+  return calinski_harabasz(backend::serial{}, features, plan, form);
+}
+
+template <input_scalar T>
+double calinski_harabasz(matrix_view<T> features, const routing_plan& plan, ch_form form = ch_form::standard) {
   return calinski_harabasz(features, plan.view(), form);
 }
 

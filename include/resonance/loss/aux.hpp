@@ -10,8 +10,12 @@
 //    contributes nothing and gets a zero gradient row; N, the token count of every mean, is the number
 //    of valid tokens. With N == 0 the loss is 0 and the gradient is zero.
 //  * Every precondition failure throws resonance::error naming the argument, before any write.
-//  * Values and gradients are computed in double. Reductions run over fixed blocks of 1024 tokens (or
-//    over sequences), whose partials are reduced in block order: every backend gives the same bits.
+//  * Values and gradients are computed in double. Every sum over tokens runs over fixed chunks of 1024
+//    tokens (cut inside each sequence for seq_aux_loss), each summed in token order, whose partials are
+//    added in chunk order; sums over experts run in expert order. So every backend gives the same bits.
+//  * Written once on the execution primitives (backend/execution.hpp): per-chunk and per-token groups,
+//    per-expert items, temporaries in the backend's buffers, the value copied to the host at the end.
+//    The logits, mask and dlogits are host views, so the backend must be able to read host memory.
 //  * The aux-loss scores s (Megatron-Core compute_routing_scores_for_aux_loss) are the softmax over all
 //    E experts, or, for sigmoid / sqrt_softplus (and identity), the elementwise scores divided by their
 //    per-token sum + 1e-20. The top-k counts c_e are those of a plain top-k (no bias, no groups, ties to
@@ -91,6 +95,7 @@ struct global_aux_accumulator {
 
 namespace resonance::detail {
 
+// Tokens per chunk of every token sum (fixed: it is the summation order).
 inline constexpr index loss_block = 1024;
 
 // Checks shared by every loss: logits, dlogits (unless the empty "no gradient" view) and the mask.
@@ -106,16 +111,40 @@ bool loss_check_common(matrix_view<const T> logits, matrix_view<T> dlogits, vect
   return want_grad;
 }
 
-inline bool loss_token_valid(vector_view<const std::uint8_t> valid, index t) { return valid.empty() || valid[t] != 0; }
+// The losses read host matrices and masks (matrix_view and vector_view are host views) in their
+// functors, so the backend must be able to read host memory.
+template <class Backend>
+constexpr void check_loss_backend() {
+  static_assert(accessible_from_v<host_space, memory_space_t<Backend>>,
+                "the losses read host logits, masks and gradients (matrix_view is a host view): they need a "
+                "backend that can read host memory");
+}
+
+// The mask as a raw pointer for the functors: null when every token counts.
+inline const std::uint8_t* loss_mask(vector_view<const std::uint8_t> valid) {
+  return valid.empty() ? nullptr : valid.data;
+}
+
+RESONANCE_INLINE_FUNCTION bool loss_token_valid(const std::uint8_t* valid, index t) {
+  return valid == nullptr || valid[t] != 0;
+}
+
+// Whether every logit of a row is finite (x − x is 0 exactly for finite x, NaN otherwise).
+template <class T>
+RESONANCE_INLINE_FUNCTION bool loss_row_finite(const T* l, index E) {
+  bool ok = true;
+  for (index e = 0; e < E; ++e) ok &= (l[e] - l[e]) == T(0);
+  return ok;
+}
 
 // Aux-loss scores of one row in double: softmax over all E, or elementwise normalised by sum + 1e-20.
 template <class T>
-void loss_scores_row(resonance::score fn, const T* l, double* s, index E) {
+RESONANCE_INLINE_FUNCTION void loss_scores_row(resonance::score fn, const T* l, double* s, index E) {
   if (fn == resonance::score::softmax) {
     double m = static_cast<double>(l[0]);
-    for (index e = 1; e < E; ++e) m = std::max(m, static_cast<double>(l[e]));
+    for (index e = 1; e < E; ++e) m = m < static_cast<double>(l[e]) ? static_cast<double>(l[e]) : m;
     double sum = 0.0;
-    for (index e = 0; e < E; ++e) sum += s[e] = std::exp(static_cast<double>(l[e]) - m);
+    for (index e = 0; e < E; ++e) sum += s[e] = ::exp(static_cast<double>(l[e]) - m);
     for (index e = 0; e < E; ++e) s[e] /= sum;
   } else {
     double sum = 0.0, d = 0.0;
@@ -126,8 +155,8 @@ void loss_scores_row(resonance::score fn, const T* l, double* s, index E) {
 
 // dL/dl of one row from gs = dL/ds (s from loss_scores_row of the same row); writes out[0..E).
 template <class T>
-void loss_scores_backward_row(resonance::score fn, const T* l, const double* s, const double* gs, double* tmp, T* out,
-                              index E) {
+RESONANCE_INLINE_FUNCTION void loss_scores_backward_row(resonance::score fn, const T* l, const double* s,
+                                                        const double* gs, double* tmp, T* out, index E) {
   if (fn == resonance::score::softmax) {
     double dot = 0.0;
     for (index e = 0; e < E; ++e) dot += gs[e] * s[e];
@@ -146,172 +175,305 @@ void loss_scores_backward_row(resonance::score fn, const T* l, const double* s, 
   for (index e = 0; e < E; ++e) out[e] = static_cast<T>(tmp[e]);
 }
 
-// Per-segment sums over valid tokens: psum (nseg×E) of the aux scores, counts (nseg×E) of the fp32 top-k
-// (when top_k > 0), nvalid (nseg). Segments are consecutive ranges of seg_len tokens, each summed in
-// token order, so the result does not depend on how the backend splits the segments.
-struct loss_segment_stats {
-  std::vector<double> psum;
-  std::vector<std::int64_t> counts;
-  std::vector<std::int64_t> nvalid;
+// The chunks of a token sum: segments of seg_len consecutive tokens (the sequences of seq_aux_loss, or
+// the whole batch), each cut into pieces of at most loss_block tokens. Chunk c is piece c % per_seg of
+// segment c / per_seg; no chunk straddles two segments.
+struct loss_chunking {
+  index tokens = 0;
+  index seg_len = 1;
+  index per_seg = 1;
+  index nseg = 0;
+
+  RESONANCE_HOST_DEVICE index count() const { return nseg * per_seg; }
+  RESONANCE_HOST_DEVICE index begin(index c) const { return c / per_seg * seg_len + c % per_seg * loss_block; }
+  RESONANCE_HOST_DEVICE index end(index c) const {
+    const index seg_end = (c / per_seg + 1) * seg_len;
+    const index e = begin(c) + loss_block < seg_end ? begin(c) + loss_block : seg_end;
+    return e < tokens ? e : tokens;
+  }
 };
 
-template <execution_backend B, class T>
-loss_segment_stats loss_segments(const B& be, matrix_view<const T> logits, resonance::score fn, index top_k,
-                                 vector_view<const std::uint8_t> valid, index seg_len) {
-  const index Tn = logits.rows, E = logits.cols;
-  const index nseg = Tn == 0 ? 0 : (Tn + seg_len - 1) / seg_len;
-  loss_segment_stats st;
-  st.psum.assign(static_cast<std::size_t>(nseg * E), 0.0);
-  st.counts.assign(static_cast<std::size_t>(nseg * E), 0);
-  st.nvalid.assign(static_cast<std::size_t>(nseg), 0);
-  detail::host_blocks(be, nseg, 1, [&](index g_begin, index g_end) {
-    std::vector<double> s(static_cast<std::size_t>(E));
-    std::vector<float> lf(static_cast<std::size_t>(E)), sf(static_cast<std::size_t>(E)),
-        vals(static_cast<std::size_t>(std::max<index>(top_k, 1)));
-    std::vector<id_type> ids(static_cast<std::size_t>(std::max<index>(top_k, 1)));
-    for (index g = g_begin; g < g_end; ++g) {
-      double* ps = st.psum.data() + g * E;
-      std::int64_t* cnt = st.counts.data() + g * E;
-      for (index t = g * seg_len; t < (g + 1) * seg_len && t < Tn; ++t) {
-        if (!loss_token_valid(valid, t)) continue;
-        ++st.nvalid[static_cast<std::size_t>(g)];
-        const T* l = logits.row(t);
-        loss_scores_row(fn, l, s.data(), E);
-        for (index e = 0; e < E; ++e) ps[e] += s[static_cast<std::size_t>(e)];
-        if (top_k > 0) {
-          // The counts use the fp32 scores the router selects on (Megatron: plain top-k of the scores).
-          for (index e = 0; e < E; ++e) lf[static_cast<std::size_t>(e)] = static_cast<float>(l[e]);
-          score_row(fn, lf.data(), sf.data(), E, 1.0f);
-          if (fn != resonance::score::softmax) {
-            float sum = 0.0f;
-            for (index e = 0; e < E; ++e) sum += sf[static_cast<std::size_t>(e)];
-            for (index e = 0; e < E; ++e) sf[static_cast<std::size_t>(e)] /= sum + 1e-20f;
+// Sequences of seq_len tokens (seq_len >= 1 divides the token count).
+inline loss_chunking loss_chunks(index tokens, index seq_len) {
+  return {tokens, seq_len, (seq_len + loss_block - 1) / loss_block, tokens / seq_len};
+}
+
+// The whole batch as one segment (one empty chunk when there are no tokens).
+inline loss_chunking loss_chunks_whole(index tokens) {
+  const index len = tokens > 0 ? tokens : 1;
+  return {tokens, len, (len + loss_block - 1) / loss_block, 1};
+}
+
+// Per-segment sums over the valid tokens, in buffers of the backend: P (nseg×E) of the aux scores, C
+// (nseg×E) of the fp32 top-k counts (when top_k > 0), N (nseg) of the valid tokens.
+template <class Backend>
+struct loss_sums {
+  buffer_t<memory_space_t<Backend>, double> chunk_psum, seg_psum;
+  buffer_t<memory_space_t<Backend>, std::int64_t> chunk_counts, seg_counts;
+  const double* P = nullptr;
+  const std::int64_t* C = nullptr;
+  const std::int64_t* N = nullptr;
+};
+
+// The forward pass of the aux losses: one group per chunk sums its valid tokens in token order (scores
+// and counts of one row at a time in the group's scratch: E doubles, then 2E + k floats and k ids for
+// the counts), then a for_each over (segment, expert) adds each segment's chunks in chunk order (not
+// needed when a segment is one chunk). The counts are a per-chunk histogram owned by the chunk's group:
+// integers, no atomics. The finiteness check of the logits rides on the same pass: a non-finite logit
+// fails its chunk, and the lowest failing chunk is checked again on the host for the message
+// (check_finite's, naming the first offending entry).
+template <execution_backend Backend, class T>
+loss_sums<Backend> loss_forward(const Backend& be, matrix_view<const T> logits, resonance::score fn, index top_k,
+                                const std::uint8_t* valid, const loss_chunking ch) {
+  const index E = logits.cols, nch = ch.count(), nseg = ch.nseg, k = top_k;
+  loss_sums<Backend> r;
+  r.chunk_psum = allocate<double>(be, nch * E);
+  r.chunk_counts = allocate<std::int64_t>(be, nch * ((k > 0 ? E : 0) + 1));  // counts, then valid tokens
+  double* const psum = r.chunk_psum.data();
+  std::int64_t* const counts = r.chunk_counts.data();
+  std::int64_t* const nvalid = counts + (k > 0 ? nch * E : 0);
+  const index scratch_bytes =
+      E * static_cast<index>(sizeof(double)) +
+      (k > 0 ? (2 * E + k) * static_cast<index>(sizeof(float)) + k * static_cast<index>(sizeof(id_type)) : 0);
+  const index bad = for_each_group(
+      be, nch, scratch_bytes,
+      [=](const auto& g, index c) {
+        double* s = static_cast<double*>(g.scratch());
+        float* lf = reinterpret_cast<float*>(s + E);
+        float* sf = lf + E;
+        float* vals = sf + E;
+        id_type* ids = reinterpret_cast<id_type*>(vals + k);
+        double* ps = psum + c * E;
+        std::int64_t* cnt = counts + c * E;
+        for (index e = 0; e < E; ++e) ps[e] = 0.0;
+        if (k > 0)
+          for (index e = 0; e < E; ++e) cnt[e] = 0;
+        std::int64_t n = 0;
+        for (index t = ch.begin(c); t < ch.end(c); ++t) {
+          const T* l = logits.row(t);
+          if (!loss_row_finite(l, E)) return true;
+          if (!loss_token_valid(valid, t)) continue;
+          ++n;
+          loss_scores_row(fn, l, s, E);
+          for (index e = 0; e < E; ++e) ps[e] += s[e];
+          if (k > 0) {
+            // The counts use the fp32 scores the router selects on (Megatron: plain top-k of the scores).
+            for (index e = 0; e < E; ++e) lf[e] = static_cast<float>(l[e]);
+            score_row(fn, lf, sf, E, 1.0f);
+            if (fn != resonance::score::softmax) {
+              float sum = 0.0f;
+              for (index e = 0; e < E; ++e) sum += sf[e];
+              for (index e = 0; e < E; ++e) sf[e] /= sum + 1e-20f;
+            }
+            topk_row(
+                E, k, [sf](index e) { return sf[e]; }, vals, ids);
+            for (index j = 0; j < k; ++j) ++cnt[ids[j]];
           }
-          topk_row(
-              E, top_k, [&](index e) { return sf[static_cast<std::size_t>(e)]; }, vals.data(), ids.data());
-          for (index j = 0; j < top_k; ++j) ++cnt[ids[static_cast<std::size_t>(j)]];
         }
-      }
+        nvalid[c] = n;
+        return false;
+      },
+      index{1});
+  if (bad < nch) {
+    const index b = ch.begin(bad);
+    check_finite(matrix_view<const T>{logits.row(b), ch.end(bad) - b, E, logits.stride}, "logits", b);
+  }
+  if (ch.per_seg == 1) {
+    r.P = psum;
+    r.C = counts;
+    r.N = nvalid;
+    return r;
+  }
+  r.seg_psum = allocate<double>(be, nseg * E);
+  r.seg_counts = allocate<std::int64_t>(be, nseg * ((k > 0 ? E : 0) + 1));
+  double* const P = r.seg_psum.data();
+  std::int64_t* const C = r.seg_counts.data();
+  std::int64_t* const N = C + (k > 0 ? nseg * E : 0);
+  const index per_seg = ch.per_seg;
+  for_each(be, nseg * E, [=](index i) {
+    const index j = i / E, e = i % E;
+    double p = 0.0;
+    std::int64_t c = 0, n = 0;
+    for (index q = j * per_seg; q < (j + 1) * per_seg; ++q) {
+      p += psum[q * E + e];
+      if (k > 0) c += counts[q * E + e];
+      n += nvalid[q];
     }
+    P[i] = p;
+    if (k > 0) C[i] = c;
+    if (e == 0) N[j] = n;
   });
-  return st;
+  r.P = P;
+  r.C = C;
+  r.N = N;
+  return r;
 }
 
-// Gradient pass: dlogits row t = backward of dL/ds_t = gs[(t / seg_len)·E + e] (zero for masked rows).
-template <execution_backend B, class T>
-void loss_write_grad(const B& be, matrix_view<const T> logits, resonance::score fn, const std::vector<double>& gs,
-                     index seg_len, vector_view<const std::uint8_t> valid, matrix_view<T> dlogits) {
-  const index Tn = logits.rows, E = logits.cols;
-  detail::host_blocks(be, Tn, loss_block, [&](index begin, index end) {
-    std::vector<double> s(static_cast<std::size_t>(E)), tmp(static_cast<std::size_t>(E));
-    for (index t = begin; t < end; ++t) {
-      T* out = dlogits.row(t);
-      if (!loss_token_valid(valid, t)) {
-        for (index e = 0; e < E; ++e) out[e] = T(0);
-        continue;
-      }
-      loss_scores_row(fn, logits.row(t), s.data(), E);
-      loss_scores_backward_row(fn, logits.row(t), s.data(), gs.data() + (t / seg_len) * E, tmp.data(), out, E);
+// Gradient pass, one group per token (scratch: 2E doubles): dlogits row t = backward of
+// dL/ds_t = gs[(t / seg_len)·E + e] (gs in the backend's memory), zero for masked rows.
+template <execution_backend Backend, class T>
+void loss_write_grad(const Backend& be, matrix_view<const T> logits, resonance::score fn, const double* gs,
+                     index seg_len, const std::uint8_t* valid, matrix_view<T> dlogits) {
+  const index E = logits.cols;
+  for_each_group(be, logits.rows, 2 * E * static_cast<index>(sizeof(double)), [=](const auto& g, index t) {
+    T* out = dlogits.row(t);
+    if (!loss_token_valid(valid, t)) {
+      for (index e = 0; e < E; ++e) out[e] = T(0);
+      return false;
     }
+    double* s = static_cast<double*>(g.scratch());
+    double* tmp = s + E;
+    loss_scores_row(fn, logits.row(t), s, E);
+    loss_scores_backward_row(fn, logits.row(t), s, gs + t / seg_len * E, tmp, out, E);
+    return false;
   });
-}
-
-template <class T>
-void loss_zero(matrix_view<T> d) {
-  for (index r = 0; r < d.rows; ++r)
-    for (index c = 0; c < d.cols; ++c) d(r, c) = T(0);
 }
 
 inline void loss_check_top_k(index top_k, index E) {
   require(top_k >= 1 && top_k <= E, "top_k", "1 <= top_k <= num_experts (" + std::to_string(E) + ")", top_k);
 }
 
-// Block partials reduced in block order: totals (E) of psum and counts, and the valid count.
-inline void loss_reduce(const loss_segment_stats& st, index E, std::vector<double>& p, std::vector<std::int64_t>& c,
-                        std::int64_t& n) {
-  p.assign(static_cast<std::size_t>(E), 0.0);
-  c.assign(static_cast<std::size_t>(E), 0);
-  n = 0;
-  for (std::size_t g = 0; g < st.nvalid.size(); ++g) {
-    n += st.nvalid[g];
-    for (index e = 0; e < E; ++e) {
-      p[static_cast<std::size_t>(e)] += st.psum[g * static_cast<std::size_t>(E) + static_cast<std::size_t>(e)];
-      c[static_cast<std::size_t>(e)] += st.counts[g * static_cast<std::size_t>(E) + static_cast<std::size_t>(e)];
-    }
-  }
-}
-
+// The Switch loss, or with acc the global-batch loss (whose accumulator takes this micro-batch's counts).
+// Frequencies, the value and dL/ds per expert on one item, in expert order: f_e = (C_prev,e + c_e) /
+// ((N_prev + N)·k) with C_prev, N_prev the accumulator's (0 for the Switch loss, and then f is
+// c_e / (N·k)). Everything stays in the backend's memory until the value (and for acc, the counts) is
+// copied to the host at the end.
 template <execution_backend B, class T>
 double loss_switch_impl(const B& be, matrix_view<const T> logits, const loss::switch_options& o, matrix_view<T> dlogits,
-                        vector_view<const std::uint8_t> valid) {
+                        vector_view<const std::uint8_t> valid, loss::global_aux_accumulator* acc = nullptr) {
+  check_loss_backend<B>();
   const bool want_grad = loss_check_common(logits, dlogits, valid);
   const index E = logits.cols;
   loss_check_top_k(o.top_k, E);
-  check_finite(logits, "logits");
-  const loss_segment_stats st = loss_segments(be, logits, o.score, o.top_k, valid, loss_block);
-  std::vector<double> p;
-  std::vector<std::int64_t> c;
-  std::int64_t n = 0;
-  loss_reduce(st, E, p, c, n);
-  if (n == 0) {
-    if (want_grad) loss_zero(dlogits);
-    return 0.0;
+  if (acc != nullptr) {
+    require(acc->counts.empty() || static_cast<index>(acc->counts.size()) == E, "accumulator",
+            "counts of num_experts (" + std::to_string(E) + ") entries (or empty)", acc->counts.size());
+    require(acc->top_k == 0 || acc->top_k == o.top_k, "accumulator",
+            "the top_k of its earlier micro-batches (" + std::to_string(acc->top_k) + ")", o.top_k);
+    require(acc->tokens >= 0, "accumulator", "a non-negative token count", acc->tokens);
   }
-  const double N = static_cast<double>(n), k = static_cast<double>(o.top_k), Ed = static_cast<double>(E);
-  double loss = 0.0;
-  std::vector<double> gs(static_cast<std::size_t>(E));
-  for (index e = 0; e < E; ++e) {
-    const double f = static_cast<double>(c[static_cast<std::size_t>(e)]) / (N * k);
-    loss += f * (p[static_cast<std::size_t>(e)] / N);
-    gs[static_cast<std::size_t>(e)] = o.coeff * Ed * f / N;
+  const std::uint8_t* const mask = loss_mask(valid);
+  const loss_chunking ch = loss_chunks_whole(logits.rows);
+  const loss_sums<B> sums = loss_forward(be, logits, o.score, o.top_k, mask, ch);
+  auto out = allocate<double>(be, E + 1);  // dL/ds (E), then the value
+  double* const gs = out.data();
+  const double* const P = sums.P;
+  const std::int64_t* const C = sums.C;
+  const std::int64_t* const Nv = sums.N;
+  // The accumulator is host memory, read as it was before this call.
+  const std::int64_t* const prev = acc != nullptr && !acc->counts.empty() ? acc->counts.data() : nullptr;
+  const std::int64_t prev_tokens = acc != nullptr ? acc->tokens : 0;
+  const double coeff = o.coeff, k = static_cast<double>(o.top_k), Ed = static_cast<double>(E);
+  for_each(be, 1, [=](index) {
+    const std::int64_t n = Nv[0];
+    if (n == 0) {
+      for (index e = 0; e <= E; ++e) gs[e] = 0.0;
+      return;
+    }
+    const double N = static_cast<double>(n), Nacc = static_cast<double>(prev_tokens + n);
+    double loss = 0.0;
+    for (index e = 0; e < E; ++e) {
+      const double f = static_cast<double>((prev != nullptr ? prev[e] : 0) + C[e]) / (Nacc * k);
+      loss += f * (P[e] / N);
+      gs[e] = coeff * Ed * f / N;
+    }
+    gs[E] = coeff * Ed * loss;
+  });
+  if (want_grad) loss_write_grad(be, logits, o.score, gs, ch.seg_len, mask, dlogits);
+  double value = 0.0;
+  copy_to_host(be, &value, gs + E, 1);
+  if (acc != nullptr) {
+    std::vector<std::int64_t> c(static_cast<std::size_t>(E));
+    std::int64_t n = 0;
+    copy_to_host(be, c.data(), C, E);
+    copy_to_host(be, &n, Nv, 1);
+    fence(be);
+    if (acc->counts.empty()) acc->counts.assign(static_cast<std::size_t>(E), 0);
+    acc->top_k = o.top_k;
+    for (index e = 0; e < E; ++e) acc->counts[static_cast<std::size_t>(e)] += c[static_cast<std::size_t>(e)];
+    acc->tokens += n;
   }
-  if (want_grad) loss_write_grad(be, logits, o.score, gs, logits.rows, valid, dlogits);
-  return o.coeff * Ed * loss;
+  fence(be);
+  return value;
 }
 
+// The z-loss: logsumexp per token (one group per token, which also checks the row's finiteness), the
+// squares summed per fixed chunk of loss_block tokens in token order, then over the chunks in order.
 template <execution_backend B, class T>
 double loss_z_impl(const B& be, matrix_view<const T> logits, const loss::z_loss_options& o, matrix_view<T> dlogits,
                    vector_view<const std::uint8_t> valid) {
+  check_loss_backend<B>();
   const bool want_grad = loss_check_common(logits, dlogits, valid);
-  check_finite(logits, "logits");
   const index Tn = logits.rows, E = logits.cols;
-  std::vector<double> lse(static_cast<std::size_t>(Tn), 0.0);
-  detail::host_blocks(be, Tn, loss_block, [&](index begin, index end) {
-    for (index t = begin; t < end; ++t) {
-      if (!loss_token_valid(valid, t)) continue;
-      const T* l = logits.row(t);
-      double m = static_cast<double>(l[0]);
-      for (index e = 1; e < E; ++e) m = std::max(m, static_cast<double>(l[e]));
-      double sum = 0.0;
-      for (index e = 0; e < E; ++e) sum += std::exp(static_cast<double>(l[e]) - m);
-      lse[static_cast<std::size_t>(t)] = m + std::log(sum);
+  const index nch = (Tn + loss_block - 1) / loss_block;
+  const std::uint8_t* const mask = loss_mask(valid);
+  auto work = allocate<double>(be, Tn + nch + 2);  // lse (T), chunk sums, then the value and N
+  auto counts = allocate<std::int64_t>(be, nch);
+  double* const lse = work.data();
+  double* const part = lse + Tn;
+  double* const res = part + nch;
+  std::int64_t* const nv = counts.data();
+  const index bad = for_each_group(be, Tn, 0, [=](const auto&, index t) {
+    const T* l = logits.row(t);
+    if (!loss_row_finite(l, E)) return true;
+    if (!loss_token_valid(mask, t)) {
+      lse[t] = 0.0;
+      return false;
     }
+    double m = static_cast<double>(l[0]);
+    for (index e = 1; e < E; ++e) m = m < static_cast<double>(l[e]) ? static_cast<double>(l[e]) : m;
+    double sum = 0.0;
+    for (index e = 0; e < E; ++e) sum += ::exp(static_cast<double>(l[e]) - m);
+    lse[t] = m + ::log(sum);
+    return false;
   });
-  std::int64_t n = 0;
-  double sq = 0.0;  // token order: deterministic
-  for (index t = 0; t < Tn; ++t)
-    if (loss_token_valid(valid, t)) {
-      ++n;
-      sq += lse[static_cast<std::size_t>(t)] * lse[static_cast<std::size_t>(t)];
+  if (bad < Tn) check_finite(matrix_view<const T>{logits.row(bad), 1, E, logits.stride}, "logits", bad);
+  for_each(
+      be, nch,
+      [=](index c) {
+        const index end = (c + 1) * loss_block < Tn ? (c + 1) * loss_block : Tn;
+        double sq = 0.0;
+        std::int64_t n = 0;
+        for (index t = c * loss_block; t < end; ++t)
+          if (loss_token_valid(mask, t)) {
+            ++n;
+            sq += lse[t] * lse[t];
+          }
+        part[c] = sq;
+        nv[c] = n;
+      },
+      index{1});
+  const double coeff = o.coeff;
+  for_each(be, 1, [=](index) {
+    double sq = 0.0;
+    std::int64_t n = 0;
+    for (index c = 0; c < nch; ++c) {
+      sq += part[c];
+      n += nv[c];
     }
-  if (n == 0) {
-    if (want_grad) loss_zero(dlogits);
-    return 0.0;
-  }
-  const double N = static_cast<double>(n);
+    const double N = static_cast<double>(n);
+    res[0] = n == 0 ? 0.0 : coeff * sq / N;
+    res[1] = N;
+  });
   if (want_grad) {
-    detail::host_blocks(be, Tn, loss_block, [&](index begin, index end) {
-      for (index t = begin; t < end; ++t) {
-        const T* l = logits.row(t);
-        T* out = dlogits.row(t);
-        const bool ok = loss_token_valid(valid, t);
-        const double lt = lse[static_cast<std::size_t>(t)], scale = o.coeff * 2.0 / N * lt;
-        for (index e = 0; e < E; ++e)
-          out[e] = ok ? static_cast<T>(scale * std::exp(static_cast<double>(l[e]) - lt)) : T(0);
-      }
-    });
+    for_each(
+        be, Tn,
+        [=](index t) {
+          const T* l = logits.row(t);
+          T* out = dlogits.row(t);
+          if (!loss_token_valid(mask, t)) {
+            for (index e = 0; e < E; ++e) out[e] = T(0);
+            return;
+          }
+          const double lt = lse[t], scale = coeff * 2.0 / res[1] * lt;
+          for (index e = 0; e < E; ++e) out[e] = static_cast<T>(scale * ::exp(static_cast<double>(l[e]) - lt));
+        },
+        index{256});
   }
-  return o.coeff * sq / N;
+  double value = 0.0;
+  copy_to_host(be, &value, res, 1);
+  fence(be);
+  return value;
 }
 
 }  // namespace resonance::detail
@@ -326,81 +488,73 @@ T switch_loss(const B& be, matrix_view<const T> logits, const switch_options& op
 }
 
 // 2. Sequence-level auxiliary loss (DeepSeek-V3), averaged over the sequences that hold a valid token.
+// Per sequence j (one item each): its value L_j and dL/ds, both in expert order; the count of used
+// sequences and the mean of the L_j (in sequence order) on one item each.
 template <execution_backend B, input_scalar T>
 T seq_aux_loss(const B& be, matrix_view<const T> logits, const seq_aux_options& opts, matrix_view<T> dlogits,
                vector_view<const std::uint8_t> valid = {}) {
+  detail::check_loss_backend<B>();
   const bool want_grad = detail::loss_check_common(logits, dlogits, valid);
   const index Tn = logits.rows, E = logits.cols;
   detail::loss_check_top_k(opts.top_k, E);
   detail::require(opts.seq_len >= 1 && Tn % opts.seq_len == 0, "seq_len",
                   "seq_len >= 1 dividing the number of tokens (" + std::to_string(Tn) + ")", opts.seq_len);
-  detail::check_finite(logits, "logits");
-  const detail::loss_segment_stats st = detail::loss_segments(be, logits, opts.score, opts.top_k, valid, opts.seq_len);
-  const index S = static_cast<index>(st.nvalid.size());
-  index used = 0;
-  for (index j = 0; j < S; ++j) used += st.nvalid[static_cast<std::size_t>(j)] > 0 ? 1 : 0;
-  if (used == 0) {
-    if (want_grad) detail::loss_zero(dlogits);
-    return T(0);
-  }
-  const double k = static_cast<double>(opts.top_k), Ed = static_cast<double>(E), Su = static_cast<double>(used);
-  std::vector<double> gs(static_cast<std::size_t>(S * E), 0.0);
-  double loss = 0.0;
-  for (index j = 0; j < S; ++j) {
-    const std::int64_t nj = st.nvalid[static_cast<std::size_t>(j)];
-    if (nj == 0) continue;
-    const double N = static_cast<double>(nj);
-    double lj = 0.0;
-    for (index e = 0; e < E; ++e) {
-      const std::size_t i = static_cast<std::size_t>(j * E + e);
-      const double f = static_cast<double>(st.counts[i]) / (N * k);
-      lj += f * (st.psum[i] / N);
-      gs[i] = opts.coeff * Ed * f / (N * Su);
-    }
-    loss += lj;
-  }
-  if (want_grad) detail::loss_write_grad(be, logits, opts.score, gs, opts.seq_len, valid, dlogits);
-  return static_cast<T>(opts.coeff * Ed * loss / Su);
+  const std::uint8_t* const mask = detail::loss_mask(valid);
+  const detail::loss_chunking ch = detail::loss_chunks(Tn, opts.seq_len);
+  const detail::loss_sums<B> sums = detail::loss_forward(be, logits, opts.score, opts.top_k, mask, ch);
+  const index S = ch.nseg;
+  auto out = allocate<double>(be, S * E + S + 2);  // dL/ds (S×E), L_j (S), then the value and the used count
+  double* const gs = out.data();
+  double* const lj = gs + S * E;
+  double* const res = lj + S;
+  const double* const P = sums.P;
+  const std::int64_t* const C = sums.C;
+  const std::int64_t* const Nv = sums.N;
+  const double coeff = opts.coeff, k = static_cast<double>(opts.top_k), Ed = static_cast<double>(E);
+  for_each(be, 1, [=](index) {
+    index used = 0;
+    for (index j = 0; j < S; ++j) used += Nv[j] > 0 ? 1 : 0;
+    res[1] = static_cast<double>(used);
+  });
+  for_each(
+      be, S,
+      [=](index j) {
+        double* g = gs + j * E;
+        const std::int64_t nj = Nv[j];
+        if (nj == 0) {
+          for (index e = 0; e < E; ++e) g[e] = 0.0;
+          lj[j] = 0.0;
+          return;
+        }
+        const double N = static_cast<double>(nj), Su = res[1];
+        double l = 0.0;
+        for (index e = 0; e < E; ++e) {
+          const double f = static_cast<double>(C[j * E + e]) / (N * k);
+          l += f * (P[j * E + e] / N);
+          g[e] = coeff * Ed * f / (N * Su);
+        }
+        lj[j] = l;
+      },
+      index{64});
+  for_each(be, 1, [=](index) {
+    const double Su = res[1];
+    double loss = 0.0;
+    for (index j = 0; j < S; ++j)
+      if (Nv[j] > 0) loss += lj[j];
+    res[0] = Su > 0.0 ? coeff * Ed * loss / Su : 0.0;
+  });
+  if (want_grad) detail::loss_write_grad(be, logits, opts.score, gs, opts.seq_len, mask, dlogits);
+  double value = 0.0;
+  copy_to_host(be, &value, res, 1);
+  fence(be);
+  return static_cast<T>(value);
 }
 
 // 3. Global-batch auxiliary loss: adds this micro-batch's counts to acc, then uses the accumulated f.
 template <execution_backend B, input_scalar T>
 T global_aux_loss(const B& be, matrix_view<const T> logits, const switch_options& opts, global_aux_accumulator& acc,
                   matrix_view<T> dlogits, vector_view<const std::uint8_t> valid = {}) {
-  const bool want_grad = detail::loss_check_common(logits, dlogits, valid);
-  const index E = logits.cols;
-  detail::loss_check_top_k(opts.top_k, E);
-  detail::require(acc.counts.empty() || static_cast<index>(acc.counts.size()) == E, "accumulator",
-                  "counts of num_experts (" + std::to_string(E) + ") entries (or empty)", acc.counts.size());
-  detail::require(acc.top_k == 0 || acc.top_k == opts.top_k, "accumulator",
-                  "the top_k of its earlier micro-batches (" + std::to_string(acc.top_k) + ")", opts.top_k);
-  detail::require(acc.tokens >= 0, "accumulator", "a non-negative token count", acc.tokens);
-  detail::check_finite(logits, "logits");
-  const detail::loss_segment_stats st =
-      detail::loss_segments(be, logits, opts.score, opts.top_k, valid, detail::loss_block);
-  std::vector<double> p;
-  std::vector<std::int64_t> c;
-  std::int64_t n = 0;
-  detail::loss_reduce(st, E, p, c, n);
-  if (acc.counts.empty()) acc.counts.assign(static_cast<std::size_t>(E), 0);
-  acc.top_k = opts.top_k;
-  for (index e = 0; e < E; ++e) acc.counts[static_cast<std::size_t>(e)] += c[static_cast<std::size_t>(e)];
-  acc.tokens += n;
-  if (n == 0) {
-    if (want_grad) detail::loss_zero(dlogits);
-    return T(0);
-  }
-  const double N = static_cast<double>(n), Nacc = static_cast<double>(acc.tokens), k = static_cast<double>(opts.top_k),
-               Ed = static_cast<double>(E);
-  double loss = 0.0;
-  std::vector<double> gs(static_cast<std::size_t>(E));
-  for (index e = 0; e < E; ++e) {
-    const double f = static_cast<double>(acc.counts[static_cast<std::size_t>(e)]) / (Nacc * k);
-    loss += f * (p[static_cast<std::size_t>(e)] / N);
-    gs[static_cast<std::size_t>(e)] = opts.coeff * Ed * f / N;
-  }
-  if (want_grad) detail::loss_write_grad(be, logits, opts.score, gs, logits.rows, valid, dlogits);
-  return static_cast<T>(opts.coeff * Ed * loss);
+  return static_cast<T>(detail::loss_switch_impl(be, logits, opts, dlogits, valid, &acc));
 }
 
 // 4. Router z-loss with its gradient.

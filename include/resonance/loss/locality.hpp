@@ -54,6 +54,7 @@ struct locality_options {
 template <execution_backend B, input_scalar T>
 T locality_loss(const B& be, matrix_view<const T> logits, const locality_options& opts, matrix_view<T> dlogits,
                 vector_view<const std::uint8_t> valid = {}) {
+  detail::check_loss_backend<B>();
   const bool want_grad = detail::loss_check_common(logits, dlogits, valid);
   const index E = logits.cols;
   detail::require(opts.num_nodes >= 1, "num_nodes", "num_nodes >= 1", opts.num_nodes);
@@ -72,38 +73,50 @@ T locality_loss(const B& be, matrix_view<const T> logits, const locality_options
   detail::require(n_local >= 1, "local_node", "a node that holds at least one expert", opts.local_node);
   detail::require(opts.form == locality_form::reversed || (opts.eps > 0.0 && opts.eps < 1.0), "eps", "0 < eps < 1",
                   opts.eps);
-  detail::check_finite(logits, "logits");
+  const std::uint8_t* const mask = detail::loss_mask(valid);
+  const detail::loss_chunking ch = detail::loss_chunks_whole(logits.rows);
+  const detail::loss_sums<B> sums = detail::loss_forward(be, logits, resonance::score::softmax, 0, mask, ch);
 
-  const detail::loss_segment_stats st =
-      detail::loss_segments(be, logits, resonance::score::softmax, 0, valid, detail::loss_block);
-  std::vector<double> dc;
-  std::vector<std::int64_t> unused;
-  std::int64_t n = 0;
-  detail::loss_reduce(st, E, dc, unused, n);
-  if (n == 0) {
-    if (want_grad) detail::loss_zero(dlogits);
-    return T(0);
-  }
-  const double N = static_cast<double>(n), Ed = static_cast<double>(E), dl_local = 1.0 / static_cast<double>(n_local);
-  for (double& v : dc) v /= N;
-  double loss = 0.0;
-  std::vector<double> gs(static_cast<std::size_t>(E), 0.0);
-  for (index e = 0; e < E; ++e) {
-    const std::size_t i = static_cast<std::size_t>(e);
-    const double dl = opts.expert_node[e] == opts.local_node ? dl_local : 0.0;
-    const double c = std::max(dc[i], DBL_MIN);  // D_c > 0 for finite logits unless exp underflows
-    if (opts.form == locality_form::smoothed) {
-      const double target = (1.0 - opts.eps) * dl + opts.eps / Ed;
-      const double lr = std::log(c / target);
-      if (dc[i] > 0.0) loss += dc[i] * lr;
-      gs[i] = opts.coeff * (lr + 1.0) / N;
-    } else if (dl > 0.0) {
-      loss += dl * std::log(dl / c);
-      gs[i] = -opts.coeff * dl / c / N;
+  // D_c, the value and dL/ds per expert on one item, in expert order.
+  auto out = allocate<double>(be, E + 1);  // dL/ds (E), then the value
+  double* const gs = out.data();
+  const double* const P = sums.P;
+  const std::int64_t* const Nv = sums.N;
+  const id_type* const node = opts.expert_node.data;  // host memory, as the logits
+  const id_type local = opts.local_node;
+  const bool smoothed = opts.form == locality_form::smoothed;
+  const double coeff = opts.coeff, eps = opts.eps, Ed = static_cast<double>(E),
+               dl_local = 1.0 / static_cast<double>(n_local);
+  for_each(be, 1, [=](index) {
+    const std::int64_t n = Nv[0];
+    if (n == 0) {
+      for (index e = 0; e <= E; ++e) gs[e] = 0.0;
+      return;
     }
-  }
-  if (want_grad) detail::loss_write_grad(be, logits, resonance::score::softmax, gs, logits.rows, valid, dlogits);
-  return static_cast<T>(opts.coeff * loss);
+    const double N = static_cast<double>(n);
+    double loss = 0.0;
+    for (index e = 0; e < E; ++e) {
+      const double dc = P[e] / N;
+      const double dl = node[e] == local ? dl_local : 0.0;
+      const double c = dc > DBL_MIN ? dc : DBL_MIN;  // D_c > 0 for finite logits unless exp underflows
+      gs[e] = 0.0;
+      if (smoothed) {
+        const double target = (1.0 - eps) * dl + eps / Ed;
+        const double lr = ::log(c / target);
+        if (dc > 0.0) loss += dc * lr;
+        gs[e] = coeff * (lr + 1.0) / N;
+      } else if (dl > 0.0) {
+        loss += dl * ::log(dl / c);
+        gs[e] = -coeff * dl / c / N;
+      }
+    }
+    gs[E] = coeff * loss;
+  });
+  if (want_grad) detail::loss_write_grad(be, logits, resonance::score::softmax, gs, ch.seg_len, mask, dlogits);
+  double value = 0.0;
+  copy_to_host(be, &value, gs + E, 1);
+  fence(be);
+  return static_cast<T>(value);
 }
 
 }  // namespace resonance::loss

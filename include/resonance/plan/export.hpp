@@ -4,12 +4,19 @@
 //   to_dense          Megatron-Core: probs [T×E] (weight of each kept pair, 0 elsewhere) and routing_map [T×E]
 //   to_block_aligned  vLLM moe_align_block_size: sorted_token_ids, expert_ids per block, num_tokens_post_pad
 //   to_rank_layout    DeepEP get_dispatch_layout: tokens per rank / node / expert, is_token_in_rank [T×R]
+//
+// Each takes a backend as an optional first argument (without one: backend::serial) and is written once
+// on the execution primitives; the plan may be in any memory space the backend can read. The outputs
+// are host types (host matrix views, std::vector members), so the backend must be able to write host
+// memory.
 
-#include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "../backend/backend.hpp"
+#include "../backend/serial.hpp"
 #include "../core/error.hpp"
 #include "../core/view.hpp"
 #include "../dist/placement.hpp"
@@ -17,26 +24,49 @@
 
 namespace resonance {
 
-// Writes the dense Megatron form. Both outputs are checked before anything is written.
-template <class P, class M>
-void to_dense(const plan_view<>& plan, matrix_view<P> probs, matrix_view<M> mask) {
+namespace detail {
+template <class Backend, class Space>
+constexpr void check_export_spaces() {
+  static_assert(accessible_from_v<Space, memory_space_t<Backend>>, "the plan must be in memory the backend can read");
+  static_assert(accessible_from_v<host_space, memory_space_t<Backend>>,
+                "the plan exports write host outputs: they need a backend that can write host memory");
+}
+}  // namespace detail
+
+// Writes the dense Megatron form, one token's rows per item. Both outputs are checked before anything
+// is written.
+template <execution_backend Backend, class Space, class P, class M>
+void to_dense(const Backend& be, const plan_view<Space>& plan, matrix_view<P> probs, matrix_view<M> mask) {
   static_assert(!std::is_const_v<P> && !std::is_const_v<M>, "to_dense writes its outputs");
+  detail::check_export_spaces<Backend, Space>();
   const index T = plan.num_tokens(), E = plan.num_experts();
   detail::check_matrix(probs, "probs", T, E);
   detail::check_matrix(mask, "mask", T, E);
-  const auto off = plan.token_offsets();
-  const auto ex = plan.token_expert();
-  const auto w = plan.token_weight();
-  for (index t = 0; t < T; ++t) {
+  const id_type* const off = plan.token_offsets_;
+  const id_type* const ex = plan.token_expert_;
+  const float* const w = plan.token_weight_;
+  for_each(be, T, [=](index t) {
+    P* p = probs.row(t);
+    M* m = mask.row(t);
     for (index e = 0; e < E; ++e) {
-      probs(t, e) = P(0);
-      mask(t, e) = M(0);
+      p[e] = P(0);
+      m[e] = M(0);
     }
-    for (id_type i = off[static_cast<std::size_t>(t)]; i < off[static_cast<std::size_t>(t + 1)]; ++i) {
-      probs(t, ex[static_cast<std::size_t>(i)]) = static_cast<P>(w[static_cast<std::size_t>(i)]);
-      mask(t, ex[static_cast<std::size_t>(i)]) = M(1);
+    for (id_type i = off[t]; i < off[t + 1]; ++i) {
+      p[ex[i]] = static_cast<P>(w[i]);
+      m[ex[i]] = M(1);
     }
-  }
+  });
+}
+
+template <execution_backend Backend, class Space, class P, class M>
+void to_dense(const Backend& be, const basic_routing_plan<Space>& plan, matrix_view<P> probs, matrix_view<M> mask) {
+  to_dense(be, plan.view(), probs, mask);
+}
+
+template <class P, class M>
+void to_dense(const plan_view<>& plan, matrix_view<P> probs, matrix_view<M> mask) {
+  to_dense(backend::serial{}, plan, probs, mask);
 }
 
 struct block_aligned_layout {
@@ -49,41 +79,67 @@ struct block_aligned_layout {
   index block = 1;
 };
 
-inline block_aligned_layout to_block_aligned(const plan_view<>& plan, index block) {
+// Blocks per expert, scanned into each expert's first block; the host reads the block count, sizes the
+// outputs, then each expert writes its blocks.
+template <execution_backend Backend, class Space>
+block_aligned_layout to_block_aligned(const Backend& be, const plan_view<Space>& plan, index block) {
+  detail::check_export_spaces<Backend, Space>();
   detail::require(block >= 1, "block", "block >= 1", block);
-  const index E = plan.num_experts();
-  const auto counts = plan.expert_counts();
-  const auto offsets = plan.expert_offsets();
-  const auto tok_slot = plan.token_slot();
+  const index E = plan.num_experts(), S = plan.num_slots(), A = plan.num_assignments();
+  const id_type* const counts = plan.expert_counts_;
+  const id_type* const offsets = plan.expert_offsets_;
+  const id_type* const tok_slot = plan.token_slot_;
+
+  auto work = allocate<id_type>(be, E + 1 + S);
+  id_type* const first_block = work.data();          // E + 1: each expert's first block, then the total
+  id_type* const csr_of_slot = first_block + E + 1;  // S: the CSR position of each kept slot
+  // Rounded up without forming count + block - 1, which overflows for a huge block. A count of blocks
+  // is at most the expert's count, so the scan fits in 32-bit ids.
+  for_each(be, E, [=](index e) {
+    const index n = counts[e];
+    first_block[e] = static_cast<id_type>(n == 0 ? 0 : (n - 1) / block + 1);
+  });
+  exclusive_scan(be, first_block, first_block, E);
+  id_type blocks = 0;
+  copy_to_host(be, &blocks, first_block + E, 1);
+  fence(be);
+  // The padded layout has blocks · block entries; blocks · block <= max exactly when blocks <= max / block
+  // (rounded down), without forming the product.
+  detail::require(static_cast<index>(blocks) <= std::numeric_limits<id_type>::max() / block, "block",
+                  "a block size whose padded layout fits in 32-bit ids", block);
+
   block_aligned_layout out;
   out.block = block;
-  std::vector<id_type> start(static_cast<std::size_t>(E + 1), 0);
-  for (index e = 0; e < E; ++e) {
-    // Rounded up without forming count + block - 1, which overflows for a huge block.
-    const index n = counts[static_cast<std::size_t>(e)];
-    const index padded = n == 0 ? 0 : ((n - 1) / block + 1) * block;
-    detail::require(padded <= std::numeric_limits<id_type>::max() - start[static_cast<std::size_t>(e)], "block",
-                    "a block size whose padded layout fits in 32-bit ids", block);
-    start[static_cast<std::size_t>(e + 1)] = static_cast<id_type>(start[static_cast<std::size_t>(e)] + padded);
-  }
-  out.num_tokens_post_pad = start[static_cast<std::size_t>(E)];
-  const auto pad = static_cast<id_type>(plan.num_assignments());
-  out.sorted_token_ids.assign(static_cast<std::size_t>(out.num_tokens_post_pad), pad);
-  out.expert_ids.resize(static_cast<std::size_t>(out.num_tokens_post_pad / block));
-  for (index e = 0; e < E; ++e) {
-    for (id_type b = start[static_cast<std::size_t>(e)]; b < start[static_cast<std::size_t>(e + 1)];
-         b += static_cast<id_type>(block))
-      out.expert_ids[static_cast<std::size_t>(b / block)] = static_cast<id_type>(e);
-  }
-  // Kept tokens fill the first expert_counts[e] slots of expert e; map each slot to its CSR position.
-  std::vector<id_type> csr_of_slot(static_cast<std::size_t>(plan.num_slots()), pad);
-  for (index i = 0; i < plan.num_assignments(); ++i)
-    csr_of_slot[static_cast<std::size_t>(tok_slot[static_cast<std::size_t>(i)])] = static_cast<id_type>(i);
-  for (index e = 0; e < E; ++e)
-    for (index j = 0; j < counts[static_cast<std::size_t>(e)]; ++j)
-      out.sorted_token_ids[static_cast<std::size_t>(start[static_cast<std::size_t>(e)] + j)] =
-          csr_of_slot[static_cast<std::size_t>(offsets[static_cast<std::size_t>(e)] + j)];
+  out.num_tokens_post_pad = static_cast<id_type>(static_cast<index>(blocks) * block);
+  out.sorted_token_ids.resize(static_cast<std::size_t>(out.num_tokens_post_pad));
+  out.expert_ids.resize(static_cast<std::size_t>(blocks));
+  // Kept tokens fill the first expert_counts[e] slots of expert e; map each kept slot to its CSR position.
+  for_each(be, A, [=](index i) { csr_of_slot[tok_slot[i]] = static_cast<id_type>(i); });
+  const auto pad = static_cast<id_type>(A);
+  id_type* const sorted = out.sorted_token_ids.data();
+  id_type* const expert_ids = out.expert_ids.data();
+  for_each(
+      be, E,
+      [=](index e) {
+        const index b = first_block[e], nb = first_block[e + 1] - first_block[e];
+        for (index j = 0; j < nb; ++j) expert_ids[b + j] = static_cast<id_type>(e);
+        id_type* dst = sorted + b * block;
+        const id_type* src = csr_of_slot + offsets[e];
+        const index n = counts[e];
+        for (index j = 0; j < n; ++j) dst[j] = src[j];
+        for (index j = n; j < nb * block; ++j) dst[j] = pad;
+      },
+      index{1});
   return out;
+}
+
+template <execution_backend Backend, class Space>
+block_aligned_layout to_block_aligned(const Backend& be, const basic_routing_plan<Space>& plan, index block) {
+  return to_block_aligned(be, plan.view(), block);
+}
+
+inline block_aligned_layout to_block_aligned(const plan_view<>& plan, index block) {
+  return to_block_aligned(backend::serial{}, plan, block);
 }
 
 struct rank_layout {
@@ -94,36 +150,66 @@ struct rank_layout {
   index num_ranks = 0;
 };
 
-inline rank_layout to_rank_layout(const plan_view<>& plan, const dist::expert_placement& placement) {
+// Each token's row of is_token_in_rank, then each rank (node) counts the tokens flagged in its column
+// (any of its ranks' columns): no atomics, the same counts on every backend.
+template <execution_backend Backend, class Space>
+rank_layout to_rank_layout(const Backend& be, const plan_view<Space>& plan, const dist::expert_placement& placement) {
+  detail::check_export_spaces<Backend, Space>();
   const index T = plan.num_tokens(), E = plan.num_experts();
   placement.validate(E);
-  const index R = placement.num_ranks;
+  const index R = placement.num_ranks, N = placement.num_nodes(), ranks_per_node = placement.ranks_per_node;
   rank_layout out;
   out.num_ranks = R;
-  out.num_tokens_per_rank.assign(static_cast<std::size_t>(R), 0);
-  out.num_tokens_per_node.assign(static_cast<std::size_t>(placement.num_nodes()), 0);
-  out.num_tokens_per_expert.assign(plan.expert_counts().begin(), plan.expert_counts().end());
-  out.is_token_in_rank.assign(static_cast<std::size_t>(T * R), 0);
-  const auto off = plan.token_offsets();
-  const auto ex = plan.token_expert();
-  std::vector<unsigned char> node_seen(static_cast<std::size_t>(placement.num_nodes()));
-  for (index t = 0; t < T; ++t) {
-    std::fill(node_seen.begin(), node_seen.end(), 0);
-    std::uint8_t* row = out.is_token_in_rank.data() + t * R;
-    for (id_type i = off[static_cast<std::size_t>(t)]; i < off[static_cast<std::size_t>(t + 1)]; ++i) {
-      const id_type r = placement.rank_of_expert[static_cast<std::size_t>(ex[static_cast<std::size_t>(i)])];
-      if (!row[r]) {
-        row[r] = 1;
-        ++out.num_tokens_per_rank[static_cast<std::size_t>(r)];
-      }
-      const index node = r / placement.ranks_per_node;
-      if (!node_seen[static_cast<std::size_t>(node)]) {
-        node_seen[static_cast<std::size_t>(node)] = 1;
-        ++out.num_tokens_per_node[static_cast<std::size_t>(node)];
-      }
-    }
-  }
+  out.num_tokens_per_rank.resize(static_cast<std::size_t>(R));
+  out.num_tokens_per_node.resize(static_cast<std::size_t>(N));
+  out.num_tokens_per_expert.resize(static_cast<std::size_t>(E));
+  out.is_token_in_rank.resize(static_cast<std::size_t>(T * R));
+  copy_to_host(be, out.num_tokens_per_expert.data(), plan.expert_counts_, E);
+
+  const id_type* const off = plan.token_offsets_;
+  const id_type* const ex = plan.token_expert_;
+  const id_type* const rank_of_expert = placement.rank_of_expert.data();  // host memory the backend reads
+  std::uint8_t* const in_rank = out.is_token_in_rank.data();
+  id_type* const per_rank = out.num_tokens_per_rank.data();
+  id_type* const per_node = out.num_tokens_per_node.data();
+  for_each(be, T, [=](index t) {
+    std::uint8_t* row = in_rank + t * R;
+    for (index r = 0; r < R; ++r) row[r] = 0;
+    for (id_type i = off[t]; i < off[t + 1]; ++i) row[rank_of_expert[ex[i]]] = 1;
+  });
+  for_each(
+      be, R,
+      [=](index r) {
+        id_type n = 0;
+        for (index t = 0; t < T; ++t) n += in_rank[t * R + r];
+        per_rank[r] = n;
+      },
+      index{1});
+  for_each(
+      be, N,
+      [=](index node) {
+        id_type n = 0;
+        for (index t = 0; t < T; ++t) {
+          const std::uint8_t* ranks = in_rank + t * R + node * ranks_per_node;
+          std::uint8_t hit = 0;
+          for (index r = 0; r < ranks_per_node; ++r) hit |= ranks[r];
+          n += hit;
+        }
+        per_node[node] = n;
+      },
+      index{1});
+  fence(be);  // the expert counts' copy
   return out;
+}
+
+template <execution_backend Backend, class Space>
+rank_layout to_rank_layout(const Backend& be, const basic_routing_plan<Space>& plan,
+                           const dist::expert_placement& placement) {
+  return to_rank_layout(be, plan.view(), placement);
+}
+
+inline rank_layout to_rank_layout(const plan_view<>& plan, const dist::expert_placement& placement) {
+  return to_rank_layout(backend::serial{}, plan, placement);
 }
 
 }  // namespace resonance

@@ -27,8 +27,8 @@
 // non-causal top-C. With thresholds, top_k only sets C. Causal expert choice accepts
 // capacity::dropless (every candidate is kept).
 
-#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <string>
 #include <vector>
@@ -39,6 +39,7 @@
 #include "../core/error.hpp"
 #include "../core/topk.hpp"
 #include "../core/view.hpp"
+#include "../plan/build.hpp"
 #include "../score/score.hpp"
 #include "routing.hpp"
 
@@ -81,84 +82,134 @@ static_assert(routing_policy<expert_choice>);
 
 namespace resonance::detail {
 
-// S for every token (T×E, row-major, fp32): score_row of each row with scale 1/temperature. A score
-// that is not finite (identity of logits / a tiny temperature) is an error before any selection, as
-// the router reports for token choice: a NaN would break the strict order of the per-expert top-C.
+// S for every token (T×E, row-major, fp32) in a buffer of the backend: score_row of each row with
+// scale 1/temperature. A score that is not finite (identity of logits / a tiny temperature) is an
+// error before any selection, as the router reports for token choice: a NaN would break the strict
+// order of the per-expert top-C. The lowest offending entry is reported whatever the backend.
 template <execution_backend Backend>
-std::vector<float> expert_choice_scores(const Backend& be, const routing::expert_choice& p,
-                                        matrix_view<const float> logits) {
+typename Backend::template buffer<float> expert_choice_scores(const Backend& be, const routing::expert_choice& p,
+                                                              matrix_view<const float> logits) {
   const index T = logits.rows, E = logits.cols;
-  std::vector<float> s(static_cast<std::size_t>(T * E));
+  auto buf = allocate<float>(be, T * E);
+  float* const s = buf.data();
+  const resonance::score fn = p.score;
   const float inv_t = 1.0f / p.temperature;
-  detail::host_blocks(be, T, 1024, [&](index begin, index end) {
-    for (index t = begin; t < end; ++t) score_row(p.score, logits.row(t), s.data() + t * E, E, inv_t);
-  });
-  for (index i = 0; i < T * E; ++i)
-    if (!std::isfinite(s[static_cast<std::size_t>(i)]))
-      fail("routing weight", "a finite fp32 value (logits / temperature overflowed)", s[static_cast<std::size_t>(i)],
-           " for token ", i / E);
-  return s;
+  for_each(be, T, [=](index t) { score_row(fn, logits.row(t), s + t * E, E, inv_t); });
+  const index bad = reduce_min(be, T * E, [=](index i) { return (s[i] - s[i]) == 0.0f ? no_index : i; });
+  if (bad != no_index) {
+    float v = 0.0f;
+    copy_to_host(be, &v, s + bad, 1);
+    fence(be);
+    fail("routing weight", "a finite fp32 value (logits / temperature overflowed)", v, " for token ", bad / E);
+  }
+  return buf;
 }
 
-// One entry of an expert's column: its score and token. `before` is the strict total order of the
-// selection, (score descending, token ascending), so ties go to the lower token id and the kept set
-// does not depend on how std::nth_element partitions.
-struct expert_choice_entry {
-  float score;
-  id_type token;
-};
-
-inline bool expert_choice_before(const expert_choice_entry& a, const expert_choice_entry& b) {
-  return a.score > b.score || (a.score == b.score && a.token < b.token);
+// The selection key of token t in an expert's column: the plan builder's score key (drop_key with
+// drop_policy::score), the score's order-preserving bits then the inverted token id. Keys are unique
+// within a column and order it by (score descending, token ascending), -0 equal to +0: ties go to the
+// lower token id, and the top C keys are one set on every backend.
+RESONANCE_INLINE_FUNCTION std::uint64_t expert_choice_key(float score, index t) {
+  return drop_key(drop_policy::score, 0, score, static_cast<id_type>(t), 0);
 }
 
-// Fills col with column e of the row-major T×E scores s.
-inline void expert_choice_column(const float* s, index T, index E, index e, std::vector<expert_choice_entry>& col) {
-  col.resize(static_cast<std::size_t>(T));
-  for (index t = 0; t < T; ++t) col[static_cast<std::size_t>(t)] = {s[t * E + e], static_cast<id_type>(t)};
+// The token of a key (its low 32 bits hold ~token).
+RESONANCE_INLINE_FUNCTION index expert_choice_key_token(std::uint64_t key) {
+  return static_cast<index>(static_cast<id_type>(~static_cast<std::uint32_t>(key)));
 }
 
-// Token-major CSR of the pairs with keep[t*E + e] != 0, ascending expert ids, weights from s.
+// Tokens per tile of the transpose of S into expert-major keys.
+inline constexpr index expert_choice_key_tile = 32;
+
+// The keys of the T×E scores s (rows `stride` apart), expert-major: expert e's T keys start at
+// keys[e * segment]. The transpose runs in tiles of expert_choice_key_tile tokens, so that a tile's
+// rows stay in cache while each expert's keys are written contiguously (one token per call would store
+// its E keys T entries apart: into one cache set when T is a power of two). 32 tiles (1024 tokens) per task.
 template <execution_backend Backend>
-void expert_choice_fill(const Backend& be, const std::vector<unsigned char>& keep, const std::vector<float>& s, index T,
-                        index E, candidate_set& out) {
-  const auto sz = [](index n) { return static_cast<std::size_t>(n); };
-  out.offsets.assign(sz(T + 1), 0);
-  detail::host_blocks(be, T, 1024, [&](index begin, index end) {
-    for (index t = begin; t < end; ++t) {
-      id_type n = 0;
-      for (index e = 0; e < E; ++e) n += keep[sz(t * E + e)];
-      out.offsets[sz(t + 1)] = n;
+void expert_choice_keys(const Backend& be, const float* s, index T, index E, index stride, index segment,
+                        std::uint64_t* keys) {
+  constexpr index tile = expert_choice_key_tile;
+  for_each(
+      be, (T + tile - 1) / tile,
+      [=](index b) {
+        const index first = b * tile, last = first + tile < T ? first + tile : T;
+        for (index e = 0; e < E; ++e)
+          for (index t = first; t < last; ++t) keys[e * segment + t] = expert_choice_key(s[t * stride + e], t);
+      },
+      index{1024} / tile);
+}
+
+// Token-major CSR of the pairs with keep[t*E + e] != 0, ascending expert ids, weights from s (the
+// candidate set is a host struct, written through its raw pointers): the count per token, the
+// exclusive scan, the fill.
+template <execution_backend Backend>
+void expert_choice_fill(const Backend& be, const unsigned char* keep, const float* s, index T, index E,
+                        candidate_set& out) {
+  out.offsets.resize(static_cast<std::size_t>(T + 1));
+  id_type* const offsets = out.offsets.data();
+  for_each(be, T, [=](index t) {
+    id_type n = 0;
+    for (index e = 0; e < E; ++e) n += keep[t * E + e];
+    offsets[t] = n;
+  });
+  exclusive_scan(be, offsets, offsets, T);
+  const auto nnz = static_cast<std::size_t>(out.offsets[static_cast<std::size_t>(T)]);
+  out.expert.resize(nnz);
+  out.weight.resize(nnz);
+  id_type* const expert = out.expert.data();
+  float* const weight = out.weight.data();
+  for_each(be, T, [=](index t) {
+    id_type i = offsets[t];
+    for (index e = 0; e < E; ++e) {
+      if (!keep[t * E + e]) continue;
+      expert[i] = static_cast<id_type>(e);
+      weight[i] = s[t * E + e];
+      ++i;
     }
   });
-  for (index t = 0; t < T; ++t) out.offsets[sz(t + 1)] += out.offsets[sz(t)];
-  out.expert.resize(sz(out.offsets[sz(T)]));
-  out.weight.resize(sz(out.offsets[sz(T)]));
-  detail::host_blocks(be, T, 1024, [&](index begin, index end) {
-    for (index t = begin; t < end; ++t) {
-      id_type i = out.offsets[sz(t)];
-      for (index e = 0; e < E; ++e) {
-        if (!keep[sz(t * E + e)]) continue;
-        out.expert[sz(i)] = static_cast<id_type>(e);
-        out.weight[sz(i)] = s[sz(t * E + e)];
-        ++i;
-      }
-    }
-  });
+}
+
+// For each of the E columns of the T×E matrix s (rows `stride` apart), the token holding its C-th
+// largest key (1 <= C <= T), written to kth_token on the host. One segment of T + 1 keys per column,
+// expert-major: the T keys, then a sentinel 0 below all of them (a key's low half ~t is never 0), so
+// that every segment holds more than C keys and C = T (the column's smallest) needs no special case.
+template <execution_backend Backend>
+void expert_choice_column_kth(const Backend& be, const float* s, index T, index E, index stride, index C,
+                              index* kth_token) {
+  const index n = T + 1;
+  workspace_layout layout;
+  const index o_keys = layout.reserve<std::uint64_t>(E * n);
+  const index o_seg = layout.reserve<id_type>(E + 1);
+  const index o_kth = layout.reserve<std::uint64_t>(E);
+  const index o_select = layout.reserve<unsigned char>(segmented_select_workspace(be, E * n, E));
+  auto work = allocate<unsigned char>(be, layout.bytes());
+  void* const base = work.data();
+  std::uint64_t* const keys = at_offset<std::uint64_t>(base, o_keys);
+  id_type* const seg = at_offset<id_type>(base, o_seg);
+  std::uint64_t* const kth = at_offset<std::uint64_t>(base, o_kth);
+  for_each(be, E + 1, [=](index e) { seg[e] = static_cast<id_type>(e * n); });
+  expert_choice_keys(be, s, T, E, stride, n, keys);
+  for_each(be, E, [=](index e) { keys[e * n + T] = 0; });
+  segmented_select(be, keys, seg, E, C, kth, at_offset<void>(base, o_select));
+  std::vector<std::uint64_t> host(static_cast<std::size_t>(E));
+  copy_to_host(be, host.data(), kth, E);
+  fence(be);
+  for (index e = 0; e < E; ++e) kth_token[e] = expert_choice_key_token(host[static_cast<std::size_t>(e)]);
 }
 
 }  // namespace resonance::detail
 
 namespace resonance::routing {
 
-// Host driver. Non-causal: per expert, a selection over its column (std::nth_element, O(T)), experts
-// in parallel; the candidate set holds only the kept pairs, so the plan builder keeps them all (each
-// expert has at most C), and demand is overridden to T. Causal: candidates by threshold or top-k,
-// then position priority (candidate_set::forced_drop) and the builder applies the capacity.
+// The driver, on the execution primitives (backend/execution.hpp). Non-causal: one key per (expert,
+// token), expert-major, and one segmented_select of each expert's C-th largest key; a pair is kept
+// when its key is at least its expert's (all pairs when C >= T, none when C = 0). The candidate set
+// holds only the kept pairs, so the plan builder keeps them all (each expert has at most C), and
+// demand is overridden to T. Causal: candidates by threshold or top-k, per token, then position
+// priority (candidate_set::forced_drop) and the builder applies the capacity.
 template <execution_backend Backend>
 void select(const Backend& be, const expert_choice& p, matrix_view<const float> logits, const capacity_limits& lim,
             candidate_set& out) {
-  const auto sz = [](index n) { return static_cast<std::size_t>(n); };
   const index T = logits.rows, E = logits.cols;
   // A token may be kept by every expert: the T×E pairs must fit the plan's 32-bit offsets.
   detail::require(
@@ -168,49 +219,69 @@ void select(const Backend& be, const expert_choice& p, matrix_view<const float> 
     detail::require(lim.capacity >= 0, "capacity",
                     "a finite capacity (expert choice selects C tokens per expert; use capacity::factor)",
                     lim.capacity);
-  const std::vector<float> s = detail::expert_choice_scores(be, p, logits);
+  const auto scores = detail::expert_choice_scores(be, p, logits);
+  const float* const s = scores.data();
   out.num_tokens = T;
   out.num_experts = E;
   out.priority.clear();
-  std::vector<unsigned char> keep(sz(T * E), 0);  // keep[t*E + e]: distinct bytes, written by one expert each
+
+  // Temporaries from one allocation: keep[t*E + e] (pair kept / candidate), and the selection's keys
+  // (non-causal, 0 < C < T) or the per-token top-k lists (causal without thresholds).
+  const index C = lim.capacity < T ? lim.capacity : T;
+  const bool by_key = !p.causal && C > 0 && C < T;
+  const bool by_topk = p.causal && p.thresholds.empty();
+  const index k = p.top_k;
+  detail::workspace_layout layout;
+  const index o_keep = layout.reserve<unsigned char>(T * E);
+  const index o_keys = layout.reserve<std::uint64_t>(by_key ? T * E : 0);
+  const index o_seg = layout.reserve<id_type>(by_key ? E + 1 : 0);
+  const index o_kth = layout.reserve<std::uint64_t>(by_key ? E : 0);
+  const index o_select = layout.reserve<unsigned char>(by_key ? segmented_select_workspace(be, T * E, E) : 0);
+  const index o_vals = layout.reserve<float>(by_topk ? T * k : 0);
+  const index o_ids = layout.reserve<id_type>(by_topk ? T * k : 0);
+  auto work = allocate<unsigned char>(be, layout.bytes());
+  void* const base = work.data();
+  unsigned char* const keep = detail::at_offset<unsigned char>(base, o_keep);
 
   if (!p.causal) {
-    const index C = lim.capacity < T ? lim.capacity : T;
-    detail::host_blocks(be, E, 1, [&](index e_begin, index e_end) {
-      std::vector<detail::expert_choice_entry> col;
-      for (index e = e_begin; e < e_end; ++e) {
-        if (C == 0) continue;
-        if (C == T) {
-          for (index t = 0; t < T; ++t) keep[sz(t * E + e)] = 1;
-          continue;
-        }
-        detail::expert_choice_column(s.data(), T, E, e, col);
-        std::nth_element(col.begin(), col.begin() + (C - 1), col.end(), detail::expert_choice_before);
-        for (index j = 0; j < C; ++j) keep[sz(col[sz(j)].token * E + e)] = 1;
-      }
+    std::uint64_t* const keys = detail::at_offset<std::uint64_t>(base, o_keys);
+    std::uint64_t* const kth = detail::at_offset<std::uint64_t>(base, o_kth);
+    if (by_key) {
+      id_type* const seg = detail::at_offset<id_type>(base, o_seg);
+      for_each(be, E + 1, [=](index e) { seg[e] = static_cast<id_type>(e * T); });
+      detail::expert_choice_keys(be, s, T, E, E, T, keys);
+      segmented_select(be, keys, seg, E, C, kth, detail::at_offset<void>(base, o_select));
+    }
+    const bool all = C >= T;
+    for_each(be, T, [=](index t) {
+      for (index e = 0; e < E; ++e)
+        keep[t * E + e] = all || (by_key && detail::expert_choice_key(s[t * E + e], t) >= kth[e]) ? 1 : 0;
     });
     detail::expert_choice_fill(be, keep, s, T, E, out);
-    out.demand.assign(sz(E), static_cast<id_type>(T));
+    out.demand.assign(static_cast<std::size_t>(E), static_cast<id_type>(T));
+    out.forced_drop.reset();
     return;
   }
 
   // Causal: a token's candidates depend on its own scores only, and position priority makes its slot
   // depend only on earlier tokens.
-  detail::host_blocks(be, T, 1024, [&](index begin, index end) {
-    std::vector<float> vals(sz(p.top_k));
-    std::vector<id_type> ids(sz(p.top_k));
-    for (index t = begin; t < end; ++t) {
-      const float* row = s.data() + t * E;
-      unsigned char* k_row = keep.data() + t * E;
-      if (!p.thresholds.empty()) {
-        for (index e = 0; e < E; ++e) k_row[e] = row[e] >= p.thresholds[e] ? 1 : 0;
-      } else {
-        detail::topk_row(
-            E, p.top_k, [&](index e) { return row[e]; }, vals.data(), ids.data());
-        for (index j = 0; j < p.top_k; ++j) k_row[ids[sz(j)]] = 1;
-      }
-    }
-  });
+  if (by_topk) {
+    float* const vals = detail::at_offset<float>(base, o_vals);
+    id_type* const ids = detail::at_offset<id_type>(base, o_ids);
+    for_each(be, T, [=](index t) {
+      const float* row = s + t * E;
+      unsigned char* k_row = keep + t * E;
+      for (index e = 0; e < E; ++e) k_row[e] = 0;
+      detail::topk_row(
+          E, k, [row](index e) { return row[e]; }, vals + t * k, ids + t * k);
+      for (index j = 0; j < k; ++j) k_row[ids[t * k + j]] = 1;
+    });
+  } else {
+    const float* const thr = p.thresholds.data;
+    for_each(be, T, [=](index t) {
+      for (index e = 0; e < E; ++e) keep[t * E + e] = s[t * E + e] >= thr[e] ? 1 : 0;
+    });
+  }
   detail::expert_choice_fill(be, keep, s, T, E, out);
   out.demand.clear();  // demand = the candidates per expert, counted by the plan builder
   out.forced_drop = drop_policy::position;
@@ -219,25 +290,27 @@ void select(const Backend& be, const expert_choice& p, matrix_view<const float> 
 // Per-expert score thresholds for causal expert choice: for each expert, the C-th largest of its
 // column of `scores` (T×E, a previous batch's S), so that on a batch distributed like that one about C
 // tokens pass each threshold. When C >= T the column's smallest score is returned (every token of the
-// batch passes).
+// batch passes). The selection is the non-causal one (segmented_select on the same keys), run on
+// backend::serial: the thresholds are host data, computed once per calibration.
 inline std::vector<float> expert_choice_thresholds(matrix_view<const float> scores, index capacity) {
   detail::check_matrix(scores, "scores");
   detail::require(scores.rows >= 1 && scores.cols >= 1, "scores", "at least one token and one expert", scores.rows, "x",
                   scores.cols);
   detail::require(capacity >= 1, "capacity", "capacity >= 1", capacity);
   const index T = scores.rows, E = scores.cols;
+  detail::require(
+      static_cast<double>(T + 1) * static_cast<double>(E) < static_cast<double>(std::numeric_limits<id_type>::max()),
+      "scores", "(rows + 1) * cols < 2^31", T, "x", E);
   for (index t = 0; t < T; ++t)
     for (index e = 0; e < E; ++e)
       detail::require(std::isfinite(scores(t, e)), "scores", "finite values", scores(t, e), " at row ", t, ", column ",
                       e);
-  std::vector<float> out(static_cast<std::size_t>(E));
-  std::vector<float> col(static_cast<std::size_t>(T));
   const index C = capacity < T ? capacity : T;
-  for (index e = 0; e < E; ++e) {
-    for (index t = 0; t < T; ++t) col[static_cast<std::size_t>(t)] = scores(t, e);
-    std::nth_element(col.begin(), col.begin() + (C - 1), col.end(), [](float a, float b) { return a > b; });
-    out[static_cast<std::size_t>(e)] = col[static_cast<std::size_t>(C - 1)];
-  }
+  std::vector<index> token(static_cast<std::size_t>(E));
+  detail::expert_choice_column_kth(backend::serial{}, scores.data, T, E, scores.stride, C, token.data());
+  // The score itself, read back by its token (not decoded from the key, which reads -0 as +0).
+  std::vector<float> out(static_cast<std::size_t>(E));
+  for (index e = 0; e < E; ++e) out[static_cast<std::size_t>(e)] = scores(token[static_cast<std::size_t>(e)], e);
   return out;
 }
 
@@ -252,7 +325,7 @@ inline std::vector<float> expert_choice_thresholds(const expert_choice& p, matri
     for (index e = 0; e < logits.cols; ++e)
       detail::require(std::isfinite(logits(t, e)), "logits", "finite values", logits(t, e), " at row ", t, ", column ",
                       e);
-  const std::vector<float> s = detail::expert_choice_scores(backend::serial{}, p, logits);
+  const auto s = detail::expert_choice_scores(backend::serial{}, p, logits);
   return expert_choice_thresholds(matrix_view<const float>{s.data(), logits.rows, logits.cols}, capacity);
 }
 

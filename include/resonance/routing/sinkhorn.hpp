@@ -25,7 +25,6 @@
 #include <cmath>
 #include <limits>
 #include <string>
-#include <vector>
 
 #include "../backend/backend.hpp"
 #include "../capacity/capacity.hpp"
@@ -85,77 +84,105 @@ inline constexpr double sinkhorn_eps = 1e-8;  // Megatron's
 inline constexpr index sinkhorn_chunk = 256;  // tokens per partial column sum (fixed: the sum order)
 
 // Megatron's iteration on finite logits (preconditions checked by the caller). `p` (T×E) holds the
-// cost during the iteration and P at the end. Returns the iterations run (0 for an empty matrix).
+// cost during the iteration and P at the end; both views are in memory the backend can read (p may be
+// the backend's own buffer). Returns the iterations run (0 for an empty matrix).
+//
+// Written once on the execution primitives: every step is a for_each whose functor owns its outputs
+// (a token's row, a chunk's partial sums, an expert's scale), and every sum runs in a fixed order that
+// no backend choice touches: a row in expert order, a column per fixed chunk of sinkhorn_chunk tokens
+// in token order, then over the chunks in order. So P is the same, bit for bit, on every backend.
 template <execution_backend Backend>
 index sinkhorn_run(const Backend& be, matrix_view<const float> logits, matrix_view<double> p, index max_iterations,
                    double tolerance) {
-  const auto sz = [](index n) { return static_cast<std::size_t>(n); };
   const index T = logits.rows, E = logits.cols;
   if (T == 0 || E == 0) return 0;
-
-  // cost_te = exp(l_te − max_e l_te), in (0, 1] with a 1 in every row.
-  detail::host_blocks(be, T, 256, [&](index begin, index end) {
-    for (index t = begin; t < end; ++t) {
-      const float* l = logits.row(t);
-      double m = static_cast<double>(l[0]);
-      for (index e = 1; e < E; ++e) m = static_cast<double>(l[e]) > m ? static_cast<double>(l[e]) : m;
-      double* c = p.row(t);
-      for (index e = 0; e < E; ++e) c[e] = std::exp(static_cast<double>(l[e]) - m);
-    }
-  });
-
   const index chunks = (T + sinkhorn_chunk - 1) / sinkhorn_chunk;
   const double inv_t = 1.0 / static_cast<double>(T);
   const double inv_e = 1.0 / static_cast<double>(E);
-  std::vector<double> d0(sz(T), 1.0), d1(sz(E), 1.0), d1_old(sz(E), 1.0);
-  std::vector<double> partial(sz(chunks * E));
+
+  // The scaling vectors, the chunks' partial column sums and the convergence error: one allocation,
+  // made before the loop.
+  auto work = allocate<double>(be, T + 2 * E + chunks * E + 1);
+  double* const d0 = work.data();
+  double* const d1 = d0 + T;
+  double* const d1_old = d1 + E;
+  double* const partial = d1_old + E;
+  double* const error_out = partial + chunks * E;
+
+  // cost_te = exp(l_te − max_e l_te), in (0, 1] with a 1 in every row; d0 = 1_T, d1 = 1_E (d1_old is
+  // written by each iteration before it is read).
+  for_each(
+      be, T,
+      [=](index t) {
+        const float* l = logits.row(t);
+        double m = static_cast<double>(l[0]);
+        for (index e = 1; e < E; ++e) m = static_cast<double>(l[e]) > m ? static_cast<double>(l[e]) : m;
+        double* c = p.row(t);
+        for (index e = 0; e < E; ++e) c[e] = std::exp(static_cast<double>(l[e]) - m);
+        d0[t] = 1.0;
+      },
+      index{256});
+  for_each(be, E, [=](index e) { d1[e] = 1.0; });
+
   double error = std::numeric_limits<double>::infinity();
   index it = 0;
   while (it < max_iterations && error > tolerance) {
     // d0_t = (1/T) / (Σ_e d1_e·cost_te + eps), the sum in expert order.
-    detail::host_blocks(be, T, 256, [&](index begin, index end) {
-      for (index t = begin; t < end; ++t) {
-        const double* c = p.row(t);
-        double s = 0.0;
-        for (index e = 0; e < E; ++e) s += d1[sz(e)] * c[e];
-        d0[sz(t)] = inv_t / (s + sinkhorn_eps);
-      }
-    });
-    // Σ_t d0_t·cost_te: per fixed chunk of tokens (in token order), then over chunks in order. The
-    // chunks, not the backend's blocks, fix the summation order.
-    detail::host_blocks(be, chunks, 1, [&](index c_begin, index c_end) {
-      for (index ch = c_begin; ch < c_end; ++ch) {
-        double* acc = partial.data() + ch * E;
-        for (index e = 0; e < E; ++e) acc[e] = 0.0;
-        const index t_end = (ch + 1) * sinkhorn_chunk < T ? (ch + 1) * sinkhorn_chunk : T;
-        for (index t = ch * sinkhorn_chunk; t < t_end; ++t) {
+    for_each(
+        be, T,
+        [=](index t) {
           const double* c = p.row(t);
-          const double w = d0[sz(t)];
-          for (index e = 0; e < E; ++e) acc[e] += w * c[e];
-        }
-      }
+          double s = 0.0;
+          for (index e = 0; e < E; ++e) s += d1[e] * c[e];
+          d0[t] = inv_t / (s + sinkhorn_eps);
+        },
+        index{256});
+    // Σ_t d0_t·cost_te per fixed chunk of tokens (in token order): the chunks, not the backend's
+    // blocks, fix the summation order.
+    for_each(
+        be, chunks,
+        [=](index ch) {
+          double* acc = partial + ch * E;
+          for (index e = 0; e < E; ++e) acc[e] = 0.0;
+          const index t_end = (ch + 1) * sinkhorn_chunk < T ? (ch + 1) * sinkhorn_chunk : T;
+          for (index t = ch * sinkhorn_chunk; t < t_end; ++t) {
+            const double* c = p.row(t);
+            const double w = d0[t];
+            for (index e = 0; e < E; ++e) acc[e] += w * c[e];
+          }
+        },
+        index{1});
+    // d1_e = (1/E) / (Σ_chunks partial + eps), the chunks in order; d1_old keeps the previous d1.
+    for_each(
+        be, E,
+        [=](index e) {
+          double s = 0.0;
+          for (index ch = 0; ch < chunks; ++ch) s += partial[ch * E + e];
+          d1_old[e] = d1[e];
+          d1[e] = inv_e / (s + sinkhorn_eps);
+        },
+        index{64});
+    // error = mean_e |d1_e − d1_old_e|, summed in expert order by one item, then read on the host: one
+    // small device-to-host copy per iteration, which decides whether the loop goes on (a device
+    // backend would later fuse this into the d1 step and test it there).
+    for_each(be, 1, [=](index) {
+      double diff = 0.0;
+      for (index e = 0; e < E; ++e) diff += std::fabs(d1[e] - d1_old[e]);
+      error_out[0] = diff / static_cast<double>(E);
     });
-    detail::host_blocks(be, E, 64, [&](index begin, index end) {
-      for (index e = begin; e < end; ++e) {
-        double s = 0.0;
-        for (index ch = 0; ch < chunks; ++ch) s += partial[sz(ch * E + e)];
-        d1[sz(e)] = inv_e / (s + sinkhorn_eps);
-      }
-    });
-    double diff = 0.0;
-    for (index e = 0; e < E; ++e) diff += std::fabs(d1[sz(e)] - d1_old[sz(e)]);
-    error = diff / static_cast<double>(E);
-    d1_old = d1;
+    copy_to_host(be, &error, error_out, 1);
+    fence(be);
     ++it;
   }
 
   // P = d1 * cost * d0, in Megatron's order.
-  detail::host_blocks(be, T, 256, [&](index begin, index end) {
-    for (index t = begin; t < end; ++t) {
-      double* c = p.row(t);
-      for (index e = 0; e < E; ++e) c[e] = d1[sz(e)] * c[e] * d0[sz(t)];
-    }
-  });
+  for_each(
+      be, T,
+      [=](index t) {
+        double* c = p.row(t);
+        for (index e = 0; e < E; ++e) c[e] = d1[e] * c[e] * d0[t];
+      },
+      index{256});
   return it;
 }
 
@@ -181,33 +208,41 @@ index sinkhorn_normalize(const Backend& be, matrix_view<const float> logits, mat
   return detail::sinkhorn_run(be, logits, out, max_iterations, tolerance);
 }
 
-// Host driver: P in a T×E double buffer, then every token's top-k of its row and plain-score weights.
-// The limits are left as the capacity policy set them (drop by score ranks by these weights, as
-// Megatron's apply_router_token_dropping ranks its probs).
+// The driver: P in a T×E double buffer of the backend, then every token's top-k of its row and
+// plain-score weights, one token per group (its scratch: k doubles, then E floats when k > 1). The
+// limits are left as the capacity policy set them (drop by score ranks by these weights, as Megatron's
+// apply_router_token_dropping ranks its probs).
 template <execution_backend Backend>
 void select(const Backend& be, const sinkhorn& p, matrix_view<const float> logits, const capacity_limits&,
             candidate_set& out) {
+  static_assert(accessible_from_v<host_space, memory_space_t<Backend>>,
+                "sinkhorn reads host logits and writes a host candidate set: it needs a backend that can read "
+                "host memory");
   const auto sz = [](index n) { return static_cast<std::size_t>(n); };
   const index T = logits.rows, E = logits.cols, k = p.top_k;
-  std::vector<double> pm(sz(T * E));
+  auto pm = allocate<double>(be, T * E);
+  const double* const prob = pm.data();
   detail::sinkhorn_run(be, logits, matrix_view<double>{pm.data(), T, E}, p.max_iterations, p.tolerance);
   out.num_tokens = T;
   out.num_experts = E;
   out.offsets.resize(sz(T + 1));
+  out.offsets[0] = 0;
   out.expert.resize(sz(T * k));
   out.weight.resize(sz(T * k));
   out.priority.clear();
   out.demand.clear();
-  detail::host_blocks(be, T, 1024, [&](index begin, index end) {
-    std::vector<float> scores(sz(k > 1 ? E : 0));
-    std::vector<double> vals(sz(k));
-    for (index t = begin; t < end; ++t) {
-      kernel::sinkhorn_row(pm.data() + t * E, logits.row(t), E, k, out.expert.data() + t * k, out.weight.data() + t * k,
-                           scores.data(), vals.data());
-      out.offsets[sz(t + 1)] = static_cast<id_type>((t + 1) * k);
-    }
+  id_type* const expert = out.expert.data();
+  float* const weight = out.weight.data();
+  id_type* const offsets = out.offsets.data();
+  const index scratch_bytes =
+      k * static_cast<index>(sizeof(double)) + (k > 1 ? E : 0) * static_cast<index>(sizeof(float));
+  for_each_group(be, T, scratch_bytes, [=](const auto& g, index t) {
+    double* vals = static_cast<double*>(g.scratch());
+    float* scores = reinterpret_cast<float*>(vals + k);
+    kernel::sinkhorn_row(prob + t * E, logits.row(t), E, k, expert + t * k, weight + t * k, scores, vals);
+    offsets[t + 1] = static_cast<id_type>((t + 1) * k);
+    return false;  // no row fails: the router checked the logits before selecting
   });
-  out.offsets[0] = 0;
 }
 
 }  // namespace resonance::routing

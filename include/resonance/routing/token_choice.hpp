@@ -142,8 +142,10 @@ RESONANCE_INLINE_FUNCTION bool token_choice_row(const token_choice& p, const flo
     detail::group_limited_topk_row(num_experts, k, p.num_groups, p.group_topk, p.group_scoring, key, vals, out_expert,
                                    gf, gi);
   } else {
+    // topk reports whether its keys were finite: logits / temperature may overflow to ±Inf even when
+    // every logit is finite, and a selection over non-finite keys is unspecified (backends differ).
     const bool f = Rows::topk(base, num_experts, k, scale, bias, vals, out_expert);
-    if (post_softmax) finite = f;
+    finite = post_softmax ? f : finite && f;
   }
   if (!finite) return false;
 
@@ -231,12 +233,19 @@ index select_rows(const Backend&, const token_choice& p, matrix_view<const float
 }
 
 [[noreturn]] inline void fail_selection(const token_choice& p, const float* logits_row, index num_experts, index t,
-                                        const candidate_set& out) {
+                                        const candidate_set&) {
   const index k = p.top_k;
   detail::check_finite(matrix_view<const float>{logits_row, 1, num_experts, num_experts}, "logits", t);
+  // The row again with the scalar reference rows, whose selection is defined on infinite keys too: the
+  // weight reported is then the same whichever backend found the token.
+  std::vector<float> fs(static_cast<std::size_t>(p.scratch_size(num_experts)));
+  std::vector<id_type> is(fs.size()), ids(static_cast<std::size_t>(k));
+  std::vector<float> weights(static_cast<std::size_t>(k));
+  const float* bias = p.expert_bias.empty() ? nullptr : p.expert_bias.data;
+  (void)kernel::token_choice_row(p, logits_row, num_experts, bias, ids.data(), weights.data(), fs.data(), is.data());
   float w = 0.0f;
   for (index j = k - 1; j >= 0; --j)
-    if (const float v = out.weight[static_cast<std::size_t>(t * k + j)]; !std::isfinite(v)) w = v;
+    if (const float v = weights[static_cast<std::size_t>(j)]; !std::isfinite(v)) w = v;
   detail::fail("routing weight", "a finite fp32 value (logits / temperature or weight * scaling_factor overflowed)", w,
                " for token ", t);
 }
