@@ -216,46 +216,71 @@ inline std::uint64_t kth_largest(std::uint64_t* first, index n, index k) {
 
 }  // namespace host
 
-// Tokens per block of the host counting sort: its histograms are blocks × bins counters.
-inline constexpr index host_bucket_block = 2048;
+}  // namespace backend
 
-inline index host_bucket_blocks(index n) { return n > 0 ? (n + host_bucket_block - 1) / host_bucket_block : 0; }
+namespace detail {
+// The stable counting sort every backend runs (stable_bucket): fixed chunks of bucket_chunk indices;
+// a histogram per chunk (chunk c's nbins counters at count + c·nbins), one exclusive scan of the
+// counters in (bin, chunk) order, which turns them into each chunk's cursor per bin, then a scatter
+// per chunk in index order. The chunk passes are written once here; a backend runs them over the
+// chunks and supplies the scan. The chunks, not the backend, fix the work of each pass.
+inline constexpr index bucket_chunk = 2048;
 
-// Bytes of workspace the host counting sort needs: one cursor per (block, bin).
-inline index host_stable_bucket_workspace(index n, index nbins) {
-  return host_bucket_blocks(n) * nbins * static_cast<index>(sizeof(id_type));
+RESONANCE_INLINE_FUNCTION index bucket_chunks(index n) { return n > 0 ? (n + bucket_chunk - 1) / bucket_chunk : 0; }
+
+// Bytes of counters the sort needs (the workspace of stable_bucket).
+RESONANCE_INLINE_FUNCTION index bucket_workspace(index n, index nbins) {
+  return bucket_chunks(n) * nbins * static_cast<index>(sizeof(id_type));
 }
 
+RESONANCE_INLINE_FUNCTION void bucket_count_chunk(const id_type* keys, index n, index nbins, index c, id_type* count) {
+  id_type* own = count + c * nbins;
+  for (index b = 0; b < nbins; ++b) own[b] = 0;
+  const index last = (c + 1) * bucket_chunk < n ? (c + 1) * bucket_chunk : n;
+  for (index i = c * bucket_chunk; i < last; ++i) ++own[keys[i]];
+}
+
+// Position j of the (bin, chunk) scan order in the counters' (chunk, bin) layout.
+RESONANCE_INLINE_FUNCTION index bucket_counter(index j, index nbins, index chunks) {
+  return j % chunks * nbins + j / chunks;
+}
+
+RESONANCE_INLINE_FUNCTION void bucket_scatter_chunk(const id_type* keys, index n, index nbins, index c, id_type* cursor,
+                                                    id_type* perm) {
+  id_type* own = cursor + c * nbins;
+  const index last = (c + 1) * bucket_chunk < n ? (c + 1) * bucket_chunk : n;
+  for (index i = c * bucket_chunk; i < last; ++i) perm[own[keys[i]]++] = static_cast<id_type>(i);
+}
+}  // namespace detail
+
+namespace backend {
 namespace host {
-// Stable counting sort in three passes over fixed blocks of host_bucket_block indices: a histogram per
-// block, one scan in (bin, block) order (which gives every block its cursor per bin), a scatter per
-// block. `blocks_for_each(nblocks, body)` runs body(b) for every block (sequentially or in parallel).
-template <class BlocksForEach>
+// The counting sort on the host: the chunk passes through `chunks_for_each(nchunks, body)` (body(c)
+// for every chunk, sequentially or in parallel), the scan of the counters on the calling thread.
+template <class ChunksForEach>
 void stable_bucket(const id_type* keys, index n, index nbins, id_type* start, id_type* perm, void* work,
-                   const BlocksForEach& blocks_for_each) {
-  const index blocks = host_bucket_blocks(n);
+                   const ChunksForEach& chunks_for_each) {
+  const index chunks = detail::bucket_chunks(n);
   id_type* cursor = static_cast<id_type*>(work);
-  blocks_for_each(blocks, [=](index b) {
-    id_type* count = cursor + b * nbins;
-    for (index j = 0; j < nbins; ++j) count[j] = 0;
-    const index last = std::min(n, (b + 1) * host_bucket_block);
-    for (index i = b * host_bucket_block; i < last; ++i) ++count[keys[i]];
-  });
+  chunks_for_each(chunks, [=](index c) { detail::bucket_count_chunk(keys, n, nbins, c, cursor); });
   id_type running = 0;
   for (index bin = 0; bin < nbins; ++bin) {
     start[bin] = running;
-    for (index b = 0; b < blocks; ++b) {
-      const id_type c = cursor[b * nbins + bin];
-      cursor[b * nbins + bin] = running;
-      running += c;
+    for (index c = 0; c < chunks; ++c) {
+      id_type& counter = cursor[c * nbins + bin];
+      const id_type v = counter;
+      counter = running;
+      running += v;
     }
   }
   start[nbins] = running;
-  blocks_for_each(blocks, [=](index b) {
-    id_type* pos = cursor + b * nbins;
-    const index last = std::min(n, (b + 1) * host_bucket_block);
-    for (index i = b * host_bucket_block; i < last; ++i) perm[pos[keys[i]]++] = static_cast<id_type>(i);
-  });
+  chunks_for_each(chunks, [=](index c) { detail::bucket_scatter_chunk(keys, n, nbins, c, cursor, perm); });
+}
+
+// Segment s's k-th largest key into kth[s] when the segment holds more than k keys.
+inline void select_segment(std::uint64_t* keys, const id_type* offsets, index s, index k, std::uint64_t* kth) {
+  const index n = offsets[s + 1] - offsets[s];
+  if (k >= 1 && n > k) kth[s] = kth_largest(keys + offsets[s], n, k);
 }
 }  // namespace host
 

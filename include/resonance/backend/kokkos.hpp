@@ -201,54 +201,43 @@ struct scan_functor {
   }
 };
 
-// Indices per chunk of the counting sort: its histograms are nbins × chunks counters.
-inline constexpr index bucket_chunk = 2048;
-
-inline index bucket_chunks(index n) { return n > 0 ? (n + bucket_chunk - 1) / bucket_chunk : 0; }
-
-// Pass 1, per chunk c: its histogram, column c of the [bin][chunk] counter array.
+// The counting sort's chunk passes (detail::bucket_count_chunk / bucket_scatter_chunk, shared with the
+// host backends) and its scan of the counters in (bin, chunk) order: one parallel_scan whose index j
+// reads counter detail::bucket_counter(j, ...), and which writes each bin's start at its first chunk.
 struct bucket_count_functor {
   const id_type* keys;
-  index n, nbins, chunks;
+  index n, nbins;
   id_type* count;
-  KOKKOS_INLINE_FUNCTION void operator()(index c) const {
-    for (index b = 0; b < nbins; ++b) count[b * chunks + c] = 0;
-    const index last = (c + 1) * bucket_chunk < n ? (c + 1) * bucket_chunk : n;
-    for (index i = c * bucket_chunk; i < last; ++i) ++count[keys[i] * chunks + c];
-  }
+  KOKKOS_INLINE_FUNCTION void operator()(index c) const { detail::bucket_count_chunk(keys, n, nbins, c, count); }
 };
 
-// Pass 2: one exclusive scan over the counters in (bin, chunk) order turns each into the chunk's first
-// position in its bin; bin b starts at the cursor of (b, chunk 0), and the entry past the end (index
-// nbins × chunks) is the total, start[nbins].
 struct bucket_scan_functor {
   using value_type = id_type;
   id_type* count;
-  index size, chunks;
+  index nbins, chunks;
   id_type* start;
   KOKKOS_INLINE_FUNCTION void operator()(index j, id_type& update, const bool final) const {
-    const id_type v = j < size ? count[j] : id_type{0};
+    const index size = nbins * chunks;
+    const index at = j < size ? detail::bucket_counter(j, nbins, chunks) : 0;
+    const id_type v = j < size ? count[at] : id_type{0};
     if (final) {
-      if (j < size) count[j] = update;
+      if (j < size) count[at] = update;
       if (j % chunks == 0) start[j / chunks] = update;
     }
     update += v;
   }
 };
 
-// Pass 3, per chunk: its indices in ascending order to their bins' cursors (stable).
 struct bucket_scatter_functor {
   const id_type* keys;
-  index n, chunks;
+  index n, nbins;
   id_type* cursor;
   id_type* perm;
   KOKKOS_INLINE_FUNCTION void operator()(index c) const {
-    const index last = (c + 1) * bucket_chunk < n ? (c + 1) * bucket_chunk : n;
-    for (index i = c * bucket_chunk; i < last; ++i) perm[cursor[keys[i] * chunks + c]++] = static_cast<id_type>(i);
+    detail::bucket_scatter_chunk(keys, n, nbins, c, cursor, perm);
   }
 };
 
-// Every bin empty (no keys): start[b] = 0.
 struct zero_functor {
   id_type* out;
   KOKKOS_INLINE_FUNCTION void operator()(index i) const { out[i] = 0; }
@@ -322,13 +311,13 @@ void exclusive_scan(const kokkos<ExecSpace>& be, const id_type* in, id_type* out
 
 template <class ExecSpace>
 index stable_bucket_workspace(const kokkos<ExecSpace>&, index n, index nbins) {
-  return kokkos_detail::bucket_chunks(n) * nbins * static_cast<index>(sizeof(id_type));
+  return detail::bucket_workspace(n, nbins);
 }
 
 template <class ExecSpace>
 void stable_bucket(const kokkos<ExecSpace>& be, const id_type* keys, index n, index nbins, id_type* start,
                    id_type* perm, void* work) {
-  const index chunks = kokkos_detail::bucket_chunks(n);
+  const index chunks = detail::bucket_chunks(n);
   if (chunks == 0) {
     Kokkos::parallel_for("resonance::stable_bucket", kokkos_detail::range(be.exec, nbins + 1, 0),
                          kokkos_detail::zero_functor{start});
@@ -336,11 +325,11 @@ void stable_bucket(const kokkos<ExecSpace>& be, const id_type* keys, index n, in
   }
   auto* count = static_cast<id_type*>(work);
   Kokkos::parallel_for("resonance::stable_bucket::count", kokkos_detail::range(be.exec, chunks, 1),
-                       kokkos_detail::bucket_count_functor{keys, n, nbins, chunks, count});
+                       kokkos_detail::bucket_count_functor{keys, n, nbins, count});
   Kokkos::parallel_scan("resonance::stable_bucket::scan", kokkos_detail::range(be.exec, nbins * chunks + 1, 0),
-                        kokkos_detail::bucket_scan_functor{count, nbins * chunks, chunks, start});
+                        kokkos_detail::bucket_scan_functor{count, nbins, chunks, start});
   Kokkos::parallel_for("resonance::stable_bucket::scatter", kokkos_detail::range(be.exec, chunks, 1),
-                       kokkos_detail::bucket_scatter_functor{keys, n, chunks, count, perm});
+                       kokkos_detail::bucket_scatter_functor{keys, n, nbins, count, perm});
 }
 
 // The histograms live in team scratch: no workspace.

@@ -44,7 +44,7 @@ void exclusive_scan(const B&, const id_type* in, id_type* out, index n) {
 
 template <sequential_host_backend B>
 index stable_bucket_workspace(const B&, index n, index nbins) {
-  return host_stable_bucket_workspace(n, nbins);
+  return detail::bucket_workspace(n, nbins);
 }
 
 template <sequential_host_backend B>
@@ -62,10 +62,7 @@ index segmented_select_workspace(const B&, index, index) {
 template <sequential_host_backend B>
 void segmented_select(const B&, std::uint64_t* keys, const id_type* offsets, index nseg, index k, std::uint64_t* kth,
                       void*) {
-  for (index s = 0; s < nseg; ++s) {
-    const index n = offsets[s + 1] - offsets[s];
-    if (k >= 1 && n > k) kth[s] = host::kth_largest(keys + offsets[s], n, k);
-  }
+  for (index s = 0; s < nseg; ++s) host::select_segment(keys, offsets, s, k, kth);
 }
 
 static_assert(execution_backend<serial>);

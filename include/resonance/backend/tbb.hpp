@@ -134,7 +134,7 @@ void exclusive_scan(const B&, const id_type* in, id_type* out, index n) {
 
 template <tbb_backend B>
 index stable_bucket_workspace(const B&, index n, index nbins) {
-  return host_stable_bucket_workspace(n, nbins);
+  return detail::bucket_workspace(n, nbins);
 }
 
 template <tbb_backend B>
@@ -153,10 +153,7 @@ template <tbb_backend B>
 void segmented_select(const B&, std::uint64_t* keys, const id_type* offsets, index nseg, index k, std::uint64_t* kth,
                       void*) {
   tbb_detail::blocks(nseg, 1, [&](index begin, index end) {
-    for (index s = begin; s < end; ++s) {
-      const index n = offsets[s + 1] - offsets[s];
-      if (k >= 1 && n > k) kth[s] = host::kth_largest(keys + offsets[s], n, k);
-    }
+    for (index s = begin; s < end; ++s) host::select_segment(keys, offsets, s, k, kth);
   });
 }
 

@@ -48,39 +48,20 @@ inline tcr_assignments tcr_pairs(const capacity_context& ctx) {
 }
 
 // The q-quantile (0 <= q <= 1, nearest rank: the element of rank floor(q·n), at most n − 1, of the
-// sorted values); 0 for an empty set. The rank-th smallest is the (n − rank)-th largest of the unique
-// keys (ordered_bits(value), i + 1), found by one segmented_select: equal values tie by index, which
-// does not change the value returned. A sentinel key 0, below every key, makes the segment hold more
-// than n − rank keys for every rank. These statistics are host data (E- or T·k-sized, read by the
-// capacity policies before the plan is built), so they run on backend::serial.
+// sorted values); 0 for an empty set, found by one segmented_select (detail::column_kth_token). These
+// statistics are host data (E- or T·k-sized, read by the capacity policies before the plan is built),
+// so they run on backend::serial.
 inline double quantile(const std::vector<float>& values, double q) {
   if (values.empty()) return 0.0;
   const auto n = static_cast<index>(values.size());
   detail::require(n < std::numeric_limits<id_type>::max(), "values", "fewer than 2^31 - 1 values", n);
   const auto rank =
       static_cast<index>(std::min<double>(static_cast<double>(n - 1), std::floor(q * static_cast<double>(n))));
-  const backend::serial be;
-  detail::workspace_layout layout;
-  const index o_keys = layout.reserve<std::uint64_t>(n + 1);
-  const index o_seg = layout.reserve<id_type>(2);
-  const index o_kth = layout.reserve<std::uint64_t>(1);
-  const index o_select = layout.reserve<unsigned char>(segmented_select_workspace(be, n + 1, 1));
-  auto work = allocate<unsigned char>(be, layout.bytes());
-  void* const base = work.data();
-  std::uint64_t* const keys = detail::at_offset<std::uint64_t>(base, o_keys);
-  id_type* const seg = detail::at_offset<id_type>(base, o_seg);
-  std::uint64_t* const kth = detail::at_offset<std::uint64_t>(base, o_kth);
-  const float* const v = values.data();
-  for_each(be, n, [=](index i) {
-    keys[i] = static_cast<std::uint64_t>(detail::ordered_bits(v[i])) << 32 | static_cast<std::uint64_t>(i + 1);
-  });
-  for_each(be, 1, [=](index) {
-    keys[n] = 0;
-    seg[0] = 0;
-    seg[1] = static_cast<id_type>(n + 1);
-  });
-  segmented_select(be, keys, seg, 1, n - rank, kth, detail::at_offset<void>(base, o_select));
-  return values[static_cast<std::size_t>((*kth & 0xFFFFFFFFu) - 1)];
+  // The rank-th smallest is the (n − rank)-th largest under (value desc, index asc); ties only change
+  // which of the equal values is returned.
+  index at = 0;
+  detail::column_kth_token(backend::serial{}, values.data(), n, 1, 1, n - rank, &at);
+  return values[static_cast<std::size_t>(at)];
 }
 
 // LocMoE Theorem 1, Eq. 9 (large-d form): ec_min = 1 / (n · erfc(sqrt(δ²d / (2 − δ²)))), tokens per

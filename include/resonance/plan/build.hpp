@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 #include <utility>
+#include <vector>
 
 #include "../backend/backend.hpp"
 #include "../capacity/capacity.hpp"
@@ -67,6 +68,67 @@ class workspace_layout {
 template <class T>
 T* at_offset(void* base, index offset) {
   return reinterpret_cast<T*>(static_cast<unsigned char*>(base) + offset);
+}
+
+// The selection key of token t in a column of scores (an expert's, for expert choice): the score key
+// of drop_key, the score's order-preserving bits then the inverted token id. Keys are unique
+// within a column and order it by (score descending, token ascending), -0 equal to +0: ties go to the
+// lower token id, and the top C keys are one set on every backend.
+RESONANCE_INLINE_FUNCTION std::uint64_t column_key(float score, index t) {
+  return drop_key(drop_policy::score, 0, score, static_cast<id_type>(t), 0);
+}
+
+// The token of a key (its low 32 bits hold ~token).
+RESONANCE_INLINE_FUNCTION index column_key_token(std::uint64_t key) {
+  return static_cast<index>(static_cast<id_type>(~static_cast<std::uint32_t>(key)));
+}
+
+// Tokens per tile of the transpose of S into expert-major keys.
+inline constexpr index column_key_tile = 32;
+
+// The keys of the T×E scores s (rows `stride` apart), expert-major: expert e's T keys start at
+// keys[e * segment]. The transpose runs in tiles of column_key_tile tokens, so that a tile's
+// rows stay in cache while each expert's keys are written contiguously (one token per call would store
+// its E keys T entries apart: into one cache set when T is a power of two). 32 tiles (1024 tokens) per task.
+template <execution_backend Backend>
+void column_keys(const Backend& be, const float* s, index T, index E, index stride, index segment,
+                 std::uint64_t* keys) {
+  constexpr index tile = column_key_tile;
+  for_each(
+      be, (T + tile - 1) / tile,
+      [=](index b) {
+        const index first = b * tile, last = first + tile < T ? first + tile : T;
+        for (index e = 0; e < E; ++e)
+          for (index t = first; t < last; ++t) keys[e * segment + t] = column_key(s[t * stride + e], t);
+      },
+      index{1024} / tile);
+}
+
+// For each of the E columns of the T×E matrix s (rows `stride` apart), the token holding its C-th
+// largest key (1 <= C <= T), written to kth_token on the host. One segment of T + 1 keys per column,
+// expert-major: the T keys, then a sentinel 0 below all of them (a key's low half ~t is never 0), so
+// that every segment holds more than C keys and C = T (the column's smallest) needs no special case.
+template <execution_backend Backend>
+void column_kth_token(const Backend& be, const float* s, index T, index E, index stride, index C, index* kth_token) {
+  const index n = T + 1;
+  workspace_layout layout;
+  const index o_keys = layout.reserve<std::uint64_t>(E * n);
+  const index o_seg = layout.reserve<id_type>(E + 1);
+  const index o_kth = layout.reserve<std::uint64_t>(E);
+  const index o_select = layout.reserve<unsigned char>(segmented_select_workspace(be, E * n, E));
+  auto work = allocate<unsigned char>(be, layout.bytes());
+  void* const base = work.data();
+  std::uint64_t* const keys = at_offset<std::uint64_t>(base, o_keys);
+  id_type* const seg = at_offset<id_type>(base, o_seg);
+  std::uint64_t* const kth = at_offset<std::uint64_t>(base, o_kth);
+  for_each(be, E + 1, [=](index e) { seg[e] = static_cast<id_type>(e * n); });
+  column_keys(be, s, T, E, stride, n, keys);
+  for_each(be, E, [=](index e) { keys[e * n + T] = 0; });
+  segmented_select(be, keys, seg, E, C, kth, at_offset<void>(base, o_select));
+  std::vector<std::uint64_t> host(static_cast<std::size_t>(E));
+  copy_to_host(be, host.data(), kth, E);
+  fence(be);
+  for (index e = 0; e < E; ++e) kth_token[e] = column_key_token(host[static_cast<std::size_t>(e)]);
 }
 
 // Non-owning candidates in memory space Space, as the plan builder reads them: token-major CSR with

@@ -105,40 +105,6 @@ typename Backend::template buffer<float> expert_choice_scores(const Backend& be,
   return buf;
 }
 
-// The selection key of token t in an expert's column: the plan builder's score key (drop_key with
-// drop_policy::score), the score's order-preserving bits then the inverted token id. Keys are unique
-// within a column and order it by (score descending, token ascending), -0 equal to +0: ties go to the
-// lower token id, and the top C keys are one set on every backend.
-RESONANCE_INLINE_FUNCTION std::uint64_t expert_choice_key(float score, index t) {
-  return drop_key(drop_policy::score, 0, score, static_cast<id_type>(t), 0);
-}
-
-// The token of a key (its low 32 bits hold ~token).
-RESONANCE_INLINE_FUNCTION index expert_choice_key_token(std::uint64_t key) {
-  return static_cast<index>(static_cast<id_type>(~static_cast<std::uint32_t>(key)));
-}
-
-// Tokens per tile of the transpose of S into expert-major keys.
-inline constexpr index expert_choice_key_tile = 32;
-
-// The keys of the T×E scores s (rows `stride` apart), expert-major: expert e's T keys start at
-// keys[e * segment]. The transpose runs in tiles of expert_choice_key_tile tokens, so that a tile's
-// rows stay in cache while each expert's keys are written contiguously (one token per call would store
-// its E keys T entries apart: into one cache set when T is a power of two). 32 tiles (1024 tokens) per task.
-template <execution_backend Backend>
-void expert_choice_keys(const Backend& be, const float* s, index T, index E, index stride, index segment,
-                        std::uint64_t* keys) {
-  constexpr index tile = expert_choice_key_tile;
-  for_each(
-      be, (T + tile - 1) / tile,
-      [=](index b) {
-        const index first = b * tile, last = first + tile < T ? first + tile : T;
-        for (index e = 0; e < E; ++e)
-          for (index t = first; t < last; ++t) keys[e * segment + t] = expert_choice_key(s[t * stride + e], t);
-      },
-      index{1024} / tile);
-}
-
 // Token-major CSR of the pairs with keep[t*E + e] != 0, ascending expert ids, weights from s (the
 // candidate set is a host struct, written through its raw pointers): the count per token, the
 // exclusive scan, the fill.
@@ -167,34 +133,6 @@ void expert_choice_fill(const Backend& be, const unsigned char* keep, const floa
       ++i;
     }
   });
-}
-
-// For each of the E columns of the T×E matrix s (rows `stride` apart), the token holding its C-th
-// largest key (1 <= C <= T), written to kth_token on the host. One segment of T + 1 keys per column,
-// expert-major: the T keys, then a sentinel 0 below all of them (a key's low half ~t is never 0), so
-// that every segment holds more than C keys and C = T (the column's smallest) needs no special case.
-template <execution_backend Backend>
-void expert_choice_column_kth(const Backend& be, const float* s, index T, index E, index stride, index C,
-                              index* kth_token) {
-  const index n = T + 1;
-  workspace_layout layout;
-  const index o_keys = layout.reserve<std::uint64_t>(E * n);
-  const index o_seg = layout.reserve<id_type>(E + 1);
-  const index o_kth = layout.reserve<std::uint64_t>(E);
-  const index o_select = layout.reserve<unsigned char>(segmented_select_workspace(be, E * n, E));
-  auto work = allocate<unsigned char>(be, layout.bytes());
-  void* const base = work.data();
-  std::uint64_t* const keys = at_offset<std::uint64_t>(base, o_keys);
-  id_type* const seg = at_offset<id_type>(base, o_seg);
-  std::uint64_t* const kth = at_offset<std::uint64_t>(base, o_kth);
-  for_each(be, E + 1, [=](index e) { seg[e] = static_cast<id_type>(e * n); });
-  expert_choice_keys(be, s, T, E, stride, n, keys);
-  for_each(be, E, [=](index e) { keys[e * n + T] = 0; });
-  segmented_select(be, keys, seg, E, C, kth, at_offset<void>(base, o_select));
-  std::vector<std::uint64_t> host(static_cast<std::size_t>(E));
-  copy_to_host(be, host.data(), kth, E);
-  fence(be);
-  for (index e = 0; e < E; ++e) kth_token[e] = expert_choice_key_token(host[static_cast<std::size_t>(e)]);
 }
 
 }  // namespace resonance::detail
@@ -249,13 +187,13 @@ void select(const Backend& be, const expert_choice& p, matrix_view<const float> 
     if (by_key) {
       id_type* const seg = detail::at_offset<id_type>(base, o_seg);
       for_each(be, E + 1, [=](index e) { seg[e] = static_cast<id_type>(e * T); });
-      detail::expert_choice_keys(be, s, T, E, E, T, keys);
+      detail::column_keys(be, s, T, E, E, T, keys);
       segmented_select(be, keys, seg, E, C, kth, detail::at_offset<void>(base, o_select));
     }
     const bool all = C >= T;
     for_each(be, T, [=](index t) {
       for (index e = 0; e < E; ++e)
-        keep[t * E + e] = all || (by_key && detail::expert_choice_key(s[t * E + e], t) >= kth[e]) ? 1 : 0;
+        keep[t * E + e] = all || (by_key && detail::column_key(s[t * E + e], t) >= kth[e]) ? 1 : 0;
     });
     detail::expert_choice_fill(be, keep, s, T, E, out);
     out.demand.assign(static_cast<std::size_t>(E), static_cast<id_type>(T));
@@ -307,7 +245,7 @@ inline std::vector<float> expert_choice_thresholds(matrix_view<const float> scor
                       e);
   const index C = capacity < T ? capacity : T;
   std::vector<index> token(static_cast<std::size_t>(E));
-  detail::expert_choice_column_kth(backend::serial{}, scores.data, T, E, scores.stride, C, token.data());
+  detail::column_kth_token(backend::serial{}, scores.data, T, E, scores.stride, C, token.data());
   // The score itself, read back by its token (not decoded from the key, which reads -0 as +0).
   std::vector<float> out(static_cast<std::size_t>(E));
   for (index e = 0; e < E; ++e) out[static_cast<std::size_t>(e)] = scores(token[static_cast<std::size_t>(e)], e);
