@@ -110,20 +110,15 @@ class bias_state {
 
   // Adds one micro-batch's loads (demand or kept counts, per opts.load) of a plan in any memory space
   // the backend can read (the E counts are copied to the host, which holds the state).
-  template <execution_backend Backend, class Space>
-  void accumulate(const Backend& be, const plan_view<Space>& plan, const bias_update& opts = {}) {
+  template <execution_backend Backend, plan_source Plan>
+  void accumulate(const Backend& be, const Plan& plan, const bias_update& opts = {}) {
     opts.validate();
     check_experts(plan.num_experts(), "plan");
     const std::vector<id_type> counts = plan_loads(be, plan, opts.load);
     for (std::size_t e = 0; e < pending_.size(); ++e) pending_[e] += static_cast<double>(counts[e]);
     ++batches_;
   }
-  template <execution_backend Backend, class Space>
-  void accumulate(const Backend& be, const basic_routing_plan<Space>& plan, const bias_update& opts = {}) {
-    accumulate(be, plan.view(), opts);
-  }
   void accumulate(const plan_view<>& plan, const bias_update& opts = {}) { accumulate(backend::serial{}, plan, opts); }
-  void accumulate(const routing_plan& plan, const bias_update& opts = {}) { accumulate(plan.view(), opts); }
 
   // Adds loads given directly, e.g. counts already all-reduced over the data-parallel ranks. They must be
   // finite and >= 0.
@@ -144,8 +139,8 @@ class bias_state {
   }
 
   // One-shot: the loads of this plan (plus anything accumulated before), then update.
-  template <execution_backend Backend, class Space>
-  void update(const Backend& be, const plan_view<Space>& plan, const bias_update& opts = {}) {
+  template <execution_backend Backend, plan_source Plan>
+  void update(const Backend& be, const Plan& plan, const bias_update& opts = {}) {
     opts.validate();
     check_experts(plan.num_experts(), "plan");
     const std::vector<id_type> counts = plan_loads(be, plan, opts.load);
@@ -153,12 +148,7 @@ class bias_state {
     for (std::size_t e = 0; e < loads.size(); ++e) loads[e] += static_cast<double>(counts[e]);
     commit(next_biases(loads, opts));
   }
-  template <execution_backend Backend, class Space>
-  void update(const Backend& be, const basic_routing_plan<Space>& plan, const bias_update& opts = {}) {
-    update(be, plan.view(), opts);
-  }
   void update(const plan_view<>& plan, const bias_update& opts = {}) { update(backend::serial{}, plan, opts); }
-  void update(const routing_plan& plan, const bias_update& opts = {}) { update(plan.view(), opts); }
 
   friend bool operator==(const bias_state&, const bias_state&) = default;
 
@@ -168,8 +158,10 @@ class bias_state {
   }
 
   // The plan's per-expert loads (demand or kept counts), copied to the host.
-  template <execution_backend Backend, class Space>
-  static std::vector<id_type> plan_loads(const Backend& be, const plan_view<Space>& plan, load_source load) {
+  template <execution_backend Backend, plan_source Plan>
+  static std::vector<id_type> plan_loads(const Backend& be, const Plan& source, load_source load) {
+    using Space = plan_space_t<Plan>;
+    const plan_view<Space> plan = detail::as_plan_view(source);
     static_assert(accessible_from_v<Space, memory_space_t<Backend>>, "the plan must be in memory the backend can read");
     const index E = plan.num_experts();
     std::vector<id_type> counts(static_cast<std::size_t>(E));

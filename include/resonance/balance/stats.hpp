@@ -47,8 +47,10 @@ struct routing_stats {
 
 // Load statistics of a plan in any memory space: its per-expert demand and kept counts are copied to
 // the host (they are returned), and the rest is O(E) host arithmetic on them, in expert order.
-template <execution_backend Backend, class Space>
-routing_stats compute_stats(const Backend& be, const plan_view<Space>& plan) {
+template <execution_backend Backend, plan_source Plan>
+routing_stats compute_stats(const Backend& be, const Plan& source) {
+  using Space = plan_space_t<Plan>;
+  const plan_view<Space> plan = detail::as_plan_view(source);
   static_assert(accessible_from_v<Space, memory_space_t<Backend>>, "the plan must be in memory the backend can read");
   routing_stats s;
   const index E = plan.num_experts();
@@ -85,14 +87,7 @@ routing_stats compute_stats(const Backend& be, const plan_view<Space>& plan) {
   return s;
 }
 
-template <execution_backend Backend, class Space>
-routing_stats compute_stats(const Backend& be, const basic_routing_plan<Space>& plan) {
-  return compute_stats(be, plan.view());
-}
-
 inline routing_stats compute_stats(const plan_view<>& plan) { return compute_stats(backend::serial{}, plan); }
-
-inline routing_stats compute_stats(const routing_plan& plan) { return compute_stats(plan.view()); }
 
 // ---------------------------------------------------------------------------------------------------
 // Entropy of the mean routing distribution.
@@ -210,8 +205,10 @@ double routing_entropy(matrix_view<T> scores, bool normalised = false) {
   return routing_entropy(backend::serial{}, scores, normalised);
 }
 
-template <execution_backend Backend, class Space>
-double routing_entropy(const Backend& be, const plan_view<Space>& plan, bool normalised = false) {
+template <execution_backend Backend, plan_source Plan>
+double routing_entropy(const Backend& be, const Plan& source, bool normalised = false) {
+  using Space = plan_space_t<Plan>;
+  const plan_view<Space> plan = detail::as_plan_view(source);
   static_assert(accessible_from_v<Space, memory_space_t<Backend>>, "the plan must be in memory the backend can read");
   const index E = plan.num_experts();
   auto mass_buf = allocate<double>(be, E);
@@ -254,17 +251,8 @@ double routing_entropy(const Backend& be, const plan_view<Space>& plan, bool nor
   return detail::entropy_of_mass(host, normalised);
 }
 
-template <execution_backend Backend, class Space>
-double routing_entropy(const Backend& be, const basic_routing_plan<Space>& plan, bool normalised = false) {
-  return routing_entropy(be, plan.view(), normalised);
-}
-
 inline double routing_entropy(const plan_view<>& plan, bool normalised = false) {
   return routing_entropy(backend::serial{}, plan, normalised);
-}
-
-inline double routing_entropy(const routing_plan& plan, bool normalised = false) {
-  return routing_entropy(plan.view(), normalised);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -291,9 +279,11 @@ enum class ch_form : unsigned char {
 // mean runs per feature over the experts in order, and one item per expert then forms its centroid,
 // its between-cluster term and its within-cluster sum (its slots in order); the E terms are added in
 // expert order on one item. The host reads back N, K, B and W.
-template <execution_backend Backend, input_scalar T, class Space>
-double calinski_harabasz(const Backend& be, matrix_view<T> features, const plan_view<Space>& plan,
+template <execution_backend Backend, input_scalar T, plan_source Plan>
+double calinski_harabasz(const Backend& be, matrix_view<T> features, const Plan& source,
                          ch_form form = ch_form::standard) {
+  using Space = plan_space_t<Plan>;
+  const plan_view<Space> plan = detail::as_plan_view(source);
   detail::check_stats_host_matrix<Backend>();
   static_assert(accessible_from_v<Space, memory_space_t<Backend>>, "the plan must be in memory the backend can read");
   detail::check_matrix(features, "features");
@@ -405,20 +395,9 @@ double calinski_harabasz(const Backend& be, matrix_view<T> features, const plan_
   return (between / (K - 1.0)) / (within / (n_points - K));
 }
 
-template <execution_backend Backend, input_scalar T, class Space>
-double calinski_harabasz(const Backend& be, matrix_view<T> features, const basic_routing_plan<Space>& plan,
-                         ch_form form = ch_form::standard) {
-  return calinski_harabasz(be, features, plan.view(), form);
-}
-
 template <input_scalar T>
 double calinski_harabasz(matrix_view<T> features, const plan_view<>& plan, ch_form form = ch_form::standard) {
   return calinski_harabasz(backend::serial{}, features, plan, form);
-}
-
-template <input_scalar T>
-double calinski_harabasz(matrix_view<T> features, const routing_plan& plan, ch_form form = ch_form::standard) {
-  return calinski_harabasz(features, plan.view(), form);
 }
 
 }  // namespace resonance::balance

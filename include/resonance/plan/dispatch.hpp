@@ -59,8 +59,10 @@ constexpr void check_dispatch_spaces() {
 }
 }  // namespace detail
 
-template <execution_backend Backend, class Space, class T>
-void dispatch(const Backend& be, const plan_view<Space>& plan, matrix_view<const T> x, matrix_view<T> buffer) {
+template <execution_backend Backend, plan_source Plan, class T>
+void dispatch(const Backend& be, const Plan& source, matrix_view<const T> x, matrix_view<T> buffer) {
+  using Space = plan_space_t<Plan>;
+  const plan_view<Space> plan = detail::as_plan_view(source);
   static_assert(!std::is_const_v<T>, "dispatch writes its buffer");
   detail::check_dispatch_spaces<Backend, Space>();
   detail::check_matrix(x, "x");
@@ -89,24 +91,15 @@ void dispatch(const Backend& be, const plan_view<Space>& plan, matrix_view<const
       detail::dispatch_grain);
 }
 
-template <execution_backend Backend, class Space, class T>
-void dispatch(const Backend& be, const plan_view<Space>& plan, matrix_view<T> x, matrix_view<T> buffer) {
+template <execution_backend Backend, plan_source Plan, class T>
+void dispatch(const Backend& be, const Plan& plan, matrix_view<T> x, matrix_view<T> buffer) {
   dispatch(be, plan, matrix_view<const T>(x), buffer);
 }
 
-// The same on an owning plan (template deduction does not see its conversion to plan_view).
-template <execution_backend Backend, class Space, class T>
-void dispatch(const Backend& be, const basic_routing_plan<Space>& plan, matrix_view<const T> x, matrix_view<T> buffer) {
-  dispatch(be, plan.view(), x, buffer);
-}
-
-template <execution_backend Backend, class Space, class T>
-void dispatch(const Backend& be, const basic_routing_plan<Space>& plan, matrix_view<T> x, matrix_view<T> buffer) {
-  dispatch(be, plan.view(), matrix_view<const T>(x), buffer);
-}
-
-template <execution_backend Backend, class Space, class T>
-void combine(const Backend& be, const plan_view<Space>& plan, matrix_view<const T> expert_out, matrix_view<T> y) {
+template <execution_backend Backend, plan_source Plan, class T>
+void combine(const Backend& be, const Plan& source, matrix_view<const T> expert_out, matrix_view<T> y) {
+  using Space = plan_space_t<Plan>;
+  const plan_view<Space> plan = detail::as_plan_view(source);
   static_assert(!std::is_const_v<T>, "combine writes y");
   detail::check_dispatch_spaces<Backend, Space>();
   detail::check_matrix(expert_out, "expert_out");
@@ -146,21 +139,9 @@ void combine(const Backend& be, const plan_view<Space>& plan, matrix_view<const 
       detail::dispatch_grain);
 }
 
-template <execution_backend Backend, class Space, class T>
-void combine(const Backend& be, const plan_view<Space>& plan, matrix_view<T> expert_out, matrix_view<T> y) {
+template <execution_backend Backend, plan_source Plan, class T>
+void combine(const Backend& be, const Plan& plan, matrix_view<T> expert_out, matrix_view<T> y) {
   combine(be, plan, matrix_view<const T>(expert_out), y);
-}
-
-// The same on an owning plan.
-template <execution_backend Backend, class Space, class T>
-void combine(const Backend& be, const basic_routing_plan<Space>& plan, matrix_view<const T> expert_out,
-             matrix_view<T> y) {
-  combine(be, plan.view(), expert_out, y);
-}
-
-template <execution_backend Backend, class Space, class T>
-void combine(const Backend& be, const basic_routing_plan<Space>& plan, matrix_view<T> expert_out, matrix_view<T> y) {
-  combine(be, plan.view(), matrix_view<const T>(expert_out), y);
 }
 
 }  // namespace resonance

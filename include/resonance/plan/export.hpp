@@ -35,8 +35,10 @@ constexpr void check_export_spaces() {
 
 // Writes the dense Megatron form, one token's rows per item. Both outputs are checked before anything
 // is written.
-template <execution_backend Backend, class Space, class P, class M>
-void to_dense(const Backend& be, const plan_view<Space>& plan, matrix_view<P> probs, matrix_view<M> mask) {
+template <execution_backend Backend, plan_source Plan, class P, class M>
+void to_dense(const Backend& be, const Plan& source, matrix_view<P> probs, matrix_view<M> mask) {
+  using Space = plan_space_t<Plan>;
+  const plan_view<Space> plan = detail::as_plan_view(source);
   static_assert(!std::is_const_v<P> && !std::is_const_v<M>, "to_dense writes its outputs");
   detail::check_export_spaces<Backend, Space>();
   const index T = plan.num_tokens(), E = plan.num_experts();
@@ -59,11 +61,6 @@ void to_dense(const Backend& be, const plan_view<Space>& plan, matrix_view<P> pr
   });
 }
 
-template <execution_backend Backend, class Space, class P, class M>
-void to_dense(const Backend& be, const basic_routing_plan<Space>& plan, matrix_view<P> probs, matrix_view<M> mask) {
-  to_dense(be, plan.view(), probs, mask);
-}
-
 template <class P, class M>
 void to_dense(const plan_view<>& plan, matrix_view<P> probs, matrix_view<M> mask) {
   to_dense(backend::serial{}, plan, probs, mask);
@@ -81,8 +78,10 @@ struct block_aligned_layout {
 
 // Blocks per expert, scanned into each expert's first block; the host reads the block count, sizes the
 // outputs, then each expert writes its blocks.
-template <execution_backend Backend, class Space>
-block_aligned_layout to_block_aligned(const Backend& be, const plan_view<Space>& plan, index block) {
+template <execution_backend Backend, plan_source Plan>
+block_aligned_layout to_block_aligned(const Backend& be, const Plan& source, index block) {
+  using Space = plan_space_t<Plan>;
+  const plan_view<Space> plan = detail::as_plan_view(source);
   detail::check_export_spaces<Backend, Space>();
   detail::require(block >= 1, "block", "block >= 1", block);
   const index E = plan.num_experts(), S = plan.num_slots(), A = plan.num_assignments();
@@ -133,11 +132,6 @@ block_aligned_layout to_block_aligned(const Backend& be, const plan_view<Space>&
   return out;
 }
 
-template <execution_backend Backend, class Space>
-block_aligned_layout to_block_aligned(const Backend& be, const basic_routing_plan<Space>& plan, index block) {
-  return to_block_aligned(be, plan.view(), block);
-}
-
 inline block_aligned_layout to_block_aligned(const plan_view<>& plan, index block) {
   return to_block_aligned(backend::serial{}, plan, block);
 }
@@ -152,8 +146,10 @@ struct rank_layout {
 
 // Each token's row of is_token_in_rank, then each rank (node) counts the tokens flagged in its column
 // (any of its ranks' columns): no atomics, the same counts on every backend.
-template <execution_backend Backend, class Space>
-rank_layout to_rank_layout(const Backend& be, const plan_view<Space>& plan, const dist::expert_placement& placement) {
+template <execution_backend Backend, plan_source Plan>
+rank_layout to_rank_layout(const Backend& be, const Plan& source, const dist::expert_placement& placement) {
+  using Space = plan_space_t<Plan>;
+  const plan_view<Space> plan = detail::as_plan_view(source);
   detail::check_export_spaces<Backend, Space>();
   const index T = plan.num_tokens(), E = plan.num_experts();
   placement.validate(E);
@@ -200,12 +196,6 @@ rank_layout to_rank_layout(const Backend& be, const plan_view<Space>& plan, cons
       index{1});
   fence(be);  // the expert counts' copy
   return out;
-}
-
-template <execution_backend Backend, class Space>
-rank_layout to_rank_layout(const Backend& be, const basic_routing_plan<Space>& plan,
-                           const dist::expert_placement& placement) {
-  return to_rank_layout(be, plan.view(), placement);
 }
 
 inline rank_layout to_rank_layout(const plan_view<>& plan, const dist::expert_placement& placement) {

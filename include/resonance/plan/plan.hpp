@@ -191,6 +191,27 @@ using routing_plan = basic_routing_plan<host_space>;
 template <class Space>
 plan_view(const basic_routing_plan<Space>&) -> plan_view<Space>;
 
+namespace detail {
+template <class Space>
+constexpr plan_view<Space> as_plan_view(const plan_view<Space>& v) {
+  return v;
+}
+template <class Space>
+plan_view<Space> as_plan_view(const basic_routing_plan<Space>& p) {
+  return p.view();
+}
+}  // namespace detail
+
+// A plan or a view of one, in any memory space: what every function that reads a plan accepts (a
+// template argument deduces neither conversion, so they take a plan_source and view it).
+template <class P>
+concept plan_source = requires(const P& p) {
+  detail::as_plan_view(p);
+};
+
+template <plan_source P>
+using plan_space_t = typename decltype(detail::as_plan_view(std::declval<const P&>()))::memory_space;
+
 // A host copy of a plan in any memory space (a copy of a host plan).
 template <execution_backend Backend, class Space>
 routing_plan to_host(const Backend& be, const basic_routing_plan<Space>& plan) {
