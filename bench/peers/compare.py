@@ -11,8 +11,12 @@ read at least once, at the read bandwidth bench_route measures (bm_memory_read).
 Run (Debian's torch lives in /usr/bin/python3; torch is optional, numpy is not):
     /usr/bin/python3 bench/peers/compare.py --bench build/dev/bench/bench_route
     /usr/bin/python3 bench/peers/compare.py --bench build/dev/bench/bench_route --quick
+    /usr/bin/python3 bench/peers/compare.py --bench NEW/bench_route_avx2 --before OLD/bench_route_avx2
 Options: --out DIR keeps the inputs (DIR/*.npy, DIR/cases.txt) and writes
-DIR/compare.json; --repeats N sets the torch repetitions.
+DIR/compare.json; --repeats N sets the torch repetitions. --before PATH also
+runs an earlier build of bench_route on the same inputs, alternating with
+--bench over --rounds runs each (median per row), and adds its time and the
+ratio new/old to every row: a before/after comparison in one run.
 Inputs go to DIR as <name>.npy plus a manifest cases.txt, one line per case:
 "name T E k cf file.npy" (file relative to DIR), which bench_route reads via
 --peer_inputs=DIR.
@@ -111,6 +115,16 @@ def run_bench(bench, directory, min_time):
     return times, bandwidth["bm_memory_read"], bandwidth["bm_memcpy"], context
 
 
+def median_times(runs):
+    """Per (case, backend): the median of the runs' times."""
+    out = {}
+    for key in runs[0]:
+        values = sorted(run[key] for run in runs if key in run)
+        middle = len(values) // 2
+        out[key] = values[middle] if len(values) % 2 else 0.5 * (values[middle - 1] + values[middle])
+    return out
+
+
 def machine():
     cpu = "unknown CPU"
     try:
@@ -135,7 +149,11 @@ def main():
     parser.add_argument("--quick", action="store_true", help="two tiny shapes, short runs")
     parser.add_argument("--out", help="keep the inputs here and write compare.json")
     parser.add_argument("--repeats", type=int, help="torch repetitions (default 10, quick 3)")
+    parser.add_argument("--before", help="an earlier bench_route build to compare with, on the same inputs")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each binary with --before (default 2)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        fail("--rounds: expected a value >= 1")
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     repeats = args.repeats or (3 if args.quick else 10)
 
@@ -148,8 +166,21 @@ def main():
         directory = temp.name
     cases = write_inputs(directory, shapes, CAPACITY_FACTOR)
     torch_times = run_torch(cases, repeats)
-    times, read_bw, memcpy_bw, context = run_bench(os.path.abspath(args.bench), os.path.abspath(directory),
-                                          0.01 if args.quick else 0.2)
+    min_time = 0.01 if args.quick else 0.2
+    if args.before:
+        # Alternate the two builds (new, old; then old, new; ...) so that drifting machine load hits both.
+        runs = {"new": [], "old": []}
+        for r in range(args.rounds):
+            order = [("new", args.bench), ("old", args.before)]
+            for label, path in order if r % 2 == 0 else reversed(order):
+                runs[label].append(run_bench(os.path.abspath(path), os.path.abspath(directory), min_time))
+        times = median_times([run[0] for run in runs["new"]])
+        before_times = median_times([run[0] for run in runs["old"]])
+        _, read_bw, memcpy_bw, context = runs["new"][-1]
+    else:
+        times, read_bw, memcpy_bw, context = run_bench(os.path.abspath(args.bench), os.path.abspath(directory),
+                                                       min_time)
+        before_times = {}
 
     rows = []
     for case in cases:
@@ -160,7 +191,12 @@ def main():
             if (case["name"], backend) not in times:
                 fail(f"bm_peer/{case['name']}/{backend} missing from the bench_route JSON")
             ours = times[(case["name"], backend)]
+            before = before_times.get((case["name"], backend))
+            if args.before and before is None:
+                fail(f"bm_peer/{case['name']}/{backend} missing from the JSON of {args.before}")
             rows.append({"case": case["name"], "backend": backend,
+                         "before_ms": None if before is None else before * 1e3,
+                         "after_over_before": None if before is None else ours / before,
                          "torch_ms": None if torch_s is None else torch_s * 1e3,
                          "torch_min_ms": None if torch_min is None else torch_min * 1e3,
                          "resonance_ms": ours * 1e3,
@@ -174,11 +210,20 @@ def main():
           f" {context.get('resonance_tbb_threads', '?')}, simd {context.get('resonance_simd_arch', '?')}")
     print(f"read bandwidth {read_bw / 1e9:.2f} GB/s, memcpy bandwidth {memcpy_bw / 1e9:.2f} GB/s"
           " (one thread; memcpy counts bytes read + written)\n")
-    print("| shape | backend | torch ms (median) | resonance ms | torch / resonance | fraction of bandwidth floor |")
-    print("|---|---|---:|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['case']} | {row['backend']} | {fmt(row['torch_ms'])} | {fmt(row['resonance_ms'])}"
-              f" | {fmt(row['ratio'], 2)} | {fmt(row['floor_fraction'], 3)} |")
+    if args.before:
+        print("| shape | backend | torch ms (median) | before ms | resonance ms | after / before | torch / resonance"
+              " | fraction of bandwidth floor |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for row in rows:
+            print(f"| {row['case']} | {row['backend']} | {fmt(row['torch_ms'])} | {fmt(row['before_ms'])}"
+                  f" | {fmt(row['resonance_ms'])} | {fmt(row['after_over_before'], 3)} | {fmt(row['ratio'], 2)}"
+                  f" | {fmt(row['floor_fraction'], 3)} |")
+    else:
+        print("| shape | backend | torch ms (median) | resonance ms | torch / resonance | fraction of bandwidth floor |")
+        print("|---|---|---:|---:|---:|---:|")
+        for row in rows:
+            print(f"| {row['case']} | {row['backend']} | {fmt(row['torch_ms'])} | {fmt(row['resonance_ms'])}"
+                  f" | {fmt(row['ratio'], 2)} | {fmt(row['floor_fraction'], 3)} |")
     if args.out:
         report = {"machine": info, "bench_context": context,
                   "read_bandwidth_Bps": read_bw, "memcpy_bandwidth_Bps": memcpy_bw,
