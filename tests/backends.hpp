@@ -45,7 +45,11 @@ struct scrambled_backend {
     resonance::index bad = n;
     for (resonance::index i = n - 1; i >= 0; --i) {
       resonance::backend::host_scratch scratch(bytes);
-      if (f(group{scratch.get()}, i)) bad = i;
+      if constexpr (std::is_void_v<decltype(f(group{}, i))>) {
+        f(group{scratch.get()}, i);
+      } else if (f(group{scratch.get()}, i)) {
+        bad = i;
+      }
     }
     return bad;
   }

@@ -584,10 +584,7 @@ inline rs::routing_plan reference_plan(const rs::candidate_set& c, const rs::cap
       });
     for (std::size_t j = usz(C); j < order.size(); ++j) keep[usz(order[j])] = 0;
   }
-  rs::detail::plan_data<rs::host_space> d;
-  d.num_tokens = T;
-  d.num_experts = E;
-  d.capacity = C;
+  rs::detail::plan_arrays d;
   std::vector<id_type> slot_of(usz(nnz), -1);
   d.expert_offsets.push_back(0);
   for (index e = 0; e < E; ++e) {
@@ -618,9 +615,7 @@ inline rs::routing_plan reference_plan(const rs::candidate_set& c, const rs::cap
     }
     d.token_offsets.push_back(static_cast<id_type>(d.token_expert.size()));
   }
-  d.num_slots = static_cast<index>(d.slot_token.size());
-  d.num_assignments = static_cast<index>(d.token_expert.size());
-  return rs::routing_plan(std::move(d));
+  return rs::detail::host_plan(T, E, C, d);
 }
 
 // The candidates of a `reference` case, from the logits alone. Identity scores at temperature 1 make

@@ -128,10 +128,10 @@ struct router {
     return l;
   }
 
-  // One routing step with a stateless capacity policy.
-  template <execution_backend Backend, input_scalar T>
-  requires stateless_capacity_policy<Capacity> basic_routing_plan<memory_space_t<Backend>> route(const Backend& be,
-                                                                                                 matrix_view<const T> x)
+  // One routing step with a stateless capacity policy. x may be in any memory space the backend reads.
+  template <execution_backend Backend, input_scalar T, class XSpace>
+  requires stateless_capacity_policy<Capacity> basic_routing_plan<memory_space_t<Backend>> route(
+      const Backend& be, matrix_view<const T, XSpace> x)
   const {
     return route_impl(be, x, [&](const capacity_context& ctx) {
       return capacity.limits(ctx.num_tokens, ctx.num_experts, ctx.top_k);
@@ -155,10 +155,10 @@ struct router {
       const Backend& be, matrix_view<T> x, capacity_state_t<Capacity>& state)
   const { return route(be, matrix_view<const T>(x), state); }
 
-  template <execution_backend Backend, input_scalar T>
-  requires stateless_capacity_policy<Capacity> basic_routing_plan<memory_space_t<Backend>> route(const Backend& be,
-                                                                                                 matrix_view<T> x)
-  const { return route(be, matrix_view<const T>(x)); }
+  template <execution_backend Backend, input_scalar T, class XSpace>
+  requires stateless_capacity_policy<Capacity> basic_routing_plan<memory_space_t<Backend>> route(
+      const Backend& be, matrix_view<T, XSpace> x)
+  const { return route(be, matrix_view<const T, XSpace>(x)); }
 
   template <class T>
   requires stateless_capacity_policy<Capacity> routing_plan route(matrix_view<T> x)
@@ -167,9 +167,11 @@ struct router {
   friend constexpr bool operator==(const router&, const router&) = default;
 
  private:
-  template <execution_backend Backend, input_scalar T, class LimitsFn>
-  basic_routing_plan<memory_space_t<Backend>> route_impl(const Backend& be, matrix_view<const T> x,
+  template <execution_backend Backend, input_scalar T, class XSpace, class LimitsFn>
+  basic_routing_plan<memory_space_t<Backend>> route_impl(const Backend& be, matrix_view<const T, XSpace> x,
                                                          LimitsFn&& limits_of) const {
+    using space = memory_space_t<Backend>;
+    static_assert(accessible_from_v<XSpace, space>, "the input must be in memory the backend can read");
     detail::check_matrix(x, "input");
     const index E = validate(x.cols);
     const index T_ = x.rows;
@@ -177,11 +179,25 @@ struct router {
     detail::require(
         static_cast<double>(T_) * static_cast<double>(k) < static_cast<double>(std::numeric_limits<id_type>::max()),
         "input", "num_tokens * top_k < 2^31", T_, " tokens x ", k);
+    if constexpr (!host_accessible_v<space>) {
+      return route_on_device(be, x, E, k, limits_of);
+    } else {
+      static_assert(host_accessible_v<XSpace>, "the input must be in memory the host can read");
+      return route_on_host(be, matrix_view<const T>{x.data, x.rows, x.cols, x.stride}, E, k, limits_of);
+    }
+  }
+
+  // A route whose data the host can read: a failing stage throws at once.
+  template <execution_backend Backend, input_scalar T, class LimitsFn>
+  basic_routing_plan<memory_space_t<Backend>> route_on_host(const Backend& be, matrix_view<const T> x, index E, index k,
+                                                            LimitsFn& limits_of) const {
+    const index T_ = x.rows;
     capacity_limits lim;
-    candidate_set cands;
+    basic_candidate_set<memory_space_t<Backend>> cands;
     if constexpr (fuses_on<Backend>) {
       select_fused(be, x, E, cands);
-      const capacity_context ctx{T_, E, k, x.cols, {}, &cands};
+      const candidate_view<host_space> proposals = detail::host_view(cands);
+      const capacity_context ctx{T_, E, k, x.cols, {}, &proposals};
       lim = limits_of(ctx);
       detail::check_limits(lim);
     } else {
@@ -192,9 +208,9 @@ struct router {
   }
 
   // The two-step path: the T×E logits, then the selection over them.
-  template <execution_backend Backend, input_scalar T, class LimitsFn>
+  template <execution_backend Backend, input_scalar T, class LimitsFn, class Space>
   void unfused_select(const Backend& be, matrix_view<const T> x, index E, index k, LimitsFn& limits_of,
-                      capacity_limits& lim, candidate_set& cands) const {
+                      capacity_limits& lim, basic_candidate_set<Space>& cands) const {
     const index T_ = x.rows;
     std::vector<float> storage;
     const matrix_view<const float> l = affinity.compute(be, x, storage);
@@ -209,30 +225,104 @@ struct router {
     } else {
       // Propose first; the capacity policy may read the proposals (a scheduler's statistics).
       select(be, direction, l, capacity_limits{}, cands);
-      ctx.candidates = &cands;
+      const candidate_view<host_space> proposals = detail::host_view(cands);
+      ctx.candidates = &proposals;
       lim = limits_of(ctx);
       detail::check_limits(lim);
     }
     // Finite logits can still overflow fp32 once divided by a tiny temperature or scaled by a huge
     // scaling factor: a NaN or Inf weight must not reach the plan.
     if constexpr (!self_checked) {
-      const id_type* offsets = cands.offsets.data();
-      const float* weight = cands.weight.data();
-      const float* priority = cands.priority.empty() ? weight : cands.priority.data();
-      const index bad = reduce_min(be, cands.num_tokens, [=](index t) {
-        bool ok = true;
-        for (id_type i = offsets[t]; i < offsets[t + 1]; ++i)
-          ok &= (weight[i] - weight[i]) == 0.0f && (priority[i] - priority[i]) == 0.0f;
-        return ok ? no_index : t;
-      });
-      if (bad < cands.num_tokens) {
-        const auto sz = [](index n) { return static_cast<std::size_t>(n); };
-        for (index i = cands.offsets[sz(bad)]; i < cands.offsets[sz(bad + 1)]; ++i)
-          detail::require(std::isfinite(cands.weight[sz(i)]) && std::isfinite(cands.ranking()[sz(i)]), "routing weight",
-                          "a finite fp32 value (logits / temperature or weight * scaling_factor overflowed)",
-                          cands.weight[sz(i)], " for token ", bad);
-      }
+      const index bad = reduce_min(be, cands.num_tokens, detail::nonfinite_candidates(view_of(cands)));
+      if (bad < cands.num_tokens) fail_weights(be, cands, bad);
     }
+  }
+
+  // The error of token t's non-finite weight or priority (its first one), read back to the host.
+  template <execution_backend Backend, class Space>
+  [[noreturn]] static void fail_weights(const Backend& be, const basic_candidate_set<Space>& cands, index t) {
+    const candidate_view<Space> c = view_of(cands);
+    id_type range[2] = {0, 0};
+    copy_to_host(be, range, c.offsets + t, 2);
+    fence(be);
+    const index n = range[1] - range[0];
+    std::vector<float> w(static_cast<std::size_t>(n)), r(static_cast<std::size_t>(n));
+    copy_to_host(be, w.data(), c.weight + range[0], n);
+    copy_to_host(be, r.data(), (c.priority != nullptr ? c.priority : c.weight) + range[0], n);
+    fence(be);
+    for (std::size_t i = 0; i < w.size(); ++i)
+      detail::require(std::isfinite(w[i]) && std::isfinite(r[i]), "routing weight",
+                      "a finite fp32 value (logits / temperature or weight * scaling_factor overflowed)", w[i],
+                      " for token ", t);
+    detail::fail("routing weight", "finite values", "token ", t);  // unreachable: the row had a non-finite one
+  }
+
+  // A route on a backend whose memory the host cannot read: no stage waits for the device. The stages
+  // that can fail write their lowest failing row into a status in the backend's memory (the logits'
+  // finiteness unless the direction checks it while selecting, then the candidates' weights, which a
+  // failed token leaves NaN), and the status comes back with the plan's sizes in its one
+  // device-to-host copy; the error is then that of the host path, for the same row. All allocations
+  // happen before the first kernel, sized for the worst case. A direction without select_unchecked
+  // (expert choice, which reads back its number of pairs) waits inside its selection.
+  template <execution_backend Backend, input_scalar T, class XSpace, class LimitsFn>
+  basic_routing_plan<memory_space_t<Backend>> route_on_device(const Backend& be, matrix_view<const T, XSpace> x,
+                                                              index E, index k, LimitsFn& limits_of) const {
+    static_assert(std::is_same_v<Affinity, affinity::precomputed> && std::is_same_v<std::remove_cv_t<T>, float>,
+                  "on a backend whose memory the host cannot read, the router takes precomputed fp32 logits");
+    static_assert(stateless_capacity_policy<Capacity>,
+                  "on a backend whose memory the host cannot read, the capacity policy must be stateless (a "
+                  "scheduler reads the logits and the proposals on the host)");
+    const index T_ = x.rows;
+    const matrix_view<const float, XSpace> l = x;
+    const capacity_context ctx{T_, E, k, x.cols, {}, nullptr};  // a stateless policy reads the shape only
+    const capacity_limits lim = limits_of(ctx);
+    detail::check_limits(lim);
+    constexpr bool deferred = requires(basic_candidate_set<memory_space_t<Backend>> & c) {
+      select_unchecked(be, direction, l, lim, c);
+    };
+    constexpr bool self_checked = detail::checks_finite_v<Direction>;
+    // status[0]: the lowest row with a non-finite logit; status[1]: with a non-finite candidate weight;
+    // status[2]: the route's, T + row for a weight, row for a logit.
+    auto status = allocate<index>(be, 3);
+    index* const st = status.data();
+    const auto bad_logit = [=](index t) {
+      bool ok = true;
+      for (index e = 0; e < l.cols; ++e) ok &= (l(t, e) - l(t, e)) == 0.0f;
+      return ok ? no_index : t;
+    };
+    basic_candidate_set<memory_space_t<Backend>> cands;
+    if constexpr (deferred) {
+      if constexpr (self_checked) {
+        for_each(be, 1, [=](index) { st[0] = no_index; });
+      } else {
+        reduce_min_into(be, T_, bad_logit, st);
+      }
+      select_unchecked(be, direction, l, lim, cands);
+    } else {
+      if constexpr (!self_checked) {
+        if (const index t = reduce_min(be, T_, bad_logit); t < T_) fail_logits(be, l, t);
+      }
+      for_each(be, 1, [=](index) { st[0] = no_index; });
+      select(be, direction, l, lim, cands);
+    }
+    reduce_min_into(be, T_, detail::nonfinite_candidates(view_of(cands)), st + 1);
+    for_each(be, 1, [=](index) { st[2] = st[0] != no_index ? st[0] : st[1] != no_index ? T_ + st[1] : no_index; });
+    detail::check_slot_budget(E, cands.size(), lim);
+    index failed = no_index;
+    auto plan = detail::build_plan_unchecked(be, view_of(cands), lim, st + 2, &failed);
+    if (failed == no_index) return plan;
+    if (failed < T_) fail_logits(be, l, failed);
+    const index t = failed - T_;
+    if constexpr (self_checked) fail_selection(direction, detail::host_row(be, l, t).data(), E, t, cands);
+    fail_weights(be, cands, t);
+  }
+
+  // The error of row t's first non-finite logit, as the host path's check_finite reports it.
+  template <execution_backend Backend, class XSpace>
+  [[noreturn]] static void fail_logits(const Backend& be, matrix_view<const float, XSpace> l, index t) {
+    const std::vector<float> row = detail::host_row(be, l, t);
+    detail::check_finite(matrix_view<const float>{row.data(), 1, l.cols, l.cols}, "logits", t);
+    detail::fail("logits", "finite values", "row ", t);  // unreachable: the row had a non-finite entry
   }
 
   // The fused path: blocks of fused_block_tokens tokens, each one's logits computed on the calling

@@ -12,8 +12,12 @@
 //   for_each(be, n, f[, grain])                f(i) for i in [0, n), in any order
 //   for_each_group(be, n, scratch_bytes, f[, grain])
 //                                              f(g, i) -> bool (true: row i failed); returns the
-//                                              lowest failing row, or n. g.rows, g.scratch()
+//                                              lowest failing row, or n. g.rows, g.scratch(). An f
+//                                              returning void: no result, and no wait for one
 //   reduce_min(be, n, f[, grain])              min_i f(i) for an index-valued f (no_index when n is 0)
+//   reduce_min_into(be, n, f, result[, grain]) the same minimum written to result[0] in the backend's
+//                                              memory, without waiting for it (a device route's status
+//                                              stays on the device until its one copy to the host)
 //   exclusive_scan(be, in, out, n)             out[i] = in[0] + ... + in[i-1] for i in [0, n]
 //                                              (n + 1 outputs; in may equal out); integers only
 //   stable_bucket(be, keys, n, nbins, start, perm, work)
@@ -46,14 +50,10 @@
 #include <vector>
 
 #include "../core/config.hpp"
+#include "../core/space.hpp"
 #include "rows.hpp"
 
 namespace resonance {
-
-// Host memory: what the CPU backends use, and what routing_plan, matrix_view and friends default to.
-struct host_space {
-  static constexpr const char* name = "host";
-};
 
 // What the library needs to know of a memory space: its owning buffer and whether host code may read
 // it directly. A device backend specialises it for its space.
@@ -305,6 +305,12 @@ void copy_to_host(const B& be, T* dst, const T* src, index n) {
 
 template <host_backend B>
 void fence(const B&) {}
+
+// On the host the minimum is ready at once; the result is written like any other output.
+template <host_backend B, class F>
+void reduce_min_into(const B& be, index n, const F& f, index* result, index grain = 0) {
+  *result = reduce_min(be, n, f, grain);
+}
 
 }  // namespace backend
 

@@ -303,6 +303,20 @@ index reduce_min(const kokkos<ExecSpace>& be, index n, const F& f, index grain =
   return m;
 }
 
+// The minimum into result[0] in the backend's memory: a reduction into a View does not wait for the
+// kernel.
+template <class ExecSpace, class F>
+void reduce_min_into(const kokkos<ExecSpace>& be, index n, const F& f, index* result, index grain = 0) {
+  using space = typename ExecSpace::memory_space;
+  const kokkos_detail::unmanaged_view<index, space> out(result, 1);
+  if (n <= 0) {
+    Kokkos::deep_copy(be.exec, out, no_index);
+    return;
+  }
+  Kokkos::parallel_reduce("resonance::reduce_min_into", kokkos_detail::range(be.exec, n, grain),
+                          kokkos_detail::reduce_min_functor<F>{f}, Kokkos::Min<index, space>(out));
+}
+
 template <class ExecSpace>
 void exclusive_scan(const kokkos<ExecSpace>& be, const id_type* in, id_type* out, index n) {
   Kokkos::parallel_scan("resonance::exclusive_scan", kokkos_detail::range(be.exec, n + 1, 0),

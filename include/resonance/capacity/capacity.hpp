@@ -29,7 +29,8 @@ struct capacity_limits {
   friend constexpr bool operator==(const capacity_limits&, const capacity_limits&) = default;
 };
 
-struct candidate_set;
+template <class Space>
+struct candidate_view;
 
 // What a capacity scheduler may look at: the batch's shape, its fp32 router logits (the affinities,
 // for GrAP-cosine routing) and, when the direction proposes before the capacity is known (token
@@ -40,7 +41,7 @@ struct capacity_context {
   index top_k = 1;        // candidates per token of the direction (nominal for expert choice)
   index hidden_size = 0;  // columns of the router input (d for hidden states, E for precomputed logits)
   matrix_view<const float> logits = {};
-  const candidate_set* candidates = nullptr;  // the direction's proposals, or null (expert choice)
+  const candidate_view<host_space>* candidates = nullptr;  // the direction's proposals, or null (expert choice)
 };
 
 // A stateless capacity policy maps (tokens, experts, candidates per token) to limits.

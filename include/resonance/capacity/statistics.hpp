@@ -29,12 +29,12 @@ inline tcr_assignments tcr_pairs(const capacity_context& ctx) {
   const index T = ctx.logits.rows, E = ctx.logits.cols, k = std::min(ctx.top_k, E);
   tcr_assignments out;
   if (ctx.candidates != nullptr) {
-    const candidate_set& c = *ctx.candidates;
-    out.expert.assign(c.expert.begin(), c.expert.end());
-    out.affinity.resize(c.expert.size());
+    const candidate_view<host_space>& c = *ctx.candidates;
+    out.expert.assign(c.expert, c.expert + c.size);
+    out.affinity.resize(static_cast<std::size_t>(c.size));
     for (index t = 0; t < c.num_tokens; ++t)
-      for (id_type i = c.offsets[static_cast<std::size_t>(t)]; i < c.offsets[static_cast<std::size_t>(t + 1)]; ++i)
-        out.affinity[static_cast<std::size_t>(i)] = ctx.logits(t, c.expert[static_cast<std::size_t>(i)]);
+      for (id_type i = c.offsets[t]; i < c.offsets[t + 1]; ++i)
+        out.affinity[static_cast<std::size_t>(i)] = ctx.logits(t, c.expert[i]);
     return out;
   }
   out.affinity.resize(static_cast<std::size_t>(T * k));

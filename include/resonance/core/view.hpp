@@ -6,15 +6,19 @@
 
 #include "config.hpp"
 #include "error.hpp"
+#include "space.hpp"
 
 namespace resonance {
 
-// Non-owning row-major 2-D view {data, rows, cols, stride}; stride defaults to cols. Trivially copyable,
-// usable in device code, and an aggregate so that `matrix_view<const float>{p, T, E}` works.
-template <class T>
+// Non-owning row-major 2-D view {data, rows, cols, stride} of memory in Space; stride defaults to cols.
+// Trivially copyable, usable in device code, and an aggregate so that `matrix_view<const float>{p, T, E}`
+// works. A host function takes matrix_view<T> (host_space), so a device view passed to it does not
+// compile.
+template <class T, class Space = host_space>
 struct matrix_view {
   using element_type = T;
   using value_type = std::remove_cv_t<T>;
+  using memory_space = Space;
 
   T* data = nullptr;
   index rows = 0;
@@ -26,9 +30,9 @@ struct matrix_view {
   RESONANCE_HOST_DEVICE constexpr index size() const { return rows * cols; }
   RESONANCE_HOST_DEVICE constexpr bool empty() const { return rows == 0 || cols == 0; }
 
-  // matrix_view<float> converts to matrix_view<const float>.
+  // matrix_view<float> converts to matrix_view<const float>, in the same space.
   template <class U = T>
-  requires(!std::is_const_v<U>) RESONANCE_HOST_DEVICE constexpr operator matrix_view<const U>() const {
+  requires(!std::is_const_v<U>) RESONANCE_HOST_DEVICE constexpr operator matrix_view<const U, Space>() const {
     return {data, rows, cols, stride};
   }
 
@@ -65,16 +69,17 @@ vector_view<T> make_vector_view(std::span<T> s) {
 
 namespace detail {
 
-// Shape check shared by every entry point; `name` is the argument name used in the error.
-template <class T>
-void check_matrix(const matrix_view<T>& m, std::string_view name) {
+// Shape check shared by every entry point; `name` is the argument name used in the error. It reads no
+// element, so it takes a view in any space.
+template <class T, class Space>
+void check_matrix(const matrix_view<T, Space>& m, std::string_view name) {
   require(m.rows >= 0 && m.cols >= 0, name, "non-negative rows and cols", m.rows, "x", m.cols);
   require(m.stride >= m.cols, name, "stride >= cols", "stride ", m.stride, " with cols ", m.cols);
   require(m.data != nullptr || m.rows == 0 || m.cols == 0, name, "non-null data for a non-empty matrix");
 }
 
-template <class T>
-void check_matrix(const matrix_view<T>& m, std::string_view name, index rows, index cols) {
+template <class T, class Space>
+void check_matrix(const matrix_view<T, Space>& m, std::string_view name, index rows, index cols) {
   check_matrix(m, name);
   require(m.rows == rows && m.cols == cols, name,
           std::string("shape ") + std::to_string(rows) + "x" + std::to_string(cols), m.rows, "x", m.cols);

@@ -49,27 +49,6 @@ RESONANCE_INLINE_FUNCTION std::uint64_t drop_key(drop_policy drop, std::uint64_t
   return static_cast<std::uint64_t>(ordered_bits(priority)) << 32 | static_cast<std::uint32_t>(~token);
 }
 
-// A stage's temporaries carved from one allocation: each array at an offset aligned for any scalar.
-class workspace_layout {
- public:
-  // Reserves n objects of T; returns their byte offset.
-  template <class T>
-  index reserve(index n) {
-    const index at = bytes_;
-    bytes_ += (n * static_cast<index>(sizeof(T)) + 15) / 16 * 16;
-    return at;
-  }
-  index bytes() const { return bytes_; }
-
- private:
-  index bytes_ = 0;
-};
-
-template <class T>
-T* at_offset(void* base, index offset) {
-  return reinterpret_cast<T*>(static_cast<unsigned char*>(base) + offset);
-}
-
 // The selection key of token t in a column of scores (an expert's, for expert choice): the score key
 // of drop_key, the score's order-preserving bits then the inverted token id. Keys are unique
 // within a column and order it by (score descending, token ascending), -0 equal to +0: ties go to the
@@ -131,35 +110,6 @@ void column_kth_token(const Backend& be, const float* s, index T, index E, index
   for (index e = 0; e < E; ++e) kth_token[e] = column_key_token(host[static_cast<std::size_t>(e)]);
 }
 
-// Non-owning candidates in memory space Space, as the plan builder reads them: token-major CSR with
-// strictly ascending expert ids per token. priority null: the weight ranks; demand null: counted.
-template <class Space = host_space>
-struct candidate_view {
-  index num_tokens = 0;
-  index num_experts = 0;
-  index size = 0;
-  const id_type* offsets = nullptr;  // T+1
-  const id_type* expert = nullptr;
-  const float* weight = nullptr;
-  const float* priority = nullptr;
-  const id_type* demand = nullptr;
-  bool has_forced_drop = false;
-  drop_policy forced_drop = drop_policy::score;
-};
-
-inline candidate_view<host_space> view_of(const candidate_set& c) {
-  return {c.num_tokens,
-          c.num_experts,
-          c.size(),
-          c.offsets.data(),
-          c.expert.data(),
-          c.weight.data(),
-          c.priority.empty() ? nullptr : c.priority.data(),
-          c.demand.empty() ? nullptr : c.demand.data(),
-          c.forced_drop.has_value(),
-          c.forced_drop.value_or(drop_policy::score)};
-}
-
 // The plan builder, on the execution primitives only:
 //   1 stable_bucket by expert: each expert's candidates in ascending token order (the counting sort);
 //   2 per expert: kept count, slot count (capacity, padding, alignment); exclusive_scan -> offsets;
@@ -167,10 +117,13 @@ inline candidate_view<host_space> view_of(const candidate_set& c) {
 //   4 per expert, the stable compaction of its kept candidates into its slots, then padding;
 //   5 token CSR: kept per token, exclusive_scan, fill.
 // Everything is allocated before step 1 (the plan at its worst-case size); the host reads two sizes at
-// the end.
+// the end, and with them the route's status when a device route passes one (`status`, in the backend's
+// memory, read into *host_status): its one device-to-host copy.
 template <execution_backend Backend, class Space>
 basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& be, const candidate_view<Space>& c,
-                                                                 const capacity_limits& lim) {
+                                                                 const capacity_limits& lim,
+                                                                 const index* status = nullptr,
+                                                                 index* host_status = nullptr) {
   using space = memory_space_t<Backend>;
   static_assert(accessible_from_v<Space, space>, "the candidates must be in memory the backend can read");
   const index T = c.num_tokens, E = c.num_experts, nnz = c.size;
@@ -186,22 +139,17 @@ basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& 
   d.num_tokens = T;
   d.num_experts = E;
   d.capacity = cap;
-  d.expert_offsets = allocate<id_type>(be, E + 1);
-  d.expert_counts = allocate<id_type>(be, E);
-  d.expert_demand = allocate<id_type>(be, E);
-  d.slot_token = allocate<id_type>(be, max_slots);
-  d.slot_weight = allocate<float>(be, max_slots);
-  d.token_offsets = allocate<id_type>(be, T + 1);
-  d.token_expert = allocate<id_type>(be, nnz);
-  d.token_weight = allocate<float>(be, nnz);
-  d.token_slot = allocate<id_type>(be, nnz);
+  d.slot_room = max_slots;
+  d.assignment_room = nnz;
+  const plan_layout pl = d.layout();
+  d.storage = allocate<unsigned char>(be, pl.bytes);
 
   workspace_layout layout;
   const index o_token = layout.reserve<id_type>(nnz);
   const index o_start = layout.reserve<id_type>(E + 1);
   const index o_perm = layout.reserve<id_type>(nnz);
   const index o_slot = layout.reserve<id_type>(nnz);
-  const index o_sizes = layout.reserve<id_type>(2);
+  const index o_sizes = layout.reserve<index>(3);
   const index o_keys = layout.reserve<std::uint64_t>(by_key ? nnz : 0);
   const index o_kth = layout.reserve<std::uint64_t>(by_key ? E : 0);
   const index o_bucket = layout.reserve<unsigned char>(stable_bucket_workspace(be, nnz, E));
@@ -212,7 +160,7 @@ basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& 
   id_type* const start = at_offset<id_type>(base, o_start);
   id_type* const perm = at_offset<id_type>(base, o_perm);
   id_type* const cand_slot = at_offset<id_type>(base, o_slot);
-  id_type* const sizes = at_offset<id_type>(base, o_sizes);
+  index* const sizes = at_offset<index>(base, o_sizes);
   std::uint64_t* const keys = at_offset<std::uint64_t>(base, o_keys);
   std::uint64_t* const kth = at_offset<std::uint64_t>(base, o_kth);
 
@@ -220,15 +168,16 @@ basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& 
   const id_type* const expert = c.expert;
   const float* const weight = c.weight;
   const float* const priority = c.priority != nullptr ? c.priority : c.weight;
-  id_type* const expert_offsets = d.expert_offsets.data();
-  id_type* const counts = d.expert_counts.data();
-  id_type* const demand = d.expert_demand.data();
-  id_type* const slot_token = d.slot_token.data();
-  float* const slot_weight = d.slot_weight.data();
-  id_type* const token_offsets = d.token_offsets.data();
-  id_type* const token_expert = d.token_expert.data();
-  float* const token_weight = d.token_weight.data();
-  id_type* const token_slot = d.token_slot.data();
+  void* const plan_base = d.storage.data();
+  id_type* const expert_offsets = at_offset<id_type>(plan_base, pl.expert_offsets);
+  id_type* const counts = at_offset<id_type>(plan_base, pl.expert_counts);
+  id_type* const demand = at_offset<id_type>(plan_base, pl.expert_demand);
+  id_type* const slot_token = at_offset<id_type>(plan_base, pl.slot_token);
+  float* const slot_weight = at_offset<float>(plan_base, pl.slot_weight);
+  id_type* const token_offsets = at_offset<id_type>(plan_base, pl.token_offsets);
+  id_type* const token_expert = at_offset<id_type>(plan_base, pl.token_expert);
+  float* const token_weight = at_offset<float>(plan_base, pl.token_weight);
+  id_type* const token_slot = at_offset<id_type>(plan_base, pl.token_slot);
 
   // 1. The counting sort by expert.
   for_each(be, T, [=](index t) {
@@ -309,25 +258,23 @@ basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& 
     }
   });
 
-  // The plan's two sizes: the one device-to-host copy of a route.
+  // The plan's two sizes and the status: the one device-to-host copy of a route.
   for_each(be, 1, [=](index) {
     sizes[0] = expert_offsets[E];
     sizes[1] = token_offsets[T];
+    sizes[2] = status != nullptr ? *status : no_index;
   });
-  id_type host_sizes[2] = {0, 0};
-  copy_to_host(be, host_sizes, sizes, 2);
+  index host_sizes[3] = {0, 0, no_index};
+  copy_to_host(be, host_sizes, sizes, 3);
   fence(be);
   d.num_slots = host_sizes[0];
   d.num_assignments = host_sizes[1];
-  if constexpr (std::is_same_v<space, host_space>) {
-    d.slot_token.resize(static_cast<std::size_t>(d.num_slots));
-    d.slot_weight.resize(static_cast<std::size_t>(d.num_slots));
-  }
+  if (host_status != nullptr) *host_status = host_sizes[2];
   return basic_routing_plan<space>(std::move(d));
 }
 
-template <execution_backend Backend>
-basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& be, const candidate_set& c,
+template <execution_backend Backend, class Space>
+basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& be, const basic_candidate_set<Space>& c,
                                                                  const capacity_limits& lim) {
   return build_plan_unchecked(be, view_of(c), lim);
 }

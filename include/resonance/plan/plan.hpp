@@ -11,6 +11,7 @@
 // mistake: it fails to compile.
 
 #include <cstddef>
+#include <cstring>
 #include <span>
 #include <type_traits>
 #include <utility>
@@ -86,8 +87,56 @@ struct plan_view {
 };
 
 namespace detail {
-// Owned storage of a plan in Space; filled by the plan builder. The counts say how much of each array
-// is the plan (a device plan's arrays may be allocated for the worst case before the route).
+// A stage's temporaries, or a plan's arrays, carved from one allocation: each array at an offset
+// aligned for any scalar.
+class workspace_layout {
+ public:
+  // Reserves n objects of T; returns their byte offset.
+  template <class T>
+  index reserve(index n) {
+    const index at = bytes_;
+    bytes_ += (n * static_cast<index>(sizeof(T)) + 15) / 16 * 16;
+    return at;
+  }
+  index bytes() const { return bytes_; }
+
+ private:
+  index bytes_ = 0;
+};
+
+template <class T>
+RESONANCE_INLINE_FUNCTION T* at_offset(void* base, index offset) {
+  return reinterpret_cast<T*>(static_cast<unsigned char*>(base) + offset);
+}
+template <class T>
+RESONANCE_INLINE_FUNCTION const T* at_offset(const void* base, index offset) {
+  return reinterpret_cast<const T*>(static_cast<const unsigned char*>(base) + offset);
+}
+
+// Where a plan's arrays lie in its one allocation, for T tokens, E experts and room for `slots` slots
+// and `assignments` kept assignments (a route allocates the worst case before it runs).
+struct plan_layout {
+  index expert_offsets, expert_counts, expert_demand, slot_token, slot_weight, token_offsets, token_expert,
+      token_weight, token_slot, bytes;
+
+  plan_layout(index T, index E, index slots, index assignments) {
+    workspace_layout l;
+    expert_offsets = l.reserve<id_type>(E + 1);
+    expert_counts = l.reserve<id_type>(E);
+    expert_demand = l.reserve<id_type>(E);
+    slot_token = l.reserve<id_type>(slots);
+    slot_weight = l.reserve<float>(slots);
+    token_offsets = l.reserve<id_type>(T + 1);
+    token_expert = l.reserve<id_type>(assignments);
+    token_weight = l.reserve<float>(assignments);
+    token_slot = l.reserve<id_type>(assignments);
+    bytes = l.bytes();
+  }
+};
+
+// Owned storage of a plan in Space: its arrays in one allocation of the space (so a device plan is one
+// allocation and mirrors to the host in one copy), laid out by plan_layout for the room it was
+// allocated with. The counts say how much of each array is the plan.
 template <class Space>
 struct plan_data {
   index num_tokens = 0;
@@ -95,21 +144,27 @@ struct plan_data {
   index capacity = -1;
   index num_slots = 0;
   index num_assignments = 0;
-  buffer_t<Space, id_type> expert_offsets;
-  buffer_t<Space, id_type> expert_counts;
-  buffer_t<Space, id_type> expert_demand;
-  buffer_t<Space, id_type> slot_token;
-  buffer_t<Space, float> slot_weight;
-  buffer_t<Space, id_type> token_offsets;
-  buffer_t<Space, id_type> token_expert;
-  buffer_t<Space, float> token_weight;
-  buffer_t<Space, id_type> token_slot;
+  index slot_room = 0;        // slots the storage has room for
+  index assignment_room = 0;  // assignments the storage has room for
+  buffer_t<Space, unsigned char> storage;
+
+  plan_layout layout() const { return {num_tokens, num_experts, slot_room, assignment_room}; }
 };
 
 template <class Buffer>
 auto* buffer_data(const Buffer& b) {
   return b.data();
 }
+
+// The host arrays of a plan, each at its exact size: what a reference implementation fills by hand
+// (tests) before host_plan() packs it into a routing_plan.
+struct plan_arrays {
+  std::vector<id_type> expert_offsets, expert_counts, expert_demand, slot_token;
+  std::vector<float> slot_weight;
+  std::vector<id_type> token_offsets, token_expert;
+  std::vector<float> token_weight;
+  std::vector<id_type> token_slot;
+};
 }  // namespace detail
 
 // Owning plan in memory space Space. Built by router::route or build_plan; read-only afterwards.
@@ -118,10 +173,13 @@ class basic_routing_plan {
  public:
   using memory_space = Space;
 
+  // The empty host plan: no tokens, no experts, offsets {0}.
   basic_routing_plan() {
     if constexpr (std::is_same_v<Space, host_space>) {
-      d_.expert_offsets.assign(1, 0);
-      d_.token_offsets.assign(1, 0);
+      d_.storage.resize(static_cast<std::size_t>(d_.layout().bytes));
+      const detail::plan_layout l = d_.layout();
+      *detail::at_offset<id_type>(d_.storage.data(), l.expert_offsets) = 0;
+      *detail::at_offset<id_type>(d_.storage.data(), l.token_offsets) = 0;
     }
   }
   explicit basic_routing_plan(detail::plan_data<Space> data) : d_(std::move(data)) {}
@@ -152,22 +210,29 @@ class basic_routing_plan {
   std::span<const id_type> token_slot() const requires host_accessible_v<Space> { return view().token_slot(); }
 
   plan_view<Space> view() const {
-    using detail::buffer_data;
+    using detail::at_offset;
+    const detail::plan_layout l = d_.layout();
+    const void* base = d_.storage.data();
+    if (base == nullptr) return {d_.num_tokens, d_.num_experts, d_.capacity, d_.num_slots, d_.num_assignments};
     return {d_.num_tokens,
             d_.num_experts,
             d_.capacity,
             d_.num_slots,
             d_.num_assignments,
-            buffer_data(d_.expert_offsets),
-            buffer_data(d_.expert_counts),
-            buffer_data(d_.expert_demand),
-            buffer_data(d_.slot_token),
-            buffer_data(d_.slot_weight),
-            buffer_data(d_.token_offsets),
-            buffer_data(d_.token_expert),
-            buffer_data(d_.token_weight),
-            buffer_data(d_.token_slot)};
+            at_offset<id_type>(base, l.expert_offsets),
+            at_offset<id_type>(base, l.expert_counts),
+            at_offset<id_type>(base, l.expert_demand),
+            at_offset<id_type>(base, l.slot_token),
+            at_offset<float>(base, l.slot_weight),
+            at_offset<id_type>(base, l.token_offsets),
+            at_offset<id_type>(base, l.token_expert),
+            at_offset<float>(base, l.token_weight),
+            at_offset<id_type>(base, l.token_slot)};
   }
+
+  // Bytes of the plan's one allocation.
+  index storage_bytes() const { return static_cast<index>(d_.storage.size()); }
+
   operator plan_view<Space>() const { return view(); }
 
   // Bitwise equality of every array (weights compared exactly): the determinism tests use it.
@@ -180,6 +245,9 @@ class basic_routing_plan {
            same(a.token_expert(), b.token_expert()) && same(a.token_weight(), b.token_weight()) &&
            same(a.token_slot(), b.token_slot());
   }
+
+  // The owned storage: the counts and the one allocation (to_host copies it whole).
+  const detail::plan_data<Space>& raw() const { return d_; }
 
  private:
   detail::plan_data<Space> d_;
@@ -212,32 +280,52 @@ concept plan_source = requires(const P& p) {
 template <plan_source P>
 using plan_space_t = typename decltype(detail::as_plan_view(std::declval<const P&>()))::memory_space;
 
+namespace detail {
+// A host plan from arrays filled by hand, each at its exact size.
+inline routing_plan host_plan(index T, index E, index capacity, const plan_arrays& a) {
+  plan_data<host_space> d;
+  d.num_tokens = T;
+  d.num_experts = E;
+  d.capacity = capacity;
+  d.num_slots = d.slot_room = static_cast<index>(a.slot_token.size());
+  d.num_assignments = d.assignment_room = static_cast<index>(a.token_expert.size());
+  const plan_layout l = d.layout();
+  d.storage.resize(static_cast<std::size_t>(l.bytes));
+  void* base = d.storage.data();
+  const auto put = [base](index at, const auto& v) {
+    if (!v.empty()) std::memcpy(static_cast<unsigned char*>(base) + at, v.data(), v.size() * sizeof(v[0]));
+  };
+  put(l.expert_offsets, a.expert_offsets);
+  put(l.expert_counts, a.expert_counts);
+  put(l.expert_demand, a.expert_demand);
+  put(l.slot_token, a.slot_token);
+  put(l.slot_weight, a.slot_weight);
+  put(l.token_offsets, a.token_offsets);
+  put(l.token_expert, a.token_expert);
+  put(l.token_weight, a.token_weight);
+  put(l.token_slot, a.token_slot);
+  return routing_plan(std::move(d));
+}
+}  // namespace detail
+
 // A host copy of a plan in any memory space (a copy of a host plan).
 template <execution_backend Backend, class Space>
 routing_plan to_host(const Backend& be, const basic_routing_plan<Space>& plan) {
   if constexpr (std::is_same_v<Space, host_space>) {
     return plan;
   } else {
-    const plan_view<Space> v = plan.view();
+    // The same layout on the host: one copy of the whole allocation.
+    const auto& src = plan.raw();
     detail::plan_data<host_space> d;
-    d.num_tokens = v.num_tokens();
-    d.num_experts = v.num_experts();
-    d.capacity = v.capacity();
-    d.num_slots = v.num_slots();
-    d.num_assignments = v.num_assignments();
-    const auto mirror = [&](auto& dst, const auto* src, index n) {
-      dst.resize(static_cast<std::size_t>(n));
-      if (n > 0) copy_to_host(be, dst.data(), src, n);
-    };
-    mirror(d.expert_offsets, v.expert_offsets_, v.num_experts() + 1);
-    mirror(d.expert_counts, v.expert_counts_, v.num_experts());
-    mirror(d.expert_demand, v.expert_demand_, v.num_experts());
-    mirror(d.slot_token, v.slot_token_, v.num_slots());
-    mirror(d.slot_weight, v.slot_weight_, v.num_slots());
-    mirror(d.token_offsets, v.token_offsets_, v.num_tokens() + 1);
-    mirror(d.token_expert, v.token_expert_, v.num_assignments());
-    mirror(d.token_weight, v.token_weight_, v.num_assignments());
-    mirror(d.token_slot, v.token_slot_, v.num_assignments());
+    d.num_tokens = src.num_tokens;
+    d.num_experts = src.num_experts;
+    d.capacity = src.capacity;
+    d.num_slots = src.num_slots;
+    d.num_assignments = src.num_assignments;
+    d.slot_room = src.slot_room;
+    d.assignment_room = src.assignment_room;
+    d.storage.resize(src.storage.size());
+    copy_to_host(be, d.storage.data(), src.storage.data(), static_cast<index>(src.storage.size()));
     fence(be);
     return routing_plan(std::move(d));
   }

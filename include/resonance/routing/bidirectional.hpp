@@ -61,30 +61,48 @@ struct bidirectional {
 
 static_assert(routing_policy<bidirectional>);
 
-template <execution_backend Backend>
-void select(const Backend& be, const bidirectional& p, matrix_view<const float> logits, const capacity_limits& lim,
-            candidate_set& out) {
-  const token_choice tc = p.proposal();
-  select(be, tc, logits, lim, out);
-  // The expert's side of the handshake: position priority when causal, else ranking by `rank`.
+}  // namespace resonance::routing
+
+namespace resonance::detail {
+// The expert's side of the handshake over candidates the proposal step wrote: position priority when
+// causal, else the ranking by `rank` (the affinity, or the full score, which needs the row's scores).
+template <execution_backend Backend, class LogitsSpace, class Space>
+void bidirectional_ranking(const Backend& be, const routing::bidirectional& p,
+                           matrix_view<const float, LogitsSpace> logits, basic_candidate_set<Space>& out) {
   out.forced_drop = p.causal ? drop_policy::position : drop_policy::score;
-  if (p.causal || p.rank == rank_by::weight) return;  // the weight is already the default priority
+  if (p.causal || p.rank == routing::rank_by::weight) return;  // the weight is already the default priority
   const index E = logits.cols;
-  out.priority.resize(out.weight.size());
+  resize_array(be, out.priority, out.size());
   const id_type* offsets = out.offsets.data();
   const id_type* expert = out.expert.data();
   float* priority = out.priority.data();
-  const bool by_score = p.rank == rank_by::score;
+  const bool by_score = p.rank == routing::rank_by::score;
   const resonance::score fn = p.score;
   const float inv_t = 1.0f / p.temperature;
-  // The ranking key of each candidate: its affinity, or its full score (which needs the row's scores).
   for_each_group(be, out.num_tokens, by_score ? E * static_cast<index>(sizeof(float)) : 0, [=](const auto& g, index t) {
     const float* row = logits.row(t);
     float* s = static_cast<float*>(g.scratch());
-    if (by_score) detail::score_row(fn, row, s, E, inv_t);
+    if (by_score) score_row(fn, row, s, E, inv_t);
     for (id_type i = offsets[t]; i < offsets[t + 1]; ++i) priority[i] = by_score ? s[expert[i]] : row[expert[i]];
-    return false;
   });
+}
+}  // namespace resonance::detail
+
+namespace resonance::routing {
+
+template <execution_backend Backend, class LogitsSpace, class Space>
+void select(const Backend& be, const bidirectional& p, matrix_view<const float, LogitsSpace> logits,
+            const capacity_limits& lim, basic_candidate_set<Space>& out) {
+  select(be, p.proposal(), logits, lim, out);
+  detail::bidirectional_ranking(be, p, logits, out);
+}
+
+// The selection without waiting for a status (token choice's select_unchecked, then the ranking).
+template <execution_backend Backend, class LogitsSpace, class Space>
+void select_unchecked(const Backend& be, const bidirectional& p, matrix_view<const float, LogitsSpace> logits,
+                      const capacity_limits& lim, basic_candidate_set<Space>& out) {
+  select_unchecked(be, p.proposal(), logits, lim, out);
+  detail::bidirectional_ranking(be, p, logits, out);
 }
 
 }  // namespace resonance::routing

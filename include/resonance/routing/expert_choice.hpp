@@ -86,9 +86,9 @@ namespace resonance::detail {
 // scale 1/temperature. A score that is not finite (identity of logits / a tiny temperature) is an
 // error before any selection, as the router reports for token choice: a NaN would break the strict
 // order of the per-expert top-C. The lowest offending entry is reported whatever the backend.
-template <execution_backend Backend>
+template <execution_backend Backend, class LogitsSpace>
 typename Backend::template buffer<float> expert_choice_scores(const Backend& be, const routing::expert_choice& p,
-                                                              matrix_view<const float> logits) {
+                                                              matrix_view<const float, LogitsSpace> logits) {
   const index T = logits.rows, E = logits.cols;
   auto buf = allocate<float>(be, T * E);
   float* const s = buf.data();
@@ -105,13 +105,12 @@ typename Backend::template buffer<float> expert_choice_scores(const Backend& be,
   return buf;
 }
 
-// Token-major CSR of the pairs with keep[t*E + e] != 0, ascending expert ids, weights from s (the
-// candidate set is a host struct, written through its raw pointers): the count per token, the
-// exclusive scan, the fill.
-template <execution_backend Backend>
+// Token-major CSR of the pairs with keep[t*E + e] != 0, ascending expert ids, weights from s: the
+// count per token, the exclusive scan, the number of pairs read back (it sizes the arrays), the fill.
+template <execution_backend Backend, class Space>
 void expert_choice_fill(const Backend& be, const unsigned char* keep, const float* s, index T, index E,
-                        candidate_set& out) {
-  out.offsets.resize(static_cast<std::size_t>(T + 1));
+                        basic_candidate_set<Space>& out) {
+  resize_array(be, out.offsets, T + 1);
   id_type* const offsets = out.offsets.data();
   for_each(be, T, [=](index t) {
     id_type n = 0;
@@ -119,9 +118,11 @@ void expert_choice_fill(const Backend& be, const unsigned char* keep, const floa
     offsets[t] = n;
   });
   exclusive_scan(be, offsets, offsets, T);
-  const auto nnz = static_cast<std::size_t>(out.offsets[static_cast<std::size_t>(T)]);
-  out.expert.resize(nnz);
-  out.weight.resize(nnz);
+  id_type nnz = 0;
+  copy_to_host(be, &nnz, offsets + T, 1);
+  fence(be);
+  resize_array(be, out.expert, nnz);
+  resize_array(be, out.weight, nnz);
   id_type* const expert = out.expert.data();
   float* const weight = out.weight.data();
   for_each(be, T, [=](index t) {
@@ -145,9 +146,9 @@ namespace resonance::routing {
 // holds only the kept pairs, so the plan builder keeps them all (each expert has at most C), and
 // demand is overridden to T. Causal: candidates by threshold or top-k, per token, then position
 // priority (candidate_set::forced_drop) and the builder applies the capacity.
-template <execution_backend Backend>
-void select(const Backend& be, const expert_choice& p, matrix_view<const float> logits, const capacity_limits& lim,
-            candidate_set& out) {
+template <execution_backend Backend, class LogitsSpace, class Space>
+void select(const Backend& be, const expert_choice& p, matrix_view<const float, LogitsSpace> logits,
+            const capacity_limits& lim, basic_candidate_set<Space>& out) {
   const index T = logits.rows, E = logits.cols;
   // A token may be kept by every expert: the T×E pairs must fit the plan's 32-bit offsets.
   detail::require(
@@ -161,7 +162,7 @@ void select(const Backend& be, const expert_choice& p, matrix_view<const float> 
   const float* const s = scores.data();
   out.num_tokens = T;
   out.num_experts = E;
-  out.priority.clear();
+  detail::resize_array(be, out.priority, 0);
 
   // Temporaries from one allocation: keep[t*E + e] (pair kept / candidate), and the selection's keys
   // (non-causal, 0 < C < T) or the per-token top-k lists (causal without thresholds).
@@ -196,7 +197,9 @@ void select(const Backend& be, const expert_choice& p, matrix_view<const float> 
         keep[t * E + e] = all || (by_key && detail::column_key(s[t * E + e], t) >= kth[e]) ? 1 : 0;
     });
     detail::expert_choice_fill(be, keep, s, T, E, out);
-    out.demand.assign(static_cast<std::size_t>(E), static_cast<id_type>(T));
+    detail::resize_array(be, out.demand, E);
+    id_type* const demand = out.demand.data();
+    for_each(be, E, [=](index e) { demand[e] = static_cast<id_type>(T); });
     out.forced_drop.reset();
     return;
   }
@@ -221,7 +224,7 @@ void select(const Backend& be, const expert_choice& p, matrix_view<const float> 
     });
   }
   detail::expert_choice_fill(be, keep, s, T, E, out);
-  out.demand.clear();  // demand = the candidates per expert, counted by the plan builder
+  detail::resize_array(be, out.demand, 0);  // demand = the candidates per expert, counted by the plan builder
   out.forced_drop = drop_policy::position;
 }
 

@@ -212,25 +212,24 @@ index sinkhorn_normalize(const Backend& be, matrix_view<const float> logits, mat
 // plain-score weights, one token per group (its scratch: k doubles, then E floats when k > 1). The
 // limits are left as the capacity policy set them (drop by score ranks by these weights, as Megatron's
 // apply_router_token_dropping ranks its probs).
-template <execution_backend Backend>
+template <execution_backend Backend, class Space>
 void select(const Backend& be, const sinkhorn& p, matrix_view<const float> logits, const capacity_limits&,
-            candidate_set& out) {
+            basic_candidate_set<Space>& out) {
   static_assert(accessible_from_v<host_space, memory_space_t<Backend>>,
                 "sinkhorn reads host logits and writes a host candidate set: it needs a backend that can read "
                 "host memory");
-  const auto sz = [](index n) { return static_cast<std::size_t>(n); };
   const index T = logits.rows, E = logits.cols, k = p.top_k;
   auto pm = allocate<double>(be, T * E);
   const double* const prob = pm.data();
   detail::sinkhorn_run(be, logits, matrix_view<double>{pm.data(), T, E}, p.max_iterations, p.tolerance);
   out.num_tokens = T;
   out.num_experts = E;
-  out.offsets.resize(sz(T + 1));
-  out.offsets[0] = 0;
-  out.expert.resize(sz(T * k));
-  out.weight.resize(sz(T * k));
-  out.priority.clear();
-  out.demand.clear();
+  detail::resize_array(be, out.offsets, T + 1);
+  detail::resize_array(be, out.expert, T * k);
+  detail::resize_array(be, out.weight, T * k);
+  detail::resize_array(be, out.priority, 0);
+  detail::resize_array(be, out.demand, 0);
+  out.forced_drop.reset();
   id_type* const expert = out.expert.data();
   float* const weight = out.weight.data();
   id_type* const offsets = out.offsets.data();
@@ -241,6 +240,7 @@ void select(const Backend& be, const sinkhorn& p, matrix_view<const float> logit
     float* scores = reinterpret_cast<float*>(vals + k);
     kernel::sinkhorn_row(prob + t * E, logits.row(t), E, k, expert + t * k, weight + t * k, scores, vals);
     offsets[t + 1] = static_cast<id_type>((t + 1) * k);
+    if (t == 0) offsets[0] = 0;
     return false;  // no row fails: the router checked the logits before selecting
   });
 }

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../backend/rows.hpp"
+#include "../backend/serial.hpp"
 #include "../capacity/capacity.hpp"
 #include "../core/error.hpp"
 #include "../core/topk.hpp"
@@ -192,9 +193,16 @@ RESONANCE_INLINE_FUNCTION bool token_choice_select(const token_choice& p, const 
   float* w = weight + t * k;
   bool ok = token_choice_row<Rows>(p, logits_row, num_experts, bias, expert + t * k, w, fs, is);
   for (index j = 0; j < k; ++j) ok &= (w[j] - w[j]) == 0.0f;
-  if (!ok) return true;
   offsets[t + 1] = static_cast<id_type>((t + 1) * k);
-  return false;
+  if (ok) return false;
+  // A failed token still leaves valid candidates (experts 0..k-1) with NaN weights, so that a route
+  // that reports the failure later (a device route's status) can run its remaining stages safely, and
+  // the router's finiteness check finds the token.
+  for (index j = 0; j < k; ++j) {
+    expert[t * k + j] = static_cast<id_type>(j);
+    w[j] = __builtin_bit_cast(float, 0x7FC00000u);  // a quiet NaN
+  }
+  return true;
 }
 
 }  // namespace kernel
@@ -205,17 +213,23 @@ RESONANCE_INLINE_FUNCTION bool token_choice_select(const token_choice& p, const 
 // the same pass that the logits and the weights are finite (token_choice::checks_finite), and returns
 // the lowest offending token of the block, or first + rows; fail_selection throws the error of an
 // offending token, given its logits row and the weights select_rows wrote.
-inline void begin_selection(const token_choice& p, index num_tokens, index num_experts, candidate_set& out) {
+template <class Backend, class Space>
+void begin_selection(const Backend& be, const token_choice& p, index num_tokens, index num_experts,
+                     basic_candidate_set<Space>& out) {
   const index T = num_tokens, k = p.top_k;
   out.num_tokens = T;
   out.num_experts = num_experts;
-  out.offsets.resize(static_cast<std::size_t>(T + 1));
-  out.offsets[0] = 0;
-  out.expert.resize(static_cast<std::size_t>(T * k));
-  out.weight.resize(static_cast<std::size_t>(T * k));
-  out.priority.clear();
-  out.demand.clear();
+  detail::resize_array(be, out.offsets, T + 1);
+  detail::resize_array(be, out.expert, T * k);
+  detail::resize_array(be, out.weight, T * k);
+  detail::resize_array(be, out.priority, 0);
+  detail::resize_array(be, out.demand, 0);
   out.forced_drop.reset();
+}
+
+inline void begin_selection(const token_choice& p, index num_tokens, index num_experts, candidate_set& out) {
+  begin_selection(backend::serial{}, p, num_tokens, num_experts, out);
+  out.offsets[0] = 0;
 }
 
 template <execution_backend Backend>
@@ -232,8 +246,9 @@ index select_rows(const Backend&, const token_choice& p, matrix_view<const float
   return first + logits.rows;
 }
 
-[[noreturn]] inline void fail_selection(const token_choice& p, const float* logits_row, index num_experts, index t,
-                                        const candidate_set&) {
+template <class Space>
+[[noreturn]] void fail_selection(const token_choice& p, const float* logits_row, index num_experts, index t,
+                                 const basic_candidate_set<Space>&) {
   const index k = p.top_k;
   detail::check_finite(matrix_view<const float>{logits_row, 1, num_experts, num_experts}, "logits", t);
   // The row again with the scalar reference rows, whose selection is defined on infinite keys too: the
@@ -250,23 +265,57 @@ index select_rows(const Backend&, const token_choice& p, matrix_view<const float
                " for token ", t);
 }
 
-// The driver: token_choice_select over every token as one group each; the lowest offending token is
-// reported whatever the backend.
-template <execution_backend Backend>
-void select(const Backend& be, const token_choice& p, matrix_view<const float> logits, const capacity_limits&,
-            candidate_set& out) {
-  const index T = logits.rows;
-  const index E = logits.cols;
-  begin_selection(p, T, E, out);
+}  // namespace resonance::routing
+
+namespace resonance::detail {
+// Every token's selection as one group, on the backend's data: the token's CSR entry and candidates
+// (detail::token_choice_select). Returns the lowest failing token, or T; with Sync = false the groups
+// report nothing (a failed token's NaN weights are found later) and the call does not wait.
+template <bool Sync, execution_backend Backend, class LogitsSpace, class Space>
+index token_choice_rows(const Backend& be, const routing::token_choice& p, matrix_view<const float, LogitsSpace> logits,
+                        basic_candidate_set<Space>& out) {
+  static_assert(
+      accessible_from_v<LogitsSpace, memory_space_t<Backend>> && accessible_from_v<Space, memory_space_t<Backend>>,
+      "the logits and the candidates must be in memory the backend can read");
+  const index T = logits.rows, E = logits.cols;
+  routing::begin_selection(be, p, T, E, out);
   const float* bias = p.expert_bias.empty() ? nullptr : p.expert_bias.data;
   id_type* expert = out.expert.data();
   float* weight = out.weight.data();
   id_type* offsets = out.offsets.data();
-  const index bad = for_each_group(be, T, p.scratch_bytes(E), [=](const auto& g, index t) {
+  for_each(be, 1, [=](index) { offsets[0] = 0; });
+  const auto row = [=](const auto& g, index t) {
     using rows = typename std::remove_cvref_t<decltype(g)>::rows;
-    return kernel::token_choice_select<rows>(p, logits.row(t), E, bias, t, expert, weight, offsets, g.scratch());
-  });
-  if (bad < T) fail_selection(p, logits.row(bad), E, bad, out);
+    return routing::kernel::token_choice_select<rows>(p, logits.row(t), E, bias, t, expert, weight, offsets,
+                                                      g.scratch());
+  };
+  if constexpr (Sync) {
+    return for_each_group(be, T, p.scratch_bytes(E), row);
+  } else {
+    for_each_group(be, T, p.scratch_bytes(E), [=](const auto& g, index t) { (void)row(g, t); });
+    return T;
+  }
+}
+
+}  // namespace resonance::detail
+
+namespace resonance::routing {
+
+// The driver: token_choice_select over every token as one group each; the lowest offending token is
+// reported whatever the backend.
+template <execution_backend Backend, class LogitsSpace, class Space>
+void select(const Backend& be, const token_choice& p, matrix_view<const float, LogitsSpace> logits,
+            const capacity_limits&, basic_candidate_set<Space>& out) {
+  const index bad = detail::token_choice_rows<true>(be, p, logits, out);
+  if (bad < logits.rows) fail_selection(p, detail::host_row(be, logits, bad).data(), logits.cols, bad, out);
+}
+
+// The same selection without waiting for a status: a failed token is left with NaN weights, which the
+// caller's finiteness check reports (a device route checks them into its status; router.hpp).
+template <execution_backend Backend, class LogitsSpace, class Space>
+void select_unchecked(const Backend& be, const token_choice& p, matrix_view<const float, LogitsSpace> logits,
+                      const capacity_limits&, basic_candidate_set<Space>& out) {
+  (void)detail::token_choice_rows<false>(be, p, logits, out);
 }
 
 }  // namespace resonance::routing
