@@ -59,6 +59,11 @@ struct scrambled_backend {
     for (resonance::index i = n - 1; i >= 0; --i) m = std::min(m, static_cast<resonance::index>(f(i)));
     return m;
   }
+  template <class F>
+  friend void reduce_min_into(const scrambled_backend& be, resonance::index n, const F& f, resonance::index* result,
+                              resonance::index grain = 0) {
+    *result = reduce_min(be, n, f, grain);
+  }
   friend void exclusive_scan(const scrambled_backend&, const resonance::id_type* in, resonance::id_type* out,
                              resonance::index n) {
     std::vector<resonance::id_type> v(in, in + n);

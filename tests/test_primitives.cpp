@@ -119,10 +119,18 @@ TEST_CASE("primitives: reduce_min is the minimum of f, and no_index over an empt
         if (n > 0 && pattern == 1) v[usz(n - 1)] = v[0] = 2;
         if (pattern == 2) std::fill(v.begin(), v.end(), index{7});
         const index want = n == 0 ? rs::no_index : *std::min_element(v.begin(), v.end());
-        for (index grain : {index{0}, index{1}, index{3}, index{5000}})
+        for (index grain : {index{0}, index{1}, index{3}, index{5000}}) {
           CHECK_MESSAGE(reduce_min(
                             be, n, [&](index i) { return v[usz(i)]; }, grain) == want,
                         name << " n=" << n << " pattern=" << pattern << " grain=" << grain);
+          // reduce_min_into: the same minimum in the backend's memory, over whatever was there before.
+          auto result = allocate<index>(be, 1);
+          result[0] = -5;
+          reduce_min_into(
+              be, n, [&](index i) { return v[usz(i)]; }, result.data(), grain);
+          fence(be);
+          CHECK_MESSAGE(result[0] == want, name << " reduce_min_into n=" << n << " pattern=" << pattern);
+        }
       }
     }
   });

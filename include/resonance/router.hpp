@@ -14,6 +14,7 @@
 #include <concepts>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "affinity/affinity.hpp"
@@ -130,8 +131,8 @@ struct router {
 
   // One routing step with a stateless capacity policy. x may be in any memory space the backend reads.
   template <execution_backend Backend, input_scalar T, class XSpace>
-  requires stateless_capacity_policy<Capacity> basic_routing_plan<memory_space_t<Backend>> route(
-      const Backend& be, matrix_view<const T, XSpace> x)
+  requires stateless_capacity_policy<Capacity> && accessible_from_v<XSpace, memory_space_t<Backend>>
+      basic_routing_plan<memory_space_t<Backend>> route(const Backend& be, matrix_view<const T, XSpace> x)
   const {
     return route_impl(be, x, [&](const capacity_context& ctx) {
       return capacity.limits(ctx.num_tokens, ctx.num_experts, ctx.top_k);
@@ -156,8 +157,8 @@ struct router {
   const { return route(be, matrix_view<const T>(x), state); }
 
   template <execution_backend Backend, input_scalar T, class XSpace>
-  requires stateless_capacity_policy<Capacity> basic_routing_plan<memory_space_t<Backend>> route(
-      const Backend& be, matrix_view<T, XSpace> x)
+  requires stateless_capacity_policy<Capacity> && accessible_from_v<XSpace, memory_space_t<Backend>>
+      basic_routing_plan<memory_space_t<Backend>> route(const Backend& be, matrix_view<T, XSpace> x)
   const { return route(be, matrix_view<const T, XSpace>(x)); }
 
   template <class T>
@@ -234,14 +235,14 @@ struct router {
     // scaling factor: a NaN or Inf weight must not reach the plan.
     if constexpr (!self_checked) {
       const index bad = reduce_min(be, cands.num_tokens, detail::nonfinite_candidates(view_of(cands)));
-      if (bad < cands.num_tokens) fail_weights(be, cands, bad);
+      if (bad < cands.num_tokens) fail_weights(be, view_of(cands), bad);
     }
   }
 
-  // The error of token t's non-finite weight or priority (its first one), read back to the host.
+  // Token t's weights and ranking priorities, read back to the host (an error path).
   template <execution_backend Backend, class Space>
-  [[noreturn]] static void fail_weights(const Backend& be, const basic_candidate_set<Space>& cands, index t) {
-    const candidate_view<Space> c = view_of(cands);
+  static std::pair<std::vector<float>, std::vector<float>> host_weights(const Backend& be,
+                                                                        const candidate_view<Space>& c, index t) {
     id_type range[2] = {0, 0};
     copy_to_host(be, range, c.offsets + t, 2);
     fence(be);
@@ -250,6 +251,13 @@ struct router {
     copy_to_host(be, w.data(), c.weight + range[0], n);
     copy_to_host(be, r.data(), (c.priority != nullptr ? c.priority : c.weight) + range[0], n);
     fence(be);
+    return {std::move(w), std::move(r)};
+  }
+
+  // The error of token t's non-finite weight or priority (its first one).
+  template <execution_backend Backend, class Space>
+  [[noreturn]] static void fail_weights(const Backend& be, const candidate_view<Space>& c, index t) {
+    const auto [w, r] = host_weights(be, c, t);
     for (std::size_t i = 0; i < w.size(); ++i)
       detail::require(std::isfinite(w[i]) && std::isfinite(r[i]), "routing weight",
                       "a finite fp32 value (logits / temperature or weight * scaling_factor overflowed)", w[i],
@@ -257,16 +265,19 @@ struct router {
     detail::fail("routing weight", "finite values", "token ", t);  // unreachable: the row had a non-finite one
   }
 
-  // A route on a backend whose memory the host cannot read: no stage waits for the device. The stages
-  // that can fail write their lowest failing row into a status in the backend's memory (the logits'
-  // finiteness unless the direction checks it while selecting, then the candidates' weights, which a
-  // failed token leaves NaN), and the status comes back with the plan's sizes in its one
-  // device-to-host copy; the error is then that of the host path, for the same row. All allocations
-  // happen before the first kernel, sized for the worst case. A direction without select_unchecked
-  // (expert choice, which reads back its number of pairs) waits inside its selection.
+  // A route on a backend whose memory the host cannot read. With a direction that proposes a fixed
+  // number of candidates per token (select_unchecked: token choice, bidirectional) no stage waits for the
+  // device and the route makes two allocations, both sized on the host before the first kernel: the
+  // route's workspace (status, candidates, the builder's temporaries) and the plan's storage. The stages
+  // that can fail write their lowest failing row into the status (the logits' finiteness unless the
+  // direction checks it while selecting, then the candidates' weights, which a failed token leaves NaN),
+  // and the status comes back with the plan's sizes in the route's one device-to-host copy; the error is
+  // then the host path's, for the same row. The other directions allocate their candidates and wait
+  // inside their selection (expert choice reads back its number of pairs).
   template <execution_backend Backend, input_scalar T, class XSpace, class LimitsFn>
   basic_routing_plan<memory_space_t<Backend>> route_on_device(const Backend& be, matrix_view<const T, XSpace> x,
                                                               index E, index k, LimitsFn& limits_of) const {
+    using space = memory_space_t<Backend>;
     static_assert(std::is_same_v<Affinity, affinity::precomputed> && std::is_same_v<std::remove_cv_t<T>, float>,
                   "on a backend whose memory the host cannot read, the router takes precomputed fp32 logits");
     static_assert(stateless_capacity_policy<Capacity>,
@@ -277,43 +288,77 @@ struct router {
     const capacity_context ctx{T_, E, k, x.cols, {}, nullptr};  // a stateless policy reads the shape only
     const capacity_limits lim = limits_of(ctx);
     detail::check_limits(lim);
-    constexpr bool deferred = requires(basic_candidate_set<memory_space_t<Backend>> & c) {
-      select_unchecked(be, direction, l, lim, c);
-    };
     constexpr bool self_checked = detail::checks_finite_v<Direction>;
-    // status[0]: the lowest row with a non-finite logit; status[1]: with a non-finite candidate weight;
-    // status[2]: the route's, T + row for a weight, row for a logit.
-    auto status = allocate<index>(be, 3);
-    index* const st = status.data();
     const auto bad_logit = [=](index t) {
       bool ok = true;
       for (index e = 0; e < l.cols; ++e) ok &= (l(t, e) - l(t, e)) == 0.0f;
       return ok ? no_index : t;
     };
-    basic_candidate_set<memory_space_t<Backend>> cands;
-    if constexpr (deferred) {
+    index failed = no_index;
+    if constexpr (requires(candidate_span<space> & c) { select_unchecked(be, direction, l, lim, c); }) {
+      const index nnz = T_ * k;
+      detail::check_slot_budget(E, nnz, lim);
+      // status[0]: the lowest row with a non-finite logit; [1]: with a non-finite weight; [2]: the
+      // route's (row for a logit, T + row for a weight).
+      detail::workspace_layout layout;
+      const index o_status = layout.reserve<index>(3);
+      const index o_offsets = layout.reserve<id_type>(T_ + 1);
+      const index o_expert = layout.reserve<id_type>(nnz);
+      const index o_weight = layout.reserve<float>(nnz);
+      const index o_priority = layout.reserve<float>(nnz);
+      const index o_build = layout.reserve<unsigned char>(detail::build_workspace(be, nnz, E, lim.capacity > 0).bytes);
+      auto work = allocate<unsigned char>(be, layout.bytes());
+      void* const base = work.data();
+      index* const st = detail::at_offset<index>(base, o_status);
+      candidate_span<space> cands;
+      cands.offsets = detail::at_offset<id_type>(base, o_offsets);
+      cands.expert = detail::at_offset<id_type>(base, o_expert);
+      cands.weight = detail::at_offset<float>(base, o_weight);
+      cands.priority = detail::at_offset<float>(base, o_priority);
       if constexpr (self_checked) {
         for_each(be, 1, [=](index) { st[0] = no_index; });
       } else {
         reduce_min_into(be, T_, bad_logit, st);
       }
       select_unchecked(be, direction, l, lim, cands);
+      reduce_min_into(be, T_, detail::nonfinite_candidates(view_of(cands)), st + 1);
+      for_each(be, 1, [=](index) { st[2] = st[0] != no_index ? st[0] : st[1] != no_index ? T_ + st[1] : no_index; });
+      auto plan = detail::build_plan_unchecked(be, view_of(cands), lim, st + 2, &failed,
+                                               detail::at_offset<void>(base, o_build));
+      if (failed == no_index) return plan;
+      fail_route(be, l, failed, view_of(cands));
     } else {
       if constexpr (!self_checked) {
         if (const index t = reduce_min(be, T_, bad_logit); t < T_) fail_logits(be, l, t);
       }
-      for_each(be, 1, [=](index) { st[0] = no_index; });
+      basic_candidate_set<space> cands;
       select(be, direction, l, lim, cands);
+      auto status = allocate<index>(be, 1);
+      reduce_min_into(be, T_, detail::nonfinite_candidates(view_of(cands)), status.data());
+      index* const st = status.data();
+      for_each(be, 1, [=](index) { st[0] = st[0] != no_index ? T_ + st[0] : no_index; });
+      detail::check_slot_budget(E, cands.size(), lim);
+      auto plan = detail::build_plan_unchecked(be, view_of(cands), lim, st, &failed);
+      if (failed == no_index) return plan;
+      fail_route(be, l, failed, view_of(cands));
     }
-    reduce_min_into(be, T_, detail::nonfinite_candidates(view_of(cands)), st + 1);
-    for_each(be, 1, [=](index) { st[2] = st[0] != no_index ? st[0] : st[1] != no_index ? T_ + st[1] : no_index; });
-    detail::check_slot_budget(E, cands.size(), lim);
-    index failed = no_index;
-    auto plan = detail::build_plan_unchecked(be, view_of(cands), lim, st + 2, &failed);
-    if (failed == no_index) return plan;
-    if (failed < T_) fail_logits(be, l, failed);
-    const index t = failed - T_;
-    if constexpr (self_checked) fail_selection(direction, detail::host_row(be, l, t).data(), E, t, cands);
+  }
+
+  // The error of a device route's status: row `failed` had a non-finite logit, or row failed - T a
+  // non-finite weight.
+  template <execution_backend Backend, class XSpace, class Space>
+  [[noreturn]] void fail_route(const Backend& be, matrix_view<const float, XSpace> l, index failed,
+                               const candidate_view<Space>& cands) const {
+    if (failed < l.rows) fail_logits(be, l, failed);
+    const index t = failed - l.rows;
+    // A direction that reports its own selection's failures (token choice, bidirectional's proposal)
+    // gives the message its select() would have thrown: a failed selection leaves NaN weights, while a
+    // non-finite ranking priority (bidirectional's) is the router's check, as on the host.
+    if constexpr (requires(const float* row) { fail_selection(direction, row, l.cols, t, cands); }) {
+      const std::vector<float> w = host_weights(be, cands, t).first;
+      if (!std::all_of(w.begin(), w.end(), [](float v) { return std::isfinite(v); }))
+        fail_selection(direction, detail::host_row(be, l, t).data(), l.cols, t, cands);
+    }
     fail_weights(be, cands, t);
   }
 

@@ -145,9 +145,17 @@ TEST_CASE("test_kokkos: reduce_min is the minimum of f, and no_index over an emp
     const index want = n == 0 ? rs::no_index : *std::min_element(values.begin(), values.end());
     const auto dev = to_device(be, values);
     const index* d = dev.data();
-    for (index grain : {index{0}, index{3}})
+    for (index grain : {index{0}, index{3}}) {
       CHECK(reduce_min(
                 be, n, [=](index i) { return d[i]; }, grain) == want);
+      // reduce_min_into: the same minimum into the backend's memory, over what was there before.
+      auto result = allocate<index>(be, 1);
+      const std::vector<index> stale{-5};
+      copy(be, result.data(), stale.data(), 1);
+      reduce_min_into(
+          be, n, [=](index i) { return d[i]; }, result.data(), grain);
+      CHECK(to_vector(be, result, 1)[0] == want);
+    }
     // An id_type-valued f is an index-valued one.
     CHECK(reduce_min(be, n, [=](index i) { return static_cast<id_type>(d[i] % 1000); }) ==
           (n == 0 ? rs::no_index : [&] {

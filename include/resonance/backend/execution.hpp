@@ -129,6 +129,7 @@ concept execution_backend = std::copyable<B> &&
   typename B::group::rows;
   for_each(be, index{}, f);
   { reduce_min(be, index{}, v) } -> std::same_as<index>;
+  reduce_min_into(be, index{}, v, static_cast<index*>(nullptr));
   exclusive_scan(be, in, out, index{});
   fence(be);
 };

@@ -308,7 +308,8 @@ index reduce_min(const kokkos<ExecSpace>& be, index n, const F& f, index grain =
 template <class ExecSpace, class F>
 void reduce_min_into(const kokkos<ExecSpace>& be, index n, const F& f, index* result, index grain = 0) {
   using space = typename ExecSpace::memory_space;
-  const kokkos_detail::unmanaged_view<index, space> out(result, 1);
+  // Min's result: a rank-0 View of the caller's entry.
+  const Kokkos::View<index, space, Kokkos::MemoryUnmanaged> out(result);
   if (n <= 0) {
     Kokkos::deep_copy(be.exec, out, no_index);
     return;

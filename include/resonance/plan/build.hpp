@@ -110,20 +110,44 @@ void column_kth_token(const Backend& be, const float* s, index T, index E, index
   for (index e = 0; e < E; ++e) kth_token[e] = column_key_token(host[static_cast<std::size_t>(e)]);
 }
 
+// The builder's temporaries for nnz candidates and E experts, in one allocation: the candidates' tokens,
+// the bucket starts and permutation, each candidate's slot, the sizes and status read back at the end,
+// and (by_key) the selection keys of the capacity cut.
+struct build_workspace {
+  index token, start, perm, slot, sizes, keys, kth, bucket, select, bytes;
+
+  template <execution_backend Backend>
+  build_workspace(const Backend& be, index nnz, index E, bool by_key) {
+    workspace_layout l;
+    token = l.reserve<id_type>(nnz);
+    start = l.reserve<id_type>(E + 1);
+    perm = l.reserve<id_type>(nnz);
+    slot = l.reserve<id_type>(nnz);
+    sizes = l.reserve<index>(3);
+    keys = l.reserve<std::uint64_t>(by_key ? nnz : 0);
+    kth = l.reserve<std::uint64_t>(by_key ? E : 0);
+    bucket = l.reserve<unsigned char>(stable_bucket_workspace(be, nnz, E));
+    select = l.reserve<unsigned char>(by_key ? segmented_select_workspace(be, nnz, E) : 0);
+    bytes = l.bytes();
+  }
+};
+
 // The plan builder, on the execution primitives only:
 //   1 stable_bucket by expert: each expert's candidates in ascending token order (the counting sort);
 //   2 per expert: kept count, slot count (capacity, padding, alignment); exclusive_scan -> offsets;
 //   3 drop keys of the overfull experts, segmented_select -> each one's C-th largest key;
 //   4 per expert, the stable compaction of its kept candidates into its slots, then padding;
 //   5 token CSR: kept per token, exclusive_scan, fill.
-// Everything is allocated before step 1 (the plan at its worst-case size); the host reads two sizes at
-// the end, and with them the route's status when a device route passes one (`status`, in the backend's
-// memory, read into *host_status): its one device-to-host copy.
+// Everything is allocated before step 1 (the plan at its worst-case size, in one allocation); the host
+// reads two sizes at the end, and with them the route's status when a device route passes one
+// (`status`, in the backend's memory, read into *host_status): its one device-to-host copy. `work`,
+// when given, holds build_workspace(be, nnz, E, lim.capacity > 0).bytes bytes (a route carves it from
+// its own allocation); else the builder allocates it.
 template <execution_backend Backend, class Space>
 basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& be, const candidate_view<Space>& c,
                                                                  const capacity_limits& lim,
                                                                  const index* status = nullptr,
-                                                                 index* host_status = nullptr) {
+                                                                 index* host_status = nullptr, void* work = nullptr) {
   using space = memory_space_t<Backend>;
   static_assert(accessible_from_v<Space, space>, "the candidates must be in memory the backend can read");
   const index T = c.num_tokens, E = c.num_experts, nnz = c.size;
@@ -144,25 +168,22 @@ basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& 
   const plan_layout pl = d.layout();
   d.storage = allocate<unsigned char>(be, pl.bytes);
 
-  workspace_layout layout;
-  const index o_token = layout.reserve<id_type>(nnz);
-  const index o_start = layout.reserve<id_type>(E + 1);
-  const index o_perm = layout.reserve<id_type>(nnz);
-  const index o_slot = layout.reserve<id_type>(nnz);
-  const index o_sizes = layout.reserve<index>(3);
-  const index o_keys = layout.reserve<std::uint64_t>(by_key ? nnz : 0);
-  const index o_kth = layout.reserve<std::uint64_t>(by_key ? E : 0);
-  const index o_bucket = layout.reserve<unsigned char>(stable_bucket_workspace(be, nnz, E));
-  const index o_select = layout.reserve<unsigned char>(by_key ? segmented_select_workspace(be, nnz, E) : 0);
-  auto work = allocate<unsigned char>(be, layout.bytes());
-  void* base = work.data();
-  id_type* const cand_token = at_offset<id_type>(base, o_token);
-  id_type* const start = at_offset<id_type>(base, o_start);
-  id_type* const perm = at_offset<id_type>(base, o_perm);
-  id_type* const cand_slot = at_offset<id_type>(base, o_slot);
-  index* const sizes = at_offset<index>(base, o_sizes);
-  std::uint64_t* const keys = at_offset<std::uint64_t>(base, o_keys);
-  std::uint64_t* const kth = at_offset<std::uint64_t>(base, o_kth);
+  // A caller's workspace is laid out for keys whenever the capacity is positive, so that it can be sized
+  // before the direction has said which drop policy it forces.
+  const build_workspace ws(be, nnz, E, work != nullptr ? cap > 0 : by_key);
+  buffer_t<space, unsigned char> own;
+  if (work == nullptr) {
+    own = allocate<unsigned char>(be, ws.bytes);
+    work = own.data();
+  }
+  void* const base = work;
+  id_type* const cand_token = at_offset<id_type>(base, ws.token);
+  id_type* const start = at_offset<id_type>(base, ws.start);
+  id_type* const perm = at_offset<id_type>(base, ws.perm);
+  id_type* const cand_slot = at_offset<id_type>(base, ws.slot);
+  index* const sizes = at_offset<index>(base, ws.sizes);
+  std::uint64_t* const keys = at_offset<std::uint64_t>(base, ws.keys);
+  std::uint64_t* const kth = at_offset<std::uint64_t>(base, ws.kth);
 
   const id_type* const offsets = c.offsets;
   const id_type* const expert = c.expert;
@@ -183,7 +204,7 @@ basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& 
   for_each(be, T, [=](index t) {
     for (id_type i = offsets[t]; i < offsets[t + 1]; ++i) cand_token[i] = static_cast<id_type>(t);
   });
-  stable_bucket(be, expert, nnz, E, start, perm, at_offset<void>(base, o_bucket));
+  stable_bucket(be, expert, nnz, E, start, perm, at_offset<void>(base, ws.bucket));
 
   // 2. Kept and slot counts per expert, then the slot offsets.
   if (c.demand != nullptr) copy(be, demand, c.demand, E);
@@ -209,7 +230,7 @@ basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& 
           }
         },
         index{1});
-    segmented_select(be, keys, start, E, cap, kth, at_offset<void>(base, o_select));
+    segmented_select(be, keys, start, E, cap, kth, at_offset<void>(base, ws.select));
   }
 
   // 4. Each expert's kept candidates in bucket (ascending token) order, then its padding slots. A

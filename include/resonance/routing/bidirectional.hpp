@@ -64,27 +64,31 @@ static_assert(routing_policy<bidirectional>);
 }  // namespace resonance::routing
 
 namespace resonance::detail {
-// The expert's side of the handshake over candidates the proposal step wrote: position priority when
-// causal, else the ranking by `rank` (the affinity, or the full score, which needs the row's scores).
-template <execution_backend Backend, class LogitsSpace, class Space>
-void bidirectional_ranking(const Backend& be, const routing::bidirectional& p,
-                           matrix_view<const float, LogitsSpace> logits, basic_candidate_set<Space>& out) {
-  out.forced_drop = p.causal ? drop_policy::position : drop_policy::score;
-  if (p.causal || p.rank == routing::rank_by::weight) return;  // the weight is already the default priority
+// The expert's ranking of the candidates the proposal step wrote: each candidate's affinity, or its full
+// score (which needs the row's scores), into priority.
+template <execution_backend Backend, class LogitsSpace>
+void bidirectional_priority(const Backend& be, const routing::bidirectional& p,
+                            matrix_view<const float, LogitsSpace> logits, const id_type* offsets, const id_type* expert,
+                            float* priority) {
   const index E = logits.cols;
-  resize_array(be, out.priority, out.size());
-  const id_type* offsets = out.offsets.data();
-  const id_type* expert = out.expert.data();
-  float* priority = out.priority.data();
   const bool by_score = p.rank == routing::rank_by::score;
   const resonance::score fn = p.score;
   const float inv_t = 1.0f / p.temperature;
-  for_each_group(be, out.num_tokens, by_score ? E * static_cast<index>(sizeof(float)) : 0, [=](const auto& g, index t) {
+  for_each_group(be, logits.rows, by_score ? E * static_cast<index>(sizeof(float)) : 0, [=](const auto& g, index t) {
     const float* row = logits.row(t);
     float* s = static_cast<float*>(g.scratch());
     if (by_score) score_row(fn, row, s, E, inv_t);
     for (id_type i = offsets[t]; i < offsets[t + 1]; ++i) priority[i] = by_score ? s[expert[i]] : row[expert[i]];
   });
+}
+
+// The expert's side of the handshake: position priority when causal, else the ranking by `rank` (the
+// weight is already the default priority).
+inline drop_policy bidirectional_drop(const routing::bidirectional& p) {
+  return p.causal ? drop_policy::position : drop_policy::score;
+}
+inline bool bidirectional_ranks(const routing::bidirectional& p) {
+  return !p.causal && p.rank != routing::rank_by::weight;
 }
 }  // namespace resonance::detail
 
@@ -94,15 +98,28 @@ template <execution_backend Backend, class LogitsSpace, class Space>
 void select(const Backend& be, const bidirectional& p, matrix_view<const float, LogitsSpace> logits,
             const capacity_limits& lim, basic_candidate_set<Space>& out) {
   select(be, p.proposal(), logits, lim, out);
-  detail::bidirectional_ranking(be, p, logits, out);
+  out.forced_drop = detail::bidirectional_drop(p);
+  if (!detail::bidirectional_ranks(p)) return;
+  detail::resize_array(be, out.priority, out.size());
+  detail::bidirectional_priority(be, p, logits, out.offsets.data(), out.expert.data(), out.priority.data());
 }
 
-// The selection without waiting for a status (token choice's select_unchecked, then the ranking).
+// The error of a token whose proposal failed: token choice's, as select() throws it.
+template <class Candidates>
+[[noreturn]] void fail_selection(const bidirectional& p, const float* logits_row, index num_experts, index t,
+                                 const Candidates& c) {
+  fail_selection(p.proposal(), logits_row, num_experts, t, c);
+}
+
+// The selection into arrays the caller sized, without waiting for a status (token choice's
+// select_unchecked, then the ranking).
 template <execution_backend Backend, class LogitsSpace, class Space>
 void select_unchecked(const Backend& be, const bidirectional& p, matrix_view<const float, LogitsSpace> logits,
-                      const capacity_limits& lim, basic_candidate_set<Space>& out) {
+                      const capacity_limits& lim, candidate_span<Space>& out) {
   select_unchecked(be, p.proposal(), logits, lim, out);
-  detail::bidirectional_ranking(be, p, logits, out);
+  out.forced_drop = detail::bidirectional_drop(p);
+  out.ranks_by_priority = detail::bidirectional_ranks(p);
+  if (out.ranks_by_priority) detail::bidirectional_priority(be, p, logits, out.offsets, out.expert, out.priority);
 }
 
 }  // namespace resonance::routing

@@ -111,6 +111,37 @@ candidate_view<Space> view_of(const basic_candidate_set<Space>& c) {
           c.forced_drop.value_or(drop_policy::score)};
 }
 
+// Candidate arrays in memory the caller provides, for a direction that proposes a fixed number of
+// candidates per token (select_unchecked): a device route carves them from its one workspace instead
+// of allocating them in the middle of the route. `priority` has room for one priority per candidate;
+// the direction says whether it ranks by it.
+template <class Space = host_space>
+struct candidate_span {
+  index num_tokens = 0;
+  index num_experts = 0;
+  index size = 0;
+  id_type* offsets = nullptr;  // T+1
+  id_type* expert = nullptr;
+  float* weight = nullptr;
+  float* priority = nullptr;
+  bool ranks_by_priority = false;
+  std::optional<drop_policy> forced_drop;
+};
+
+template <class Space>
+candidate_view<Space> view_of(const candidate_span<Space>& c) {
+  return {c.num_tokens,
+          c.num_experts,
+          c.size,
+          c.offsets,
+          c.expert,
+          c.weight,
+          c.ranks_by_priority ? c.priority : nullptr,
+          nullptr,
+          c.forced_drop.has_value(),
+          c.forced_drop.value_or(drop_policy::score)};
+}
+
 namespace detail {
 // The same candidates seen as host data, for a space the host can read (a Kokkos host space).
 template <class Space>

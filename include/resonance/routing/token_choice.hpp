@@ -246,9 +246,9 @@ index select_rows(const Backend&, const token_choice& p, matrix_view<const float
   return first + logits.rows;
 }
 
-template <class Space>
+template <class Candidates>
 [[noreturn]] void fail_selection(const token_choice& p, const float* logits_row, index num_experts, index t,
-                                 const basic_candidate_set<Space>&) {
+                                 const Candidates&) {
   const index k = p.top_k;
   detail::check_finite(matrix_view<const float>{logits_row, 1, num_experts, num_experts}, "logits", t);
   // The row again with the scalar reference rows, whose selection is defined on infinite keys too: the
@@ -268,21 +268,17 @@ template <class Space>
 }  // namespace resonance::routing
 
 namespace resonance::detail {
-// Every token's selection as one group, on the backend's data: the token's CSR entry and candidates
-// (detail::token_choice_select). Returns the lowest failing token, or T; with Sync = false the groups
-// report nothing (a failed token's NaN weights are found later) and the call does not wait.
-template <bool Sync, execution_backend Backend, class LogitsSpace, class Space>
+// Every token's selection as one group, into the candidate arrays (T·k entries, offsets T+1) on the
+// backend's data (routing::kernel::token_choice_select). Returns the lowest failing token, or T; with
+// Sync = false the groups report nothing (a failed token's NaN weights are found later) and the call
+// does not wait.
+template <bool Sync, execution_backend Backend, class LogitsSpace>
 index token_choice_rows(const Backend& be, const routing::token_choice& p, matrix_view<const float, LogitsSpace> logits,
-                        basic_candidate_set<Space>& out) {
-  static_assert(
-      accessible_from_v<LogitsSpace, memory_space_t<Backend>> && accessible_from_v<Space, memory_space_t<Backend>>,
-      "the logits and the candidates must be in memory the backend can read");
+                        id_type* offsets, id_type* expert, float* weight) {
+  static_assert(accessible_from_v<LogitsSpace, memory_space_t<Backend>>,
+                "the logits must be in memory the backend can read");
   const index T = logits.rows, E = logits.cols;
-  routing::begin_selection(be, p, T, E, out);
   const float* bias = p.expert_bias.empty() ? nullptr : p.expert_bias.data;
-  id_type* expert = out.expert.data();
-  float* weight = out.weight.data();
-  id_type* offsets = out.offsets.data();
   for_each(be, 1, [=](index) { offsets[0] = 0; });
   const auto row = [=](const auto& g, index t) {
     using rows = typename std::remove_cvref_t<decltype(g)>::rows;
@@ -296,7 +292,6 @@ index token_choice_rows(const Backend& be, const routing::token_choice& p, matri
     return T;
   }
 }
-
 }  // namespace resonance::detail
 
 namespace resonance::routing {
@@ -306,16 +301,28 @@ namespace resonance::routing {
 template <execution_backend Backend, class LogitsSpace, class Space>
 void select(const Backend& be, const token_choice& p, matrix_view<const float, LogitsSpace> logits,
             const capacity_limits&, basic_candidate_set<Space>& out) {
-  const index bad = detail::token_choice_rows<true>(be, p, logits, out);
+  static_assert(accessible_from_v<Space, memory_space_t<Backend>>,
+                "the candidates must be in memory the backend can write");
+  begin_selection(be, p, logits.rows, logits.cols, out);
+  const index bad =
+      detail::token_choice_rows<true>(be, p, logits, out.offsets.data(), out.expert.data(), out.weight.data());
   if (bad < logits.rows) fail_selection(p, detail::host_row(be, logits, bad).data(), logits.cols, bad, out);
 }
 
-// The same selection without waiting for a status: a failed token is left with NaN weights, which the
-// caller's finiteness check reports (a device route checks them into its status; router.hpp).
+// The same selection into arrays the caller sized (T·k candidates), without waiting for a status: a
+// failed token is left with NaN weights, which the caller's finiteness check reports (a device route
+// checks them into its status; router.hpp).
 template <execution_backend Backend, class LogitsSpace, class Space>
 void select_unchecked(const Backend& be, const token_choice& p, matrix_view<const float, LogitsSpace> logits,
-                      const capacity_limits&, basic_candidate_set<Space>& out) {
-  (void)detail::token_choice_rows<false>(be, p, logits, out);
+                      const capacity_limits&, candidate_span<Space>& out) {
+  static_assert(accessible_from_v<Space, memory_space_t<Backend>>,
+                "the candidates must be in memory the backend can write");
+  out.num_tokens = logits.rows;
+  out.num_experts = logits.cols;
+  out.size = logits.rows * p.top_k;
+  out.ranks_by_priority = false;
+  out.forced_drop.reset();
+  (void)detail::token_choice_rows<false>(be, p, logits, out.offsets, out.expert, out.weight);
 }
 
 }  // namespace resonance::routing

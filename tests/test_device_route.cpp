@@ -1,0 +1,152 @@
+// Routing on a backend whose memory the host cannot read (tests/device_backend.hpp): the conformance
+// cases with precomputed fp32 logits routed there give serial's plan, bit for bit, and serial's error;
+// a token-choice or bidirectional route makes two allocations (its workspace, the plan) and one
+// device-to-host copy (the sizes and the status); a plan mirrors to the host in one copy; and host and
+// device data do not mix (checked at compile time).
+
+#include <string>
+#include <type_traits>
+#include <variant>
+
+#include <doctest/doctest.h>
+
+#include <resonance/resonance.hpp>
+
+#include "conformance.hpp"
+#include "device_backend.hpp"
+
+namespace {
+
+namespace rs = resonance;
+namespace rt = resonance::routing;
+using resonance::index;
+using resonance_test::device_backend;
+using resonance_test::error_of;
+using resonance_test::sim_device_space;
+
+// ---- Host and device data do not mix (each line would otherwise compile).
+using device_view = rs::matrix_view<const float, sim_device_space>;
+using host_view = rs::matrix_view<const float>;
+static_assert(!std::is_convertible_v<device_view, host_view>);
+static_assert(!std::is_convertible_v<host_view, device_view>);
+static_assert(std::is_convertible_v<rs::matrix_view<float, sim_device_space>, device_view>);
+template <class P>
+concept has_spans = requires(const P& p) {
+  p.slot_token();
+  p.token_expert();
+};
+template <class P>
+concept counts_drops = requires(const P& p) {
+  p.num_dropped();
+};
+template <class R, class B, class X>
+concept routes = requires(const R& r, const B& be, X x) {
+  r.route(be, x);
+};
+static_assert(!has_spans<rs::plan_view<sim_device_space>>);
+static_assert(!has_spans<rs::basic_routing_plan<sim_device_space>>);
+static_assert(!counts_drops<rs::basic_routing_plan<sim_device_space>>);
+static_assert(has_spans<rs::routing_plan> && has_spans<rs::plan_view<>>);
+using tc_router = rs::router<rs::affinity::precomputed, rt::token_choice, rs::capacity::dropless>;
+static_assert(routes<tc_router, device_backend, device_view>);
+static_assert(!routes<tc_router, device_backend, host_view>);
+static_assert(!routes<tc_router, rs::backend::serial, device_view>);
+static_assert(std::is_same_v<decltype(std::declval<const tc_router&>().route(device_backend{}, device_view{})),
+                             rs::basic_routing_plan<sim_device_space>>);
+
+// The case's input copied into device memory.
+resonance_test::sim_buffer<float> to_device(const resonance_test::conformance::test_case& c) {
+  resonance_test::sim_buffer<float> d(static_cast<index>(c.x.size()));
+  copy(device_backend{}, d.data(), c.x.data(), static_cast<index>(c.x.size()));
+  return d;
+}
+
+struct route_cost {
+  int allocations = 0;
+  int copies_to_host = 0;
+};
+
+TEST_CASE("device route: the precomputed conformance cases give serial's plans and errors") {
+  using namespace resonance_test::conformance;
+  int routed = 0, errors = 0, counted = 0;
+  int directions[3] = {0, 0, 0};
+  for (int id = 0; id < conformance_cases; ++id) {
+    const test_case c = make_case(id);
+    if (c.affinity != affinity_kind::precomputed || std::holds_alternative<rt::sinkhorn>(c.direction)) continue;
+    std::string want_error;
+    const std::optional<rs::routing_plan> want = route_case(rs::backend::serial{}, c, want_error);
+
+    const auto x = to_device(c);
+    const device_view dx{x.data(), c.T, c.d, c.stride};
+    resonance_test::device_counters n;
+    const device_backend be{&n};
+    std::optional<rs::routing_plan> got;
+    route_cost cost;
+    bool fixed_candidates = false;
+    const std::string got_error = error_of([&] {
+      std::visit(
+          [&](const auto& direction, const auto& capacity) {
+            using D = std::decay_t<decltype(direction)>;
+            if constexpr (!std::is_same_v<D, rt::sinkhorn>) {
+              fixed_candidates = !std::is_same_v<D, rt::expert_choice>;
+              const rs::router<rs::affinity::precomputed, D, std::decay_t<decltype(capacity)>> r{
+                  {}, direction, capacity};
+              const rs::basic_routing_plan<sim_device_space> plan = r.route(be, dx);
+              cost = {n.allocations, n.copies_to_host};
+              n = {};
+              got = rs::to_host(be, plan);
+              CHECK_MESSAGE(n.copies_to_host == 1, c.text << ": to_host made " << n.copies_to_host << " copies");
+            }
+          },
+          c.direction, c.capacity);
+    });
+    ++directions[c.direction.index() < 3 ? c.direction.index() : 0];
+    CHECK_MESSAGE(got_error == want_error, c.text << ": \"" << got_error << "\", serial: \"" << want_error << "\"");
+    if (!want || !got) {
+      errors += want ? 0 : 1;
+      continue;
+    }
+    ++routed;
+    const std::string diff = resonance_test::plan_difference(*want, *got);
+    CHECK_MESSAGE(diff.empty(), c.text << ": " << diff << " (serial's first)");
+    if (fixed_candidates) {
+      ++counted;
+      CHECK_MESSAGE(cost.allocations == 2, c.text << ": " << cost.allocations << " allocations");
+      CHECK_MESSAGE(cost.copies_to_host == 1, c.text << ": " << cost.copies_to_host << " copies to the host");
+    }
+  }
+  // The draws reach every kind of case.
+  CHECK(routed >= 60);
+  CHECK(errors >= 5);
+  CHECK(counted >= 40);
+  for (int d : directions) CHECK(d >= 10);
+}
+
+TEST_CASE("device route: a failing token costs the route nothing until its one copy, then serial's error") {
+  // T = 5, E = 4: token 3 has a NaN logit; token 1 overflows once divided by the temperature.
+  std::vector<float> logits(20, 0.5f);
+  logits[3 * 4 + 2] = __builtin_nanf("");
+  logits[1 * 4 + 0] = 3.0e38f;
+  const rt::token_choice tc{.top_k = 2, .score = rs::score::identity, .temperature = 0.5f};
+  const rs::router<rs::affinity::precomputed, rt::token_choice, rs::capacity::dropless> r{{}, tc, {}};
+  const std::string want = error_of([&] { (void)r.route(rs::backend::serial{}, host_view{logits.data(), 5, 4}); });
+  REQUIRE(want.find("token 1") != std::string::npos);
+
+  resonance_test::sim_buffer<float> x(20);
+  copy(device_backend{}, x.data(), logits.data(), 20);
+  resonance_test::device_counters n;
+  const std::string got = error_of([&] { (void)r.route(device_backend{&n}, device_view{x.data(), 5, 4}); });
+  CHECK(got == want);
+  CHECK(n.allocations == 2);
+  CHECK(n.copies_to_host >= 2);  // the status with the sizes, then the offending row for the message
+
+  // The same logits on bidirectional (which does not check finiteness while selecting): the NaN logit
+  // of token 3 is found first, as serial's check of the logits finds it.
+  const rt::bidirectional bi{.top_k = 2, .score = rs::score::identity, .temperature = 0.5f};
+  const rs::router<rs::affinity::precomputed, rt::bidirectional, rs::capacity::factor> rb{{}, bi, {.factor = 1.0}};
+  const std::string want_bi = error_of([&] { (void)rb.route(rs::backend::serial{}, host_view{logits.data(), 5, 4}); });
+  REQUIRE(want_bi.find("row 3") != std::string::npos);
+  CHECK(error_of([&] { (void)rb.route(device_backend{}, device_view{x.data(), 5, 4}); }) == want_bi);
+}
+
+}  // namespace
