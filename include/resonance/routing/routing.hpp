@@ -78,6 +78,20 @@ void resize_array(const Backend& be, Array& a, index n) {
     a = allocate<typename std::remove_cvref_t<decltype(*a.data())>>(be, n);
   }
 }
+
+// Sizes `out` for k candidates per token of T tokens over E experts (no priority, counted demand, the
+// capacity policy's drop): what a direction with a fixed number of candidates per token writes into.
+template <class Backend, class Space>
+void fixed_candidates(const Backend& be, basic_candidate_set<Space>& out, index T, index E, index k) {
+  out.num_tokens = T;
+  out.num_experts = E;
+  resize_array(be, out.offsets, T + 1);
+  resize_array(be, out.expert, T * k);
+  resize_array(be, out.weight, T * k);
+  resize_array(be, out.priority, 0);
+  resize_array(be, out.demand, 0);
+  out.forced_drop.reset();
+}
 }  // namespace detail
 
 // Non-owning candidates in memory space Space, as the plan builder and the capacity schedulers read

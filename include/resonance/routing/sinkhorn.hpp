@@ -216,20 +216,12 @@ template <execution_backend Backend, class Space>
 void select(const Backend& be, const sinkhorn& p, matrix_view<const float> logits, const capacity_limits&,
             basic_candidate_set<Space>& out) {
   static_assert(accessible_from_v<host_space, memory_space_t<Backend>>,
-                "sinkhorn reads host logits and writes a host candidate set: it needs a backend that can read "
-                "host memory");
+                "sinkhorn's loop reads the logits on the host: it needs a backend that can read host memory");
   const index T = logits.rows, E = logits.cols, k = p.top_k;
   auto pm = allocate<double>(be, T * E);
   const double* const prob = pm.data();
   detail::sinkhorn_run(be, logits, matrix_view<double>{pm.data(), T, E}, p.max_iterations, p.tolerance);
-  out.num_tokens = T;
-  out.num_experts = E;
-  detail::resize_array(be, out.offsets, T + 1);
-  detail::resize_array(be, out.expert, T * k);
-  detail::resize_array(be, out.weight, T * k);
-  detail::resize_array(be, out.priority, 0);
-  detail::resize_array(be, out.demand, 0);
-  out.forced_drop.reset();
+  detail::fixed_candidates(be, out, T, E, k);
   id_type* const expert = out.expert.data();
   float* const weight = out.weight.data();
   id_type* const offsets = out.offsets.data();

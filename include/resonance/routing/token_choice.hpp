@@ -216,15 +216,7 @@ RESONANCE_INLINE_FUNCTION bool token_choice_select(const token_choice& p, const 
 template <class Backend, class Space>
 void begin_selection(const Backend& be, const token_choice& p, index num_tokens, index num_experts,
                      basic_candidate_set<Space>& out) {
-  const index T = num_tokens, k = p.top_k;
-  out.num_tokens = T;
-  out.num_experts = num_experts;
-  detail::resize_array(be, out.offsets, T + 1);
-  detail::resize_array(be, out.expert, T * k);
-  detail::resize_array(be, out.weight, T * k);
-  detail::resize_array(be, out.priority, 0);
-  detail::resize_array(be, out.demand, 0);
-  out.forced_drop.reset();
+  detail::fixed_candidates(be, out, num_tokens, num_experts, p.top_k);
 }
 
 inline void begin_selection(const token_choice& p, index num_tokens, index num_experts, candidate_set& out) {
