@@ -7,6 +7,7 @@
 // arena's (limit it with tbb::task_arena or tbb::global_control).
 // This header is the only one that includes oneTBB.
 
+#include <algorithm>
 #include <atomic>
 
 #include <oneapi/tbb/blocked_range.h>
@@ -152,7 +153,10 @@ index segmented_select_workspace(const B&, index, index) {
 template <tbb_backend B>
 void segmented_select(const B&, std::uint64_t* keys, const id_type* offsets, index nseg, index k, std::uint64_t* kth,
                       void*) {
-  tbb_detail::blocks(nseg, 1, [&](index begin, index end) {
+  // About 16384 keys per task (a hint only): a small selection runs inline.
+  const index keys_total = nseg > 0 ? offsets[nseg] - offsets[0] : 0;
+  const index grain = std::max<index>(1, 16384 * nseg / (keys_total + 1));
+  tbb_detail::blocks(nseg, grain, [&](index begin, index end) {
     for (index s = begin; s < end; ++s) host::select_segment(keys, offsets, s, k, kth);
   });
 }

@@ -5,6 +5,7 @@
 // key. Both have unique results, so the plan is the same on every backend; the builder is written
 // once on the execution primitives (backend/execution.hpp).
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -200,6 +201,10 @@ basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& 
   float* const token_weight = at_offset<float>(plan_base, pl.token_weight);
   id_type* const token_slot = at_offset<id_type>(plan_base, pl.token_slot);
 
+  // Experts per task of the per-expert passes: about 4096 candidates each, so that a small route runs
+  // them inline instead of paying a task per expert (a tuning hint: the outputs do not depend on it).
+  const index expert_grain = std::max<index>(1, 4096 * E / (nnz + 1));
+
   // 1. The counting sort by expert.
   for_each(be, T, [=](index t) {
     for (id_type i = offsets[t]; i < offsets[t + 1]; ++i) cand_token[i] = static_cast<id_type>(t);
@@ -229,7 +234,7 @@ basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& 
             keys[j] = drop_key(drop, seed, priority[i], cand_token[i], e);
           }
         },
-        index{1});
+        expert_grain);
     segmented_select(be, keys, start, E, cap, kth, at_offset<void>(base, ws.select));
   }
 
@@ -259,7 +264,7 @@ basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& 
           slot_weight[slot] = 0.0f;
         }
       },
-      index{1});
+      expert_grain);
 
   // 5. The token-major CSR over kept candidates, in candidate (ascending expert) order.
   for_each(be, T, [=](index t) {
