@@ -35,7 +35,13 @@ RESONANCE_INLINE_FUNCTION void topk_insert(V value, id_type id, V* vals, id_type
 template <class Key, class V>
 RESONANCE_INLINE_FUNCTION void topk_scan(index begin, index end, const Key& key, V* vals, id_type* ids, index& n,
                                          index k) {
-  for (index i = begin; i < end; ++i) topk_insert(static_cast<V>(key(i)), static_cast<id_type>(i), vals, ids, n, k);
+  for (index i = begin; i < end; ++i) {
+    const V v = static_cast<V>(key(i));
+    // Once the list is full most keys lose to its last entry: that test stays in the loop, and only
+    // an entry that enters the list pays for topk_insert (which a compiler may keep out of line).
+    if (n == k && !(v > vals[k - 1])) continue;
+    topk_insert(v, static_cast<id_type>(i), vals, ids, n, k);
+  }
 }
 
 // Top-k of a whole row (k <= n): vals descending, ids ascending among equal values.

@@ -180,6 +180,21 @@ RESONANCE_INLINE_FUNCTION bool token_choice_row(const token_choice& p, const flo
   return true;
 }
 
+// A failed token still leaves valid candidates (experts 0..k-1) with NaN weights, so that a route that
+// reports the failure later (a device route's status) can run its remaining stages safely, and the
+// router's finiteness check finds the token. Out of line: the selection's hot path stays as small as
+// it was (a k = 1 scalar row is short enough for this to show).
+#if defined(__GNUC__) && !RESONANCE_DEVICE_COMPILE
+__attribute__((noinline, cold))
+#endif
+RESONANCE_HOST_DEVICE inline void
+fail_row(index k, index t, id_type* expert, float* w) {
+  for (index j = 0; j < k; ++j) {
+    expert[t * k + j] = static_cast<id_type>(j);
+    w[j] = __builtin_bit_cast(float, 0x7FC00000u);  // a quiet NaN
+  }
+}
+
 // One token of the selection driver: token_choice_row with the group's row primitives, the weights'
 // finiteness checked in the same pass, and the token's CSR end written. `scratch` holds
 // p.scratch_bytes(E) bytes. Returns true when the token fails (non-finite logits or weights).
@@ -194,14 +209,9 @@ RESONANCE_INLINE_FUNCTION bool token_choice_select(const token_choice& p, const 
   bool ok = token_choice_row<Rows>(p, logits_row, num_experts, bias, expert + t * k, w, fs, is);
   for (index j = 0; j < k; ++j) ok &= (w[j] - w[j]) == 0.0f;
   offsets[t + 1] = static_cast<id_type>((t + 1) * k);
-  if (ok) return false;
-  // A failed token still leaves valid candidates (experts 0..k-1) with NaN weights, so that a route
-  // that reports the failure later (a device route's status) can run its remaining stages safely, and
-  // the router's finiteness check finds the token.
-  for (index j = 0; j < k; ++j) {
-    expert[t * k + j] = static_cast<id_type>(j);
-    w[j] = __builtin_bit_cast(float, 0x7FC00000u);  // a quiet NaN
-  }
+  if (ok) [[likely]]
+    return false;
+  fail_row(k, t, expert, w);
   return true;
 }
 

@@ -57,7 +57,8 @@ RESONANCE_INLINE_FUNCTION float add_rn(float a, float b) {
 #endif
 }
 
-RESONANCE_INLINE_FUNCTION float exp_portable(float x) {
+// Forced inline: it is the body of every softmax loop, and GCC otherwise outlines it when the caller grows.
+RESONANCE_HOST_DEVICE RESONANCE_FORCEINLINE float exp_portable(float x) {
   using c = exp_constants;
   if (!(x == x)) return x;  // NaN
   if (x < c::lo) return 0.0f;
