@@ -150,3 +150,25 @@ TEST_CASE("device route: a failing token costs the route nothing until its one c
 }
 
 }  // namespace
+
+TEST_CASE("device route: the policy array a direction's kernels read is swapped for the device copy") {
+  const std::vector<float> bias{0.5f, -1.0f, 2.0f};
+  const std::vector<float> copy(3, 0.0f);
+  const rt::token_choice tc{.top_k = 1, .expert_bias = {bias.data(), 3}};
+  CHECK(rs::detail::policy_array(tc).data == bias.data());
+  const rt::token_choice tc_dev = rs::detail::with_policy_array(tc, copy.data());
+  CHECK(tc_dev.expert_bias.data == copy.data());
+  CHECK(tc_dev.expert_bias.size == 3);
+  CHECK(tc_dev.top_k == tc.top_k);  // the rest of the policy is unchanged
+
+  const rt::bidirectional bi{.top_k = 1, .expert_bias = {bias.data(), 3}};
+  CHECK(rs::detail::with_policy_array(bi, copy.data()).expert_bias.data == copy.data());
+  const rt::expert_choice ec{.thresholds = {bias.data(), 3}};
+  CHECK(rs::detail::policy_array(ec).data == bias.data());
+  CHECK(rs::detail::with_policy_array(ec, copy.data()).thresholds.data == copy.data());
+
+  // No array: nothing to copy, and an empty view stays empty (null).
+  CHECK(rs::detail::policy_array(rt::token_choice{}).size == 0);
+  CHECK(rs::detail::with_policy_array(rt::token_choice{}, copy.data()).expert_bias.data == nullptr);
+  CHECK(rs::detail::policy_array(rt::sinkhorn{}).size == 0);
+}

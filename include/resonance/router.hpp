@@ -28,6 +28,60 @@
 namespace resonance {
 
 namespace detail {
+// The device route's kernels on its status (router::route_on_device). Named functors, not lambdas: nvcc
+// allows no extended lambda in a private member function.
+//   status[0]: the lowest row with a non-finite logit; [1]: with a non-finite weight; [2]: the route's.
+template <class Space>
+struct nonfinite_rows {
+  matrix_view<const float, Space> l;
+  RESONANCE_HOST_DEVICE index operator()(index t) const {
+    bool ok = true;
+    for (index e = 0; e < l.cols; ++e) ok &= (l(t, e) - l(t, e)) == 0.0f;
+    return ok ? no_index : t;
+  }
+};
+struct clear_status {
+  index* st;
+  RESONANCE_HOST_DEVICE void operator()(index) const { st[0] = no_index; }
+};
+// The route's failure: a logit row, else T + a weight row.
+struct merge_status {
+  index* st;
+  index T;
+  RESONANCE_HOST_DEVICE void operator()(index) const {
+    st[2] = st[0] != no_index ? st[0] : st[1] != no_index ? T + st[1] : no_index;
+  }
+};
+// A weight row as T + row, in place.
+struct weight_status {
+  index* st;
+  index T;
+  RESONANCE_HOST_DEVICE void operator()(index) const { st[0] = st[0] != no_index ? T + st[0] : no_index; }
+};
+
+// The one policy array a direction's kernels read (token choice's and bidirectional's expert_bias,
+// expert choice's thresholds): host data, validated on the host. A route on a device copies it into
+// device memory and selects with a direction that reads the copy.
+template <class D>
+vector_view<const float> policy_array(const D& d) {
+  if constexpr (requires { d.expert_bias; }) {
+    return d.expert_bias;
+  } else if constexpr (requires { d.thresholds; }) {
+    return d.thresholds;
+  } else {
+    return {};
+  }
+}
+template <class D>
+D with_policy_array(D d, const float* copy) {
+  if constexpr (requires { d.expert_bias; }) {
+    if (!d.expert_bias.empty()) d.expert_bias.data = copy;
+  } else if constexpr (requires { d.thresholds; }) {
+    if (!d.thresholds.empty()) d.thresholds.data = copy;
+  }
+  return d;
+}
+
 template <class D>
 inline constexpr bool has_selects_with_capacity_v = requires(const D& d) {
   d.selects_with_capacity();
@@ -289,11 +343,8 @@ struct router {
     const capacity_limits lim = limits_of(ctx);
     detail::check_limits(lim);
     constexpr bool self_checked = detail::checks_finite_v<Direction>;
-    const auto bad_logit = [=](index t) {
-      bool ok = true;
-      for (index e = 0; e < l.cols; ++e) ok &= (l(t, e) - l(t, e)) == 0.0f;
-      return ok ? no_index : t;
-    };
+    const vector_view<const float> host_array = detail::policy_array(direction);
+    const detail::nonfinite_rows<XSpace> bad_logit{l};
     index failed = no_index;
     if constexpr (requires(candidate_span<space> & c) { select_unchecked(be, direction, l, lim, c); }) {
       const index nnz = T_ * k;
@@ -307,8 +358,12 @@ struct router {
       const index o_weight = layout.reserve<float>(nnz);
       const index o_priority = layout.reserve<float>(nnz);
       const index o_build = layout.reserve<unsigned char>(detail::build_workspace(be, nnz, E, lim.capacity > 0).bytes);
+      const index o_array = layout.reserve<float>(host_array.size);
       auto work = allocate<unsigned char>(be, layout.bytes());
       void* const base = work.data();
+      float* const array = detail::at_offset<float>(base, o_array);
+      copy(be, array, host_array.data, host_array.size);
+      const Direction dir = detail::with_policy_array(direction, array);
       index* const st = detail::at_offset<index>(base, o_status);
       candidate_span<space> cands;
       cands.offsets = detail::at_offset<id_type>(base, o_offsets);
@@ -316,13 +371,13 @@ struct router {
       cands.weight = detail::at_offset<float>(base, o_weight);
       cands.priority = detail::at_offset<float>(base, o_priority);
       if constexpr (self_checked) {
-        for_each(be, 1, [=](index) { st[0] = no_index; });
+        for_each(be, 1, detail::clear_status{st});
       } else {
         reduce_min_into(be, T_, bad_logit, st);
       }
-      select_unchecked(be, direction, l, lim, cands);
+      select_unchecked(be, dir, l, lim, cands);
       reduce_min_into(be, T_, detail::nonfinite_candidates(view_of(cands)), st + 1);
-      for_each(be, 1, [=](index) { st[2] = st[0] != no_index ? st[0] : st[1] != no_index ? T_ + st[1] : no_index; });
+      for_each(be, 1, detail::merge_status{st, T_});
       auto plan = detail::build_plan_unchecked(be, view_of(cands), lim, st + 2, &failed,
                                                detail::at_offset<void>(base, o_build));
       if (failed == no_index) return plan;
@@ -331,12 +386,17 @@ struct router {
       if constexpr (!self_checked) {
         if (const index t = reduce_min(be, T_, bad_logit); t < T_) fail_logits(be, l, t);
       }
+      buffer_t<space, float> array;
+      if (host_array.size > 0) {
+        array = allocate<float>(be, host_array.size);
+        copy(be, array.data(), host_array.data, host_array.size);
+      }
       basic_candidate_set<space> cands;
-      select(be, direction, l, lim, cands);
+      select(be, detail::with_policy_array(direction, array.data()), l, lim, cands);
       auto status = allocate<index>(be, 1);
       reduce_min_into(be, T_, detail::nonfinite_candidates(view_of(cands)), status.data());
       index* const st = status.data();
-      for_each(be, 1, [=](index) { st[0] = st[0] != no_index ? T_ + st[0] : no_index; });
+      for_each(be, 1, detail::weight_status{st, T_});
       detail::check_slot_budget(E, cands.size(), lim);
       auto plan = detail::build_plan_unchecked(be, view_of(cands), lim, st, &failed);
       if (failed == no_index) return plan;

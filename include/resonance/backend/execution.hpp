@@ -152,7 +152,7 @@ template <class Rows>
 struct host_group {
   using rows = Rows;
   void* scratch_ = nullptr;
-  void* scratch() const { return scratch_; }
+  RESONANCE_HOST_DEVICE void* scratch() const { return scratch_; }
 };
 
 // Scratch of `bytes` bytes for one host group, aligned for every scalar the stages use.

@@ -26,8 +26,11 @@ inline constexpr index group_sum_lanes = 16;
 
 // The 16-lane loops are unrolled in full so that the partials stay in registers (GCC keeps an array
 // indexed in a loop in memory and pays a store-to-load round trip per addition: 4x slower).
-#if defined(__CUDACC__) || defined(__clang__)
+// (nvcc's host pass: none, see RESONANCE_UNROLL.)
+#if defined(__CUDA_ARCH__) || defined(__clang__)
 #define RESONANCE_IMPL_UNROLL_LANES RESONANCE_IMPL_PRAGMA(unroll 16)
+#elif defined(__CUDACC__)
+#define RESONANCE_IMPL_UNROLL_LANES
 #elif defined(__GNUC__)
 #define RESONANCE_IMPL_UNROLL_LANES RESONANCE_IMPL_PRAGMA(GCC unroll 16)
 #else

@@ -30,7 +30,7 @@ RESONANCE_INLINE_FUNCTION std::uint64_t random_priority(std::uint64_t seed, std:
   return z ^ (z >> 31);
 }
 
-inline index round_up(index n, index multiple) { return (n + multiple - 1) / multiple * multiple; }
+RESONANCE_INLINE_FUNCTION index round_up(index n, index multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 // The capacity cut's selection key of one candidate: higher is kept first, and within one expert no two
 // candidates share a key, so "the top C keys" is one set on every backend. score: the priority's
@@ -76,7 +76,7 @@ void column_keys(const Backend& be, const float* s, index T, index E, index stri
   constexpr index tile = column_key_tile;
   for_each(
       be, (T + tile - 1) / tile,
-      [=](index b) {
+      RESONANCE_LAMBDA(index b) {
         const index first = b * tile, last = first + tile < T ? first + tile : T;
         for (index e = 0; e < E; ++e)
           for (index t = first; t < last; ++t) keys[e * segment + t] = column_key(s[t * stride + e], t);
@@ -101,9 +101,11 @@ void column_kth_token(const Backend& be, const float* s, index T, index E, index
   std::uint64_t* const keys = at_offset<std::uint64_t>(base, o_keys);
   id_type* const seg = at_offset<id_type>(base, o_seg);
   std::uint64_t* const kth = at_offset<std::uint64_t>(base, o_kth);
-  for_each(be, E + 1, [=](index e) { seg[e] = static_cast<id_type>(e * n); });
+  for_each(
+      be, E + 1, RESONANCE_LAMBDA(index e) { seg[e] = static_cast<id_type>(e * n); });
   column_keys(be, s, T, E, stride, n, keys);
-  for_each(be, E, [=](index e) { keys[e * n + T] = 0; });
+  for_each(
+      be, E, RESONANCE_LAMBDA(index e) { keys[e * n + T] = 0; });
   segmented_select(be, keys, seg, E, C, kth, at_offset<void>(base, o_select));
   std::vector<std::uint64_t> host(static_cast<std::size_t>(E));
   copy_to_host(be, host.data(), kth, E);
@@ -206,28 +208,30 @@ basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& 
   const index expert_grain = std::max<index>(1, 4096 * E / (nnz + 1));
 
   // 1. The counting sort by expert.
-  for_each(be, T, [=](index t) {
-    for (id_type i = offsets[t]; i < offsets[t + 1]; ++i) cand_token[i] = static_cast<id_type>(t);
-  });
+  for_each(
+      be, T, RESONANCE_LAMBDA(index t) {
+        for (id_type i = offsets[t]; i < offsets[t + 1]; ++i) cand_token[i] = static_cast<id_type>(t);
+      });
   stable_bucket(be, expert, nnz, E, start, perm, at_offset<void>(base, ws.bucket));
 
   // 2. Kept and slot counts per expert, then the slot offsets.
   if (c.demand != nullptr) copy(be, demand, c.demand, E);
   const bool counted_demand = c.demand == nullptr;
-  for_each(be, E, [=](index e) {
-    const index n = start[e + 1] - start[e];
-    const index kept = cap < 0 || n <= cap ? n : cap;
-    counts[e] = static_cast<id_type>(kept);
-    if (counted_demand) demand[e] = static_cast<id_type>(n);
-    expert_offsets[e] = static_cast<id_type>(round_up(pad ? cap : kept, align));
-  });
+  for_each(
+      be, E, RESONANCE_LAMBDA(index e) {
+        const index n = start[e + 1] - start[e];
+        const index kept = cap < 0 || n <= cap ? n : cap;
+        counts[e] = static_cast<id_type>(kept);
+        if (counted_demand) demand[e] = static_cast<id_type>(n);
+        expert_offsets[e] = static_cast<id_type>(round_up(pad ? cap : kept, align));
+      });
   exclusive_scan(be, expert_offsets, expert_offsets, E);
 
   // 3. The selection keys of every overfull expert's candidates, and each one's C-th largest key.
   if (by_key) {
     for_each(
         be, E,
-        [=](index e) {
+        RESONANCE_LAMBDA(index e) {
           if (start[e + 1] - start[e] <= cap) return;
           for (id_type j = start[e]; j < start[e + 1]; ++j) {
             const id_type i = perm[j];
@@ -243,7 +247,7 @@ basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& 
   //    segmented_select may have permuted them).
   for_each(
       be, E,
-      [=](index e) {
+      RESONANCE_LAMBDA(index e) {
         const index b = start[e], n = start[e + 1] - b;
         const bool full = cap >= 0 && n > cap;
         id_type slot = expert_offsets[e];
@@ -267,29 +271,32 @@ basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& 
       expert_grain);
 
   // 5. The token-major CSR over kept candidates, in candidate (ascending expert) order.
-  for_each(be, T, [=](index t) {
-    id_type n = 0;
-    for (id_type i = offsets[t]; i < offsets[t + 1]; ++i) n += cand_slot[i] >= 0 ? 1 : 0;
-    token_offsets[t] = n;
-  });
+  for_each(
+      be, T, RESONANCE_LAMBDA(index t) {
+        id_type n = 0;
+        for (id_type i = offsets[t]; i < offsets[t + 1]; ++i) n += cand_slot[i] >= 0 ? 1 : 0;
+        token_offsets[t] = n;
+      });
   exclusive_scan(be, token_offsets, token_offsets, T);
-  for_each(be, T, [=](index t) {
-    id_type out = token_offsets[t];
-    for (id_type i = offsets[t]; i < offsets[t + 1]; ++i) {
-      if (cand_slot[i] < 0) continue;
-      token_expert[out] = expert[i];
-      token_weight[out] = weight[i];
-      token_slot[out] = cand_slot[i];
-      ++out;
-    }
-  });
+  for_each(
+      be, T, RESONANCE_LAMBDA(index t) {
+        id_type out = token_offsets[t];
+        for (id_type i = offsets[t]; i < offsets[t + 1]; ++i) {
+          if (cand_slot[i] < 0) continue;
+          token_expert[out] = expert[i];
+          token_weight[out] = weight[i];
+          token_slot[out] = cand_slot[i];
+          ++out;
+        }
+      });
 
   // The plan's two sizes and the status: the one device-to-host copy of a route.
-  for_each(be, 1, [=](index) {
-    sizes[0] = expert_offsets[E];
-    sizes[1] = token_offsets[T];
-    sizes[2] = status != nullptr ? *status : no_index;
-  });
+  for_each(
+      be, 1, RESONANCE_LAMBDA(index) {
+        sizes[0] = expert_offsets[E];
+        sizes[1] = token_offsets[T];
+        sizes[2] = status != nullptr ? *status : no_index;
+      });
   index host_sizes[3] = {0, 0, no_index};
   copy_to_host(be, host_sizes, sizes, 3);
   fence(be);

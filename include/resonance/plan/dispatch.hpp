@@ -73,7 +73,7 @@ void dispatch(const Backend& be, const Plan& source, matrix_view<const T> x, mat
   const index d = x.cols;
   for_each(
       be, plan.num_slots(),
-      [=](index s) {
+      RESONANCE_LAMBDA(index s) {
         const id_type t = slot_token[s];
         T* __restrict dst = buffer.row(s);
         if (t >= 0) {
@@ -113,7 +113,7 @@ void combine(const Backend& be, const Plan& source, matrix_view<const T> expert_
   const index d = y.cols;
   for_each(
       be, num_tokens,
-      [=](index t) {
+      RESONANCE_LAMBDA(index t) {
 #if defined(__GNUC__) && !RESONANCE_DEVICE_COMPILE
         // The expert rows are scattered gathers the hardware prefetcher cannot predict: request the
         // rows two tokens ahead while this one is summed.

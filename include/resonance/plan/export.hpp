@@ -47,18 +47,19 @@ void to_dense(const Backend& be, const Plan& source, matrix_view<P> probs, matri
   const id_type* const off = plan.token_offsets_;
   const id_type* const ex = plan.token_expert_;
   const float* const w = plan.token_weight_;
-  for_each(be, T, [=](index t) {
-    P* p = probs.row(t);
-    M* m = mask.row(t);
-    for (index e = 0; e < E; ++e) {
-      p[e] = P(0);
-      m[e] = M(0);
-    }
-    for (id_type i = off[t]; i < off[t + 1]; ++i) {
-      p[ex[i]] = static_cast<P>(w[i]);
-      m[ex[i]] = M(1);
-    }
-  });
+  for_each(
+      be, T, RESONANCE_LAMBDA(index t) {
+        P* p = probs.row(t);
+        M* m = mask.row(t);
+        for (index e = 0; e < E; ++e) {
+          p[e] = P(0);
+          m[e] = M(0);
+        }
+        for (id_type i = off[t]; i < off[t + 1]; ++i) {
+          p[ex[i]] = static_cast<P>(w[i]);
+          m[ex[i]] = M(1);
+        }
+      });
 }
 
 template <class P, class M>
@@ -94,10 +95,11 @@ block_aligned_layout to_block_aligned(const Backend& be, const Plan& source, ind
   id_type* const csr_of_slot = first_block + E + 1;  // S: the CSR position of each kept slot
   // Rounded up without forming count + block - 1, which overflows for a huge block. A count of blocks
   // is at most the expert's count, so the scan fits in 32-bit ids.
-  for_each(be, E, [=](index e) {
-    const index n = counts[e];
-    first_block[e] = static_cast<id_type>(n == 0 ? 0 : (n - 1) / block + 1);
-  });
+  for_each(
+      be, E, RESONANCE_LAMBDA(index e) {
+        const index n = counts[e];
+        first_block[e] = static_cast<id_type>(n == 0 ? 0 : (n - 1) / block + 1);
+      });
   exclusive_scan(be, first_block, first_block, E);
   id_type blocks = 0;
   copy_to_host(be, &blocks, first_block + E, 1);
@@ -113,13 +115,14 @@ block_aligned_layout to_block_aligned(const Backend& be, const Plan& source, ind
   out.sorted_token_ids.resize(static_cast<std::size_t>(out.num_tokens_post_pad));
   out.expert_ids.resize(static_cast<std::size_t>(blocks));
   // Kept tokens fill the first expert_counts[e] slots of expert e; map each kept slot to its CSR position.
-  for_each(be, A, [=](index i) { csr_of_slot[tok_slot[i]] = static_cast<id_type>(i); });
+  for_each(
+      be, A, RESONANCE_LAMBDA(index i) { csr_of_slot[tok_slot[i]] = static_cast<id_type>(i); });
   const auto pad = static_cast<id_type>(A);
   id_type* const sorted = out.sorted_token_ids.data();
   id_type* const expert_ids = out.expert_ids.data();
   for_each(
       be, E,
-      [=](index e) {
+      RESONANCE_LAMBDA(index e) {
         const index b = first_block[e], nb = first_block[e + 1] - first_block[e];
         for (index j = 0; j < nb; ++j) expert_ids[b + j] = static_cast<id_type>(e);
         id_type* dst = sorted + b * block;
@@ -168,14 +171,15 @@ rank_layout to_rank_layout(const Backend& be, const Plan& source, const dist::ex
   std::uint8_t* const in_rank = out.is_token_in_rank.data();
   id_type* const per_rank = out.num_tokens_per_rank.data();
   id_type* const per_node = out.num_tokens_per_node.data();
-  for_each(be, T, [=](index t) {
-    std::uint8_t* row = in_rank + t * R;
-    for (index r = 0; r < R; ++r) row[r] = 0;
-    for (id_type i = off[t]; i < off[t + 1]; ++i) row[rank_of_expert[ex[i]]] = 1;
-  });
+  for_each(
+      be, T, RESONANCE_LAMBDA(index t) {
+        std::uint8_t* row = in_rank + t * R;
+        for (index r = 0; r < R; ++r) row[r] = 0;
+        for (id_type i = off[t]; i < off[t + 1]; ++i) row[rank_of_expert[ex[i]]] = 1;
+      });
   for_each(
       be, R,
-      [=](index r) {
+      RESONANCE_LAMBDA(index r) {
         id_type n = 0;
         for (index t = 0; t < T; ++t) n += in_rank[t * R + r];
         per_rank[r] = n;
@@ -183,7 +187,7 @@ rank_layout to_rank_layout(const Backend& be, const Plan& source, const dist::ex
       index{1});
   for_each(
       be, N,
-      [=](index node) {
+      RESONANCE_LAMBDA(index node) {
         id_type n = 0;
         for (index t = 0; t < T; ++t) {
           const std::uint8_t* ranks = in_rank + t * R + node * ranks_per_node;

@@ -74,12 +74,14 @@ void bidirectional_priority(const Backend& be, const routing::bidirectional& p,
   const bool by_score = p.rank == routing::rank_by::score;
   const resonance::score fn = p.score;
   const float inv_t = 1.0f / p.temperature;
-  for_each_group(be, logits.rows, by_score ? E * static_cast<index>(sizeof(float)) : 0, [=](const auto& g, index t) {
-    const float* row = logits.row(t);
-    float* s = static_cast<float*>(g.scratch());
-    if (by_score) score_row(fn, row, s, E, inv_t);
-    for (id_type i = offsets[t]; i < offsets[t + 1]; ++i) priority[i] = by_score ? s[expert[i]] : row[expert[i]];
-  });
+  using group = typename Backend::group;
+  for_each_group(
+      be, logits.rows, by_score ? E * static_cast<index>(sizeof(float)) : 0, RESONANCE_LAMBDA(const group& g, index t) {
+        const float* row = logits.row(t);
+        float* s = static_cast<float*>(g.scratch());
+        if (by_score) score_row(fn, row, s, E, inv_t);
+        for (id_type i = offsets[t]; i < offsets[t + 1]; ++i) priority[i] = by_score ? s[expert[i]] : row[expert[i]];
+      });
 }
 
 // The expert's side of the handshake: position priority when causal, else the ranking by `rank` (the

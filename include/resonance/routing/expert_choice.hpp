@@ -94,8 +94,10 @@ typename Backend::template buffer<float> expert_choice_scores(const Backend& be,
   float* const s = buf.data();
   const resonance::score fn = p.score;
   const float inv_t = 1.0f / p.temperature;
-  for_each(be, T, [=](index t) { score_row(fn, logits.row(t), s + t * E, E, inv_t); });
-  const index bad = reduce_min(be, T * E, [=](index i) { return (s[i] - s[i]) == 0.0f ? no_index : i; });
+  for_each(
+      be, T, RESONANCE_LAMBDA(index t) { score_row(fn, logits.row(t), s + t * E, E, inv_t); });
+  const index bad = reduce_min(
+      be, T * E, RESONANCE_LAMBDA(index i) { return (s[i] - s[i]) == 0.0f ? no_index : i; });
   if (bad != no_index) {
     float v = 0.0f;
     copy_to_host(be, &v, s + bad, 1);
@@ -112,11 +114,12 @@ void expert_choice_fill(const Backend& be, const unsigned char* keep, const floa
                         basic_candidate_set<Space>& out) {
   resize_array(be, out.offsets, T + 1);
   id_type* const offsets = out.offsets.data();
-  for_each(be, T, [=](index t) {
-    id_type n = 0;
-    for (index e = 0; e < E; ++e) n += keep[t * E + e];
-    offsets[t] = n;
-  });
+  for_each(
+      be, T, RESONANCE_LAMBDA(index t) {
+        id_type n = 0;
+        for (index e = 0; e < E; ++e) n += keep[t * E + e];
+        offsets[t] = n;
+      });
   exclusive_scan(be, offsets, offsets, T);
   id_type nnz = 0;
   copy_to_host(be, &nnz, offsets + T, 1);
@@ -125,15 +128,16 @@ void expert_choice_fill(const Backend& be, const unsigned char* keep, const floa
   resize_array(be, out.weight, nnz);
   id_type* const expert = out.expert.data();
   float* const weight = out.weight.data();
-  for_each(be, T, [=](index t) {
-    id_type i = offsets[t];
-    for (index e = 0; e < E; ++e) {
-      if (!keep[t * E + e]) continue;
-      expert[i] = static_cast<id_type>(e);
-      weight[i] = s[t * E + e];
-      ++i;
-    }
-  });
+  for_each(
+      be, T, RESONANCE_LAMBDA(index t) {
+        id_type i = offsets[t];
+        for (index e = 0; e < E; ++e) {
+          if (!keep[t * E + e]) continue;
+          expert[i] = static_cast<id_type>(e);
+          weight[i] = s[t * E + e];
+          ++i;
+        }
+      });
 }
 
 }  // namespace resonance::detail
@@ -187,19 +191,22 @@ void select(const Backend& be, const expert_choice& p, matrix_view<const float, 
     std::uint64_t* const kth = detail::at_offset<std::uint64_t>(base, o_kth);
     if (by_key) {
       id_type* const seg = detail::at_offset<id_type>(base, o_seg);
-      for_each(be, E + 1, [=](index e) { seg[e] = static_cast<id_type>(e * T); });
+      for_each(
+          be, E + 1, RESONANCE_LAMBDA(index e) { seg[e] = static_cast<id_type>(e * T); });
       detail::column_keys(be, s, T, E, E, T, keys);
       segmented_select(be, keys, seg, E, C, kth, detail::at_offset<void>(base, o_select));
     }
     const bool all = C >= T;
-    for_each(be, T, [=](index t) {
-      for (index e = 0; e < E; ++e)
-        keep[t * E + e] = all || (by_key && detail::column_key(s[t * E + e], t) >= kth[e]) ? 1 : 0;
-    });
+    for_each(
+        be, T, RESONANCE_LAMBDA(index t) {
+          for (index e = 0; e < E; ++e)
+            keep[t * E + e] = all || (by_key && detail::column_key(s[t * E + e], t) >= kth[e]) ? 1 : 0;
+        });
     detail::expert_choice_fill(be, keep, s, T, E, out);
     detail::resize_array(be, out.demand, E);
     id_type* const demand = out.demand.data();
-    for_each(be, E, [=](index e) { demand[e] = static_cast<id_type>(T); });
+    for_each(
+        be, E, RESONANCE_LAMBDA(index e) { demand[e] = static_cast<id_type>(T); });
     out.forced_drop.reset();
     return;
   }
@@ -209,19 +216,21 @@ void select(const Backend& be, const expert_choice& p, matrix_view<const float, 
   if (by_topk) {
     float* const vals = detail::at_offset<float>(base, o_vals);
     id_type* const ids = detail::at_offset<id_type>(base, o_ids);
-    for_each(be, T, [=](index t) {
-      const float* row = s + t * E;
-      unsigned char* k_row = keep + t * E;
-      for (index e = 0; e < E; ++e) k_row[e] = 0;
-      detail::topk_row(
-          E, k, [row](index e) { return row[e]; }, vals + t * k, ids + t * k);
-      for (index j = 0; j < k; ++j) k_row[ids[t * k + j]] = 1;
-    });
+    for_each(
+        be, T, RESONANCE_LAMBDA(index t) {
+          const float* row = s + t * E;
+          unsigned char* k_row = keep + t * E;
+          for (index e = 0; e < E; ++e) k_row[e] = 0;
+          detail::topk_row(
+              E, k, [row](index e) { return row[e]; }, vals + t * k, ids + t * k);
+          for (index j = 0; j < k; ++j) k_row[ids[t * k + j]] = 1;
+        });
   } else {
     const float* const thr = p.thresholds.data;
-    for_each(be, T, [=](index t) {
-      for (index e = 0; e < E; ++e) keep[t * E + e] = s[t * E + e] >= thr[e] ? 1 : 0;
-    });
+    for_each(
+        be, T, RESONANCE_LAMBDA(index t) {
+          for (index e = 0; e < E; ++e) keep[t * E + e] = s[t * E + e] >= thr[e] ? 1 : 0;
+        });
   }
   detail::expert_choice_fill(be, keep, s, T, E, out);
   detail::resize_array(be, out.demand, 0);  // demand = the candidates per expert, counted by the plan builder

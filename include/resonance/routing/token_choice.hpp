@@ -281,16 +281,19 @@ index token_choice_rows(const Backend& be, const routing::token_choice& p, matri
                 "the logits must be in memory the backend can read");
   const index T = logits.rows, E = logits.cols;
   const float* bias = p.expert_bias.empty() ? nullptr : p.expert_bias.data;
-  for_each(be, 1, [=](index) { offsets[0] = 0; });
-  const auto row = [=](const auto& g, index t) {
-    using rows = typename std::remove_cvref_t<decltype(g)>::rows;
+  for_each(
+      be, 1, RESONANCE_LAMBDA(index) { offsets[0] = 0; });
+  using group = typename Backend::group;
+  const auto row = RESONANCE_LAMBDA(const group& g, index t) {
+    using rows = typename group::rows;
     return routing::kernel::token_choice_select<rows>(p, logits.row(t), E, bias, t, expert, weight, offsets,
                                                       g.scratch());
   };
   if constexpr (Sync) {
     return for_each_group(be, T, p.scratch_bytes(E), row);
   } else {
-    for_each_group(be, T, p.scratch_bytes(E), [=](const auto& g, index t) { (void)row(g, t); });
+    for_each_group(
+        be, T, p.scratch_bytes(E), RESONANCE_LAMBDA(const group& g, index t) { (void)row(g, t); });
     return T;
   }
 }
