@@ -58,10 +58,11 @@ macro(resonance_find_component name)
     find_package(CUDAToolkit QUIET)
     if(TARGET CUDA::cudart)
       _resonance_component_target(cuda CUDA::cudart)
-      # Host-only paths pass host lambdas to the host/device per-row kernels. No FMA contraction in device
-      # code, as -ffp-contract=off for host code: a fused a*b + c would change the last bit of a score.
-      target_compile_options(resonance::cuda INTERFACE $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr
-                                                       --fmad=false>)
+      # The stages' functors are extended __host__ __device__ lambdas (RESONANCE_LAMBDA); host-only paths
+      # pass host lambdas to the host/device per-row kernels. No FMA contraction in device code, as
+      # -ffp-contract=off for host code: a fused a*b + c would change the last bit of a score.
+      target_compile_options(resonance::cuda INTERFACE $<$<COMPILE_LANGUAGE:CUDA>:--extended-lambda
+                                                       --expt-relaxed-constexpr --fmad=false>)
     endif()
   elseif("${name}" STREQUAL "mpi")
     find_package(MPI QUIET COMPONENTS CXX)
