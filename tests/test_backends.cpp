@@ -469,6 +469,40 @@ TEST_CASE("test_backends: exp_portable is within 2^-22 of exp over [-87, 88] and
   CHECK(d::exp_portable(-0.0f) == 1.0f);
 }
 
+TEST_CASE("test_backends: log1p_portable is within 3 ulp of log1p for y >= 0, and exact at the special values") {
+  namespace d = rs::detail;
+  // y over every binade from the subnormals to 2^100 (16 values each, random mantissas), the values
+  // softplus hands it (exp of x in [-87, 20]), and the neighbours of 1 and of sqrt(2) - 1 (m's switch).
+  std::vector<float> ys = {0.0f, 1.0f, 2.0f, 0.41421354f, 0.41421357f, 1.0f - 1e-7f, 1.0f + 1e-7f, 1e-8f, 6e-8f};
+  std::mt19937 rng(3);
+  for (int e = -149; e <= 100; ++e)
+    for (int j = 0; j < 16; ++j)
+      ys.push_back(std::ldexp(1.0f + std::uniform_real_distribution<float>(0.0f, 1.0f)(rng), e));
+  for (float x = -87.0f; x <= 20.0f; x += 0.01171875f) ys.push_back(d::exp_portable(x));
+  double worst = 0.0;
+  float worst_at = 0.0f;
+  for (float y : ys) {
+    if (!std::isfinite(y) || y < 0.0f) continue;
+    const double want = std::log1p(static_cast<double>(y));
+    const float got = d::log1p_portable(y);
+    // Error in units of the last place of the float nearest to the true value.
+    const float nearest = static_cast<float>(want);
+    const double ulp = nearest == 0.0f ? std::numeric_limits<float>::denorm_min()
+                                       : std::nextafter(nearest, std::numeric_limits<float>::infinity()) - nearest;
+    const double err = std::fabs(static_cast<double>(got) - want) / ulp;
+    if (err > worst) {
+      worst = err;
+      worst_at = y;
+    }
+  }
+  CAPTURE(worst_at);
+  CHECK(worst <= 3.0);
+  CHECK(d::log1p_portable(0.0f) == 0.0f);
+  CHECK(d::log1p_portable(inf) == inf);
+  CHECK(std::isnan(d::log1p_portable(qnan)));
+  CHECK(d::log1p_portable(1e-30f) == 1e-30f);  // 1 + y rounds to 1: y itself
+}
+
 #if RESONANCE_HAS_SIMD
 // The first lane where a vector exp differs from exp_portable bit for bit, or "".
 std::string exp_difference(const std::vector<float>& x, const std::vector<float>& got) {

@@ -82,10 +82,53 @@ RESONANCE_HOST_DEVICE RESONANCE_FORCEINLINE float exp_portable(float x) {
   return (p * s1) * s2;
 }
 
+// log(1 + y) for y >= 0 (softplus's log1p(exp(x))), every step rounded on its own, so that the host and
+// a device compute the same bits (the platforms' log1pf differ in the last bit, and a score that differs
+// can change a plan). Below sqrt(2) - 1: 2 atanh(s) with s = y / (2 + y). Above: u = 1 + y rounded,
+// log(u) = e ln2 + 2 atanh(s) with u = m 2^e, m in [sqrt(1/2), sqrt(2)), s = (m - 1) / (m + 1), times
+// y / (u - 1), which undoes u's rounding. |s| <= 0.172: the odd series to s^9. Within 3 ulp of log1p
+// (tests/test_backends.cpp measures it; 2.7 at worst).
+struct log1p_constants {
+  static constexpr float sqrt2 = 1.41421354f;
+  static constexpr float ln2_hi = 0.693359375f;  // as exp_constants: e * ln2_hi is exact
+  static constexpr float ln2_lo = -2.12194440e-4f;
+  static constexpr float c3 = 1.0f / 3.0f, c5 = 1.0f / 5.0f, c7 = 1.0f / 7.0f, c9 = 1.0f / 9.0f;
+};
+
+RESONANCE_HOST_DEVICE RESONANCE_FORCEINLINE float log1p_portable(float y) {
+  using c = log1p_constants;
+  if (!(y == y) || y == std::numeric_limits<float>::infinity()) return y;
+  float s, scale = 1.0f;
+  std::int32_t e = 0;
+  if (y < c::sqrt2 - 1.0f) {
+    s = y / add_rn(2.0f, y);  // log1p(y) = 2 atanh(y / (2 + y)), y itself: no rounded 1 + y
+  } else {
+    const float u = add_rn(1.0f, y);
+    scale = y / (u - 1.0f);  // u - 1 is exact (u >= 1); the factor undoes u's rounding
+    const auto bits = std::bit_cast<std::uint32_t>(u);
+    e = static_cast<std::int32_t>(bits >> 23) - 127;
+    float m = std::bit_cast<float>(static_cast<std::uint32_t>((bits & 0x007FFFFFu) | 0x3F800000u));  // [1, 2)
+    if (m > c::sqrt2) {
+      m = mul_rn(m, 0.5f);  // exact
+      ++e;
+    }
+    s = (m - 1.0f) / add_rn(m, 1.0f);  // m - 1 is exact (Sterbenz)
+  }
+  const float s2 = mul_rn(s, s);
+  float p = c::c9;
+  p = add_rn(mul_rn(p, s2), c::c7);
+  p = add_rn(mul_rn(p, s2), c::c5);
+  p = add_rn(mul_rn(p, s2), c::c3);
+  const float log_m = add_rn(mul_rn(mul_rn(2.0f, s), mul_rn(p, s2)), mul_rn(2.0f, s));  // 2s + 2s s^2 p
+  const auto ef = static_cast<float>(e);
+  const float log_u = add_rn(mul_rn(ef, c::ln2_hi), add_rn(log_m, mul_rn(ef, c::ln2_lo)));
+  return mul_rn(log_u, scale);
+}
+
 RESONANCE_INLINE_FUNCTION float sigmoid(float x) { return 1.0f / (1.0f + exp_portable(-x)); }
 
 // softplus with torch's threshold (beta 1, threshold 20): returns x above 20 to avoid overflow.
-RESONANCE_INLINE_FUNCTION float softplus(float x) { return x > 20.0f ? x : ::log1pf(exp_portable(x)); }
+RESONANCE_INLINE_FUNCTION float softplus(float x) { return x > 20.0f ? x : log1p_portable(exp_portable(x)); }
 
 RESONANCE_INLINE_FUNCTION float sqrt_softplus(float x) { return ::sqrtf(softplus(x)); }
 
