@@ -188,9 +188,9 @@ RESONANCE_INLINE_FUNCTION bool token_choice_row(const token_choice& p, const flo
 __attribute__((noinline, cold))
 #endif
 RESONANCE_HOST_DEVICE inline void
-fail_row(index k, index t, id_type* expert, float* w) {
+fail_row(index k, id_type* expert, float* w) {
   for (index j = 0; j < k; ++j) {
-    expert[t * k + j] = static_cast<id_type>(j);
+    expert[j] = static_cast<id_type>(j);
     w[j] = __builtin_bit_cast(float, 0x7FC00000u);  // a quiet NaN
   }
 }
@@ -211,7 +211,7 @@ RESONANCE_INLINE_FUNCTION bool token_choice_select(const token_choice& p, const 
   offsets[t + 1] = static_cast<id_type>((t + 1) * k);
   if (ok) [[likely]]
     return false;
-  fail_row(k, t, expert, w);
+  fail_row(k, expert + t * k, w);
   return true;
 }
 
