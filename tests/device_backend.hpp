@@ -42,6 +42,7 @@ class sim_buffer {
 struct device_counters {
   int allocations = 0;
   int copies_to_host = 0;
+  int fences = 0;  // waits for the device
 };
 
 struct device_backend {
@@ -104,7 +105,9 @@ struct device_backend {
     if (be.counters != nullptr) ++be.counters->copies_to_host;
     if (n > 0) std::memcpy(static_cast<void*>(dst), src, static_cast<std::size_t>(n) * sizeof(T));
   }
-  friend void fence(const device_backend&) {}
+  friend void fence(const device_backend& be) {
+    if (be.counters != nullptr) ++be.counters->fences;
+  }
   friend bool operator==(const device_backend&, const device_backend&) = default;
 };
 

@@ -122,6 +122,98 @@ TEST_CASE("device route: the precomputed conformance cases give serial's plans a
   for (int d : directions) CHECK(d >= 10);
 }
 
+TEST_CASE("device route_into: one workspace and one plan reused over the conformance cases, no wait until finish") {
+  using namespace resonance_test::conformance;
+  resonance_test::device_counters n;
+  const device_backend be{&n};
+  rs::route_workspace<device_backend> ws;
+  rs::basic_routing_plan<sim_device_space> plan;
+  int routed = 0, errors = 0, reused = 0;
+  for (int id = 0; id < conformance_cases; ++id) {
+    const test_case c = make_case(id);
+    if (c.affinity != affinity_kind::precomputed || std::holds_alternative<rt::sinkhorn>(c.direction) ||
+        std::holds_alternative<rt::expert_choice>(c.direction))
+      continue;
+    std::string want_error;
+    const std::optional<rs::routing_plan> want = route_case(rs::backend::serial{}, c, want_error);
+    const auto x = to_device(c);
+    const device_view dx{x.data(), c.T, c.d, c.stride};
+    std::optional<rs::routing_plan> got;
+    const std::string got_error = error_of([&] {
+      std::visit(
+          [&](const auto& direction, const auto& capacity) {
+            using D = std::decay_t<decltype(direction)>;
+            if constexpr (!std::is_same_v<D, rt::sinkhorn> && !std::is_same_v<D, rt::expert_choice>) {
+              const rs::router<rs::affinity::precomputed, D, std::decay_t<decltype(capacity)>> r{
+                  {}, direction, capacity};
+              for (int round = 0; round < 2; ++round) {
+                n = {};
+                r.route_into(be, dx, ws, plan);
+                // Enqueued whole: its one copy back is on its way and nothing has waited.
+                CHECK_MESSAGE(n.fences == 0, c.text << ": route_into waited " << n.fences << " times");
+                CHECK_MESSAGE(n.copies_to_host == 1, c.text << ": " << n.copies_to_host << " copies");
+                CHECK(ws.pending());
+                // The second round finds the workspace and the plan big enough.
+                if (round == 1) {
+                  CHECK_MESSAGE(n.allocations == 0, c.text << ": " << n.allocations << " allocations on reuse");
+                  ++reused;
+                }
+                const int allocations = n.allocations;
+                r.finish(be, ws, plan);
+                CHECK(!ws.pending());
+                CHECK(n.fences == 1);
+                CHECK(n.allocations == allocations);
+              }
+              got = rs::to_host(be, plan);
+            }
+          },
+          c.direction, c.capacity);
+    });
+    CHECK_MESSAGE(got_error == want_error, c.text << ": \"" << got_error << "\", serial: \"" << want_error << "\"");
+    CHECK(!ws.pending());
+    if (!want || !got) {
+      errors += want ? 0 : 1;
+      // A failed route leaves the plan empty.
+      if (!want) CHECK(plan.num_tokens() == 0);
+      continue;
+    }
+    ++routed;
+    const std::string diff = resonance_test::plan_difference(*want, *got);
+    CHECK_MESSAGE(diff.empty(), c.text << ": " << diff << " (serial's first)");
+  }
+  CHECK(routed >= 40);
+  CHECK(errors >= 3);
+  CHECK(reused >= 40);
+}
+
+TEST_CASE("device route_into: a second route before finish is an error, and finish needs a route") {
+  std::vector<float> logits(12, 0.25f);
+  resonance_test::sim_buffer<float> x(12);
+  copy(device_backend{}, x.data(), logits.data(), 12);
+  const rs::router<rs::affinity::precomputed, rt::token_choice, rs::capacity::dropless> r{{}, {.top_k = 2}, {}};
+  rs::route_workspace<device_backend> ws;
+  rs::basic_routing_plan<sim_device_space> plan;
+  CHECK(error_of([&] { r.finish(device_backend{}, ws, plan); }) ==
+        "resonance: workspace: expected a workspace a route was enqueued on");
+  r.route_into(device_backend{}, device_view{x.data(), 3, 4}, ws, plan);
+  CHECK(error_of([&] {
+          r.route_into(device_backend{}, device_view{x.data(), 3, 4}, ws, plan);
+        }) == "resonance: workspace: expected a workspace whose previous route was finished (router::finish)");
+  r.finish(device_backend{}, ws, plan);
+  CHECK(plan.num_assignments() == 6);
+  // Bad input is thrown by route_into itself, before anything is enqueued.
+  CHECK(error_of([&] {
+          r.route_into(device_backend{}, device_view{x.data(), 3, 1}, ws, plan);
+        }).find("top_k") != std::string::npos);
+  CHECK(!ws.pending());
+  // On a host backend route_into is route().
+  rs::route_workspace<rs::backend::serial> hws;
+  rs::routing_plan hplan;
+  r.route_into(rs::backend::serial{}, host_view{logits.data(), 3, 4}, hws, hplan);
+  r.finish(rs::backend::serial{}, hws, hplan);
+  CHECK(hplan == r.route(rs::backend::serial{}, host_view{logits.data(), 3, 4}));
+}
+
 TEST_CASE("device route: a failing token costs the route nothing until its one copy, then serial's error") {
   // T = 5, E = 4: token 3 has a NaN logit; token 1 overflows once divided by the temperature.
   std::vector<float> logits(20, 0.5f);

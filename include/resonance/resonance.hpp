@@ -21,6 +21,7 @@
 #include "capacity/lower_bound.hpp"
 #include "capacity/schedule.hpp"
 #include "capacity/statistics.hpp"
+#include "core/bfloat16.hpp"
 #include "core/concepts.hpp"
 #include "core/config.hpp"
 #include "core/error.hpp"

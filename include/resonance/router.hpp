@@ -13,6 +13,7 @@
 #include <cmath>
 #include <concepts>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -144,6 +145,35 @@ inline std::vector<float>& fused_block_storage() {
 }
 }  // namespace detail
 
+// The reusable memory of a route into an existing plan (router::route_into): the route's workspace in
+// the backend's memory (status, candidates, the builder's temporaries, the policy array), grown when a
+// route needs more and reused otherwise, and the host-readable memory of its one copy back (pinned on
+// CUDA, so that a CUDA graph can capture the copy). It also remembers the route that finish() has yet
+// to check. One route at a time: route_into on a workspace whose route was not finished is an error.
+template <execution_backend Backend>
+class route_workspace {
+ public:
+  using memory_space = memory_space_t<Backend>;
+
+  // Bytes of the workspace in the backend's memory.
+  index bytes() const { return device_bytes_; }
+  // Whether a route was enqueued and not yet finished.
+  bool pending() const { return pending_; }
+
+ private:
+  template <affinity_policy, routing_policy, capacity_policy>
+  friend struct router;
+
+  buffer_t<memory_space, unsigned char> device_;
+  index device_bytes_ = 0;
+  host_readable_t<Backend, index> readback_;  // the plan's two sizes and the route's status
+  host_readable_t<Backend, float> staging_;   // the direction's policy array on its way to the device
+  index staging_size_ = 0;
+  bool pending_ = false;
+  matrix_view<const float, memory_space> logits_;  // the pending route's, for finish()'s error
+  candidate_span<memory_space> candidates_;
+};
+
 template <affinity_policy Affinity, routing_policy Direction, capacity_policy Capacity>
 struct router {
   using affinity_type = Affinity;
@@ -219,21 +249,121 @@ struct router {
   requires stateless_capacity_policy<Capacity> routing_plan route(matrix_view<T> x)
   const { return route(backend::serial{}, matrix_view<const T>(x)); }
 
+  // A route into an existing plan, with a caller-owned workspace, in two steps. route_into validates on
+  // the host (its errors are thrown at once), then on a backend whose memory the host cannot read it
+  // enqueues the whole route on the backend and waits for nothing: no allocation once `ws` and `plan`
+  // have the room (both grow when a route needs more), the plan's arrays written into plan's storage
+  // (copies of plan share it), and one copy back of the sizes and the status. So it can be captured in
+  // a CUDA graph; each replay is then followed by finish(). finish() waits for the backend, gives the
+  // plan its sizes and throws the error route() would have thrown for the same input, leaving the plan
+  // empty. The device path needs precomputed fp32 logits, a stateless capacity policy and a direction
+  // with a fixed number of candidates per token (token choice, bidirectional). A graph replays the
+  // policy as captured: its expert_bias values are those of the capture. On a host backend route_into
+  // is route() (its errors thrown at once) and finish() does nothing.
+  template <execution_backend Backend, input_scalar T, class XSpace>
+  requires stateless_capacity_policy<Capacity> && accessible_from_v<XSpace, memory_space_t<Backend>>
+  void route_into(const Backend& be, matrix_view<const T, XSpace> x, route_workspace<Backend>& ws,
+                  basic_routing_plan<memory_space_t<Backend>>& plan) const {
+    using space = memory_space_t<Backend>;
+    detail::require(!ws.pending_, "workspace", "a workspace whose previous route was finished (router::finish)");
+    if constexpr (host_accessible_v<space>) {
+      plan = route(be, x);
+    } else {
+      static_assert(std::is_same_v<Affinity, affinity::precomputed> && std::is_same_v<std::remove_cv_t<T>, float>,
+                    "on a backend whose memory the host cannot read, the router takes precomputed fp32 logits");
+      static_assert(std::is_same_v<XSpace, space>, "the logits must be in the backend's memory");
+      static_assert(
+          requires(candidate_span<space> & c, capacity_limits lim) {
+            select_unchecked(be, direction, matrix_view<const float, space>{}, lim, c);
+          },
+          "route_into on a device needs a direction with a fixed number of candidates per token");
+      const index E = check_route_input(x);
+      const index T_ = x.rows, k = direction.candidates_per_token(E);
+      const capacity_limits lim = capacity.limits(T_, E, k);
+      detail::check_limits(lim);
+      detail::check_slot_budget(E, T_ * k, lim);
+      const vector_view<const float> host_array = detail::policy_array(direction);
+      const device_route_layout layout(be, T_, E, k, lim, host_array.size);
+      // Grow what is too small; nothing else allocates.
+      if (ws.device_bytes_ < layout.bytes) {
+        ws.device_ = allocate<unsigned char>(be, layout.bytes);
+        ws.device_bytes_ = layout.bytes;
+      }
+      if (ws.readback_.data() == nullptr) ws.readback_ = allocate_host_readable<index>(be, 3);
+      if (ws.staging_size_ < host_array.size) {
+        ws.staging_ = allocate_host_readable<float>(be, host_array.size);
+        ws.staging_size_ = host_array.size;
+      }
+      detail::plan_data<space>& d = plan.raw();
+      const candidate_view<space> shape{T_, E, T_ * k};
+      d.num_tokens = T_;
+      d.num_experts = E;
+      d.capacity = lim.capacity;
+      std::tie(d.slot_room, d.assignment_room) = detail::plan_room(shape, lim);
+      if (static_cast<index>(d.storage.size()) < d.layout().bytes)
+        d.storage = allocate<unsigned char>(be, d.layout().bytes);
+      d.num_slots = d.num_assignments = 0;  // until finish()
+      for (index i = 0; i < host_array.size; ++i) ws.staging_.data()[i] = host_array[i];
+      ws.candidates_ =
+          enqueue_on_device(be, x, lim, layout, ws.device_.data(), ws.staging_.data(), d, ws.readback_.data());
+      ws.logits_ = x;
+    }
+    ws.pending_ = !host_accessible_v<space>;
+  }
+
+  template <execution_backend Backend, input_scalar T, class XSpace>
+  requires stateless_capacity_policy<Capacity> && accessible_from_v<XSpace, memory_space_t<Backend>>
+  void route_into(const Backend& be, matrix_view<T, XSpace> x, route_workspace<Backend>& ws,
+                  basic_routing_plan<memory_space_t<Backend>>& plan) const {
+    route_into(be, matrix_view<const T, XSpace>(x), ws, plan);
+  }
+
+  // Completes the route last enqueued (or replayed) on ws: see route_into.
+  template <execution_backend Backend>
+  void finish(const Backend& be, route_workspace<Backend>& ws,
+              basic_routing_plan<memory_space_t<Backend>>& plan) const {
+    using space = memory_space_t<Backend>;
+    if constexpr (!host_accessible_v<space>) {
+      detail::require(ws.readback_.data() != nullptr, "workspace", "a workspace a route was enqueued on");
+      fence(be);
+      ws.pending_ = false;
+      const index* rb = ws.readback_.data();
+      const index failed = rb[2];
+      if (failed == no_index) {
+        plan.raw().num_slots = rb[0];
+        plan.raw().num_assignments = rb[1];
+        return;
+      }
+      plan = basic_routing_plan<space>{};
+      fail_route(be, ws.logits_, failed, view_of(ws.candidates_));
+    } else {
+      (void)be, (void)plan;
+      ws.pending_ = false;
+    }
+  }
+
   friend constexpr bool operator==(const router&, const router&) = default;
 
  private:
+  // The input's shape and the policies against it; returns the number of experts.
+  template <class T, class XSpace>
+  index check_route_input(matrix_view<const T, XSpace> x) const {
+    detail::check_matrix(x, "input");
+    const index E = validate(x.cols);
+    const index k = direction.candidates_per_token(E);
+    detail::require(
+        static_cast<double>(x.rows) * static_cast<double>(k) < static_cast<double>(std::numeric_limits<id_type>::max()),
+        "input", "num_tokens * top_k < 2^31", x.rows, " tokens x ", k);
+    return E;
+  }
+
   template <execution_backend Backend, input_scalar T, class XSpace, class LimitsFn>
   basic_routing_plan<memory_space_t<Backend>> route_impl(const Backend& be, matrix_view<const T, XSpace> x,
                                                          LimitsFn&& limits_of) const {
     using space = memory_space_t<Backend>;
     static_assert(accessible_from_v<XSpace, space>, "the input must be in memory the backend can read");
-    detail::check_matrix(x, "input");
-    const index E = validate(x.cols);
-    const index T_ = x.rows;
+    const index E = check_route_input(x);
     const index k = direction.candidates_per_token(E);
-    detail::require(
-        static_cast<double>(T_) * static_cast<double>(k) < static_cast<double>(std::numeric_limits<id_type>::max()),
-        "input", "num_tokens * top_k < 2^31", T_, " tokens x ", k);
     if constexpr (!host_accessible_v<space>) {
       return route_on_device(be, x, E, k, limits_of);
     } else {
@@ -347,40 +477,23 @@ struct router {
     const detail::nonfinite_rows<XSpace> bad_logit{l};
     index failed = no_index;
     if constexpr (requires(candidate_span<space> & c) { select_unchecked(be, direction, l, lim, c); }) {
-      const index nnz = T_ * k;
-      detail::check_slot_budget(E, nnz, lim);
-      // status[0]: the lowest row with a non-finite logit; [1]: with a non-finite weight; [2]: the
-      // route's (row for a logit, T + row for a weight).
-      detail::workspace_layout layout;
-      const index o_status = layout.reserve<index>(3);
-      const index o_offsets = layout.reserve<id_type>(T_ + 1);
-      const index o_expert = layout.reserve<id_type>(nnz);
-      const index o_weight = layout.reserve<float>(nnz);
-      const index o_priority = layout.reserve<float>(nnz);
-      const index o_build = layout.reserve<unsigned char>(detail::build_workspace(be, nnz, E, lim.capacity > 0).bytes);
-      const index o_array = layout.reserve<float>(host_array.size);
-      auto work = allocate<unsigned char>(be, layout.bytes());
-      void* const base = work.data();
-      float* const array = detail::at_offset<float>(base, o_array);
-      copy(be, array, host_array.data, host_array.size);
-      const Direction dir = detail::with_policy_array(direction, array);
-      index* const st = detail::at_offset<index>(base, o_status);
-      candidate_span<space> cands;
-      cands.offsets = detail::at_offset<id_type>(base, o_offsets);
-      cands.expert = detail::at_offset<id_type>(base, o_expert);
-      cands.weight = detail::at_offset<float>(base, o_weight);
-      cands.priority = detail::at_offset<float>(base, o_priority);
-      if constexpr (self_checked) {
-        for_each(be, 1, detail::clear_status{st});
-      } else {
-        reduce_min_into(be, T_, bad_logit, st);
-      }
-      select_unchecked(be, dir, l, lim, cands);
-      reduce_min_into(be, T_, detail::nonfinite_candidates(view_of(cands)), st + 1);
-      for_each(be, 1, detail::merge_status{st, T_});
-      auto plan = detail::build_plan_unchecked(be, view_of(cands), lim, st + 2, &failed,
-                                               detail::at_offset<void>(base, o_build));
-      if (failed == no_index) return plan;
+      detail::check_slot_budget(E, T_ * k, lim);
+      const device_route_layout layout(be, T_, E, k, lim, host_array.size);
+      auto work = allocate<unsigned char>(be, layout.bytes);
+      detail::plan_data<space> d;
+      d.num_tokens = T_;
+      d.num_experts = E;
+      d.capacity = lim.capacity;
+      std::tie(d.slot_room, d.assignment_room) = detail::plan_room(candidate_view<space>{T_, E, T_ * k}, lim);
+      d.storage = allocate<unsigned char>(be, d.layout().bytes);
+      index readback[3] = {0, 0, no_index};
+      const candidate_span<space> cands =
+          enqueue_on_device(be, l, lim, layout, work.data(), host_array.data, d, readback);
+      fence(be);
+      failed = readback[2];
+      d.num_slots = readback[0];
+      d.num_assignments = readback[1];
+      if (failed == no_index) return basic_routing_plan<space>(std::move(d));
       fail_route(be, l, failed, view_of(cands));
     } else {
       if constexpr (!self_checked) {
@@ -402,6 +515,62 @@ struct router {
       if (failed == no_index) return plan;
       fail_route(be, l, failed, view_of(cands));
     }
+  }
+
+  // A device route's workspace: status[0] the lowest row with a non-finite logit, [1] with a
+  // non-finite weight, [2] the route's (row for a logit, T + row for a weight); the candidates; the
+  // builder's temporaries; the direction's policy array.
+  struct device_route_layout {
+    index status, offsets, expert, weight, priority, build, array, bytes;
+    template <class Backend>
+    device_route_layout(const Backend& be, index T, index E, index k, const capacity_limits& lim, index array_size) {
+      const index nnz = T * k;
+      detail::workspace_layout l;
+      status = l.reserve<index>(3);
+      offsets = l.reserve<id_type>(T + 1);
+      expert = l.reserve<id_type>(nnz);
+      weight = l.reserve<float>(nnz);
+      priority = l.reserve<float>(nnz);
+      build = l.reserve<unsigned char>(detail::build_workspace(be, nnz, E, lim.capacity > 0).bytes);
+      array = l.reserve<float>(array_size);
+      bytes = l.bytes();
+    }
+  };
+
+  // The device route of a direction with a fixed number of candidates per token, enqueued whole: the
+  // policy array copied from `policy` (host memory) into the workspace, the selection, the finiteness
+  // checks into the status, and the plan built into d (whose storage has the room), ending with the
+  // copy of the sizes and the status into `readback`. Allocates nothing and waits for nothing.
+  template <execution_backend Backend, class XSpace>
+  candidate_span<memory_space_t<Backend>> enqueue_on_device(const Backend& be, matrix_view<const float, XSpace> l,
+                                                            const capacity_limits& lim,
+                                                            const device_route_layout& layout, void* base,
+                                                            const float* policy,
+                                                            detail::plan_data<memory_space_t<Backend>>& d,
+                                                            index* readback) const {
+    using space = memory_space_t<Backend>;
+    const index T_ = l.rows;
+    constexpr bool self_checked = detail::checks_finite_v<Direction>;
+    float* const array = detail::at_offset<float>(base, layout.array);
+    const vector_view<const float> host_array = detail::policy_array(direction);
+    copy(be, array, policy, host_array.size);
+    const Direction dir = detail::with_policy_array(direction, array);
+    index* const st = detail::at_offset<index>(base, layout.status);
+    candidate_span<space> cands;
+    cands.offsets = detail::at_offset<id_type>(base, layout.offsets);
+    cands.expert = detail::at_offset<id_type>(base, layout.expert);
+    cands.weight = detail::at_offset<float>(base, layout.weight);
+    cands.priority = detail::at_offset<float>(base, layout.priority);
+    if constexpr (self_checked) {
+      for_each(be, 1, detail::clear_status{st});
+    } else {
+      reduce_min_into(be, T_, detail::nonfinite_rows<XSpace>{l}, st);
+    }
+    select_unchecked(be, dir, l, lim, cands);
+    reduce_min_into(be, T_, detail::nonfinite_candidates(view_of(cands)), st + 1);
+    for_each(be, 1, detail::merge_status{st, T_});
+    detail::enqueue_build(be, view_of(cands), lim, d, st + 2, readback, detail::at_offset<void>(base, layout.build));
+    return cands;
   }
 
   // The error of a device route's status: row `failed` had a non-finite logit, or row failed - T a

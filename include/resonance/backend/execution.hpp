@@ -29,6 +29,7 @@
 //                                              is its k-th largest key (keys unique within a segment;
 //                                              the keys may be permuted inside their segment)
 //   allocate<T>(be, n), copy(be, dst, src, n), copy_to_host(be, dst, src, n), fence(be)
+//   allocate_host<T>(be, n)                    optional: host memory copies may fill asynchronously
 //
 // The outputs of every primitive are unique (sorts are stable, selections use a strict order on
 // unique keys, the scan is over integers, reduce_min is a minimum), so a block, grain or team size
@@ -107,6 +108,21 @@ inline constexpr index no_index = std::numeric_limits<index>::max();
 
 template <class Space, class T>
 using buffer_t = typename space_traits<Space>::template buffer<T>;
+
+// Host memory that a backend's copy_to_host may fill without the host waiting, even inside a captured
+// CUDA graph: a backend may provide allocate_host<T>(be, n) (CUDA: pinned memory); otherwise a host
+// buffer. What a route reads back after its fence (router::route_into) lives in it.
+template <class T, class Backend>
+auto allocate_host_readable(const Backend& be, index n) {
+  if constexpr (requires { allocate_host<T>(be, n); }) {
+    return allocate_host<T>(be, n);
+  } else {
+    (void)be;
+    return host_buffer<T>(static_cast<std::size_t>(n));
+  }
+}
+template <class Backend, class T>
+using host_readable_t = decltype(allocate_host_readable<T>(std::declval<const Backend&>(), index{}));
 
 namespace detail {
 // Archetypes for the concept check (named types: nvcc rejects lambdas inside a requires-expression).

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -141,16 +142,26 @@ struct build_workspace {
 //   3 drop keys of the overfull experts, segmented_select -> each one's C-th largest key;
 //   4 per expert, the stable compaction of its kept candidates into its slots, then padding;
 //   5 token CSR: kept per token, exclusive_scan, fill.
-// Everything is allocated before step 1 (the plan at its worst-case size, in one allocation); the host
-// reads two sizes at the end, and with them the route's status when a device route passes one
-// (`status`, in the backend's memory, read into *host_status): its one device-to-host copy. `work`,
-// when given, holds build_workspace(be, nnz, E, lim.capacity > 0).bytes bytes (a route carves it from
-// its own allocation); else the builder allocates it.
+// enqueue_build runs them into d, whose storage has the room plan_room() gives (laid out by
+// d.layout()), and ends with one copy of the plan's two sizes and the route's status (`status`, in the
+// backend's memory, when a device route passes one; else no_index) into `readback`: three indices in
+// memory the host reads after fence(be). It waits for nothing, so a device route can be enqueued
+// whole (and captured in a CUDA graph). `work`, when given, holds build_workspace(be, nnz, E,
+// lim.capacity > 0).bytes bytes (a route carves it from its own allocation); else the builder allocates
+// it and waits for the build before it frees it.
+
+// The room a plan of these candidates needs: slots (the worst case of its capacity, padding and
+// alignment) and assignments.
+template <class Space>
+std::pair<index, index> plan_room(const candidate_view<Space>& c, const capacity_limits& lim) {
+  const bool pad = lim.pad_to_capacity && lim.capacity >= 0;
+  const index E = c.num_experts;
+  return {(pad ? E * lim.capacity : c.size) + E * (lim.align - 1), c.size};
+}
+
 template <execution_backend Backend, class Space>
-basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& be, const candidate_view<Space>& c,
-                                                                 const capacity_limits& lim,
-                                                                 const index* status = nullptr,
-                                                                 index* host_status = nullptr, void* work = nullptr) {
+void enqueue_build(const Backend& be, const candidate_view<Space>& c, const capacity_limits& lim,
+                   plan_data<memory_space_t<Backend>>& d, const index* status, index* readback, void* work) {
   using space = memory_space_t<Backend>;
   static_assert(accessible_from_v<Space, space>, "the candidates must be in memory the backend can read");
   const index T = c.num_tokens, E = c.num_experts, nnz = c.size;
@@ -160,16 +171,7 @@ basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& 
   const drop_policy drop = c.has_forced_drop ? c.forced_drop : lim.drop;
   const bool by_key = cap > 0 && drop != drop_policy::position;
   const std::uint64_t seed = lim.seed;
-  const index max_slots = (pad ? E * cap : nnz) + E * (align - 1);
-
-  plan_data<space> d;
-  d.num_tokens = T;
-  d.num_experts = E;
-  d.capacity = cap;
-  d.slot_room = max_slots;
-  d.assignment_room = nnz;
   const plan_layout pl = d.layout();
-  d.storage = allocate<unsigned char>(be, pl.bytes);
 
   // A caller's workspace is laid out for keys whenever the capacity is positive, so that it can be sized
   // before the direction has said which drop policy it forces.
@@ -297,8 +299,26 @@ basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& 
         sizes[1] = token_offsets[T];
         sizes[2] = status != nullptr ? *status : no_index;
       });
+  copy_to_host(be, readback, sizes, 3);
+  if (own.data() != nullptr) fence(be);
+}
+
+// The plan of candidates c: its storage allocated at the room plan_room() gives, the build enqueued,
+// then one wait for the sizes (and the status, into *host_status, when `status` is given).
+template <execution_backend Backend, class Space>
+basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& be, const candidate_view<Space>& c,
+                                                                 const capacity_limits& lim,
+                                                                 const index* status = nullptr,
+                                                                 index* host_status = nullptr, void* work = nullptr) {
+  using space = memory_space_t<Backend>;
+  plan_data<space> d;
+  d.num_tokens = c.num_tokens;
+  d.num_experts = c.num_experts;
+  d.capacity = lim.capacity;
+  std::tie(d.slot_room, d.assignment_room) = plan_room(c, lim);
+  d.storage = allocate<unsigned char>(be, d.layout().bytes);
   index host_sizes[3] = {0, 0, no_index};
-  copy_to_host(be, host_sizes, sizes, 3);
+  enqueue_build(be, c, lim, d, status, host_sizes, work);
   fence(be);
   d.num_slots = host_sizes[0];
   d.num_assignments = host_sizes[1];

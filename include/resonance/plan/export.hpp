@@ -6,12 +6,14 @@
 //   to_rank_layout    DeepEP get_dispatch_layout: tokens per rank / node / expert, is_token_in_rank [T×R]
 //
 // Each takes a backend as an optional first argument (without one: backend::serial) and is written once
-// on the execution primitives; the plan may be in any memory space the backend can read. The outputs
-// are host types (host matrix views, std::vector members), so the backend must be able to write host
-// memory.
+// on the execution primitives; the plan and the outputs may be in any memory space the backend can
+// read. On a backend whose memory the host reads the layouts hold std::vector (the contract types); on
+// a device they hold the backend's buffers (basic_block_aligned_layout<Space>, basic_rank_layout<Space>),
+// so an export on a device never passes through the host. to_block_aligned waits once, for its size.
 
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -25,22 +27,41 @@
 namespace resonance {
 
 namespace detail {
-template <class Backend, class Space>
+template <class Backend, class Space, class... Outputs>
 constexpr void check_export_spaces() {
   static_assert(accessible_from_v<Space, memory_space_t<Backend>>, "the plan must be in memory the backend can read");
-  static_assert(accessible_from_v<host_space, memory_space_t<Backend>>,
-                "the plan exports write host outputs: they need a backend that can write host memory");
+  static_assert((accessible_from_v<Outputs, memory_space_t<Backend>> && ...),
+                "the outputs must be in memory the backend can write");
+}
+
+// The space of an export's arrays: the host's when the backend reads host memory, else the backend's.
+template <class Backend>
+using export_space_t =
+    std::conditional_t<host_accessible_v<memory_space_t<Backend>>, host_space, memory_space_t<Backend>>;
+
+// An export's array: std::vector on the host, the space's buffer elsewhere.
+template <class Space, class T>
+using export_array = std::conditional_t<std::is_same_v<Space, host_space>, std::vector<T>, buffer_t<Space, T>>;
+
+// n entries (a host vector's are zeroed; a device buffer's are written by the export).
+template <class T, class Backend>
+export_array<export_space_t<Backend>, T> make_export_array(const Backend& be, index n) {
+  if constexpr (std::is_same_v<export_space_t<Backend>, host_space>) {
+    return std::vector<T>(static_cast<std::size_t>(n));
+  } else {
+    return allocate<T>(be, n);
+  }
 }
 }  // namespace detail
 
 // Writes the dense Megatron form, one token's rows per item. Both outputs are checked before anything
 // is written.
-template <execution_backend Backend, plan_source Plan, class P, class M>
-void to_dense(const Backend& be, const Plan& source, matrix_view<P> probs, matrix_view<M> mask) {
+template <execution_backend Backend, plan_source Plan, class P, class M, class PSpace, class MSpace>
+void to_dense(const Backend& be, const Plan& source, matrix_view<P, PSpace> probs, matrix_view<M, MSpace> mask) {
   using Space = plan_space_t<Plan>;
   const plan_view<Space> plan = detail::as_plan_view(source);
   static_assert(!std::is_const_v<P> && !std::is_const_v<M>, "to_dense writes its outputs");
-  detail::check_export_spaces<Backend, Space>();
+  detail::check_export_spaces<Backend, Space, PSpace, MSpace>();
   const index T = plan.num_tokens(), E = plan.num_experts();
   detail::check_matrix(probs, "probs", T, E);
   detail::check_matrix(mask, "mask", T, E);
@@ -67,20 +88,24 @@ void to_dense(const plan_view<>& plan, matrix_view<P> probs, matrix_view<M> mask
   to_dense(backend::serial{}, plan, probs, mask);
 }
 
-struct block_aligned_layout {
+template <class Space = host_space>
+struct basic_block_aligned_layout {
   // Kept assignments grouped by expert, each expert's run padded to a multiple of `block`. An entry is
   // the assignment's index in the plan's token-major CSR (token_expert()); when every token keeps
   // exactly k experts that is t*k + j, vLLM's flattened topk_ids index. Padding holds num_assignments.
-  std::vector<id_type> sorted_token_ids;
-  std::vector<id_type> expert_ids;  // one per block of `block` entries
+  detail::export_array<Space, id_type> sorted_token_ids;
+  detail::export_array<Space, id_type> expert_ids;  // one per block of `block` entries
   id_type num_tokens_post_pad = 0;
   index block = 1;
 };
 
+using block_aligned_layout = basic_block_aligned_layout<host_space>;
+
 // Blocks per expert, scanned into each expert's first block; the host reads the block count, sizes the
 // outputs, then each expert writes its blocks.
 template <execution_backend Backend, plan_source Plan>
-block_aligned_layout to_block_aligned(const Backend& be, const Plan& source, index block) {
+basic_block_aligned_layout<detail::export_space_t<Backend>> to_block_aligned(const Backend& be, const Plan& source,
+                                                                             index block) {
   using Space = plan_space_t<Plan>;
   const plan_view<Space> plan = detail::as_plan_view(source);
   detail::check_export_spaces<Backend, Space>();
@@ -109,11 +134,11 @@ block_aligned_layout to_block_aligned(const Backend& be, const Plan& source, ind
   detail::require(static_cast<index>(blocks) <= std::numeric_limits<id_type>::max() / block, "block",
                   "a block size whose padded layout fits in 32-bit ids", block);
 
-  block_aligned_layout out;
+  basic_block_aligned_layout<detail::export_space_t<Backend>> out;
   out.block = block;
   out.num_tokens_post_pad = static_cast<id_type>(static_cast<index>(blocks) * block);
-  out.sorted_token_ids.resize(static_cast<std::size_t>(out.num_tokens_post_pad));
-  out.expert_ids.resize(static_cast<std::size_t>(blocks));
+  out.sorted_token_ids = detail::make_export_array<id_type>(be, out.num_tokens_post_pad);
+  out.expert_ids = detail::make_export_array<id_type>(be, blocks);
   // Kept tokens fill the first expert_counts[e] slots of expert e; map each kept slot to its CSR position.
   for_each(
       be, A, RESONANCE_LAMBDA(index i) { csr_of_slot[tok_slot[i]] = static_cast<id_type>(i); });
@@ -139,35 +164,46 @@ inline block_aligned_layout to_block_aligned(const plan_view<>& plan, index bloc
   return to_block_aligned(backend::serial{}, plan, block);
 }
 
-struct rank_layout {
-  std::vector<id_type> num_tokens_per_rank;    // R: tokens sent to each rank (once per rank, not per expert)
-  std::vector<id_type> num_tokens_per_node;    // R / ranks_per_node (DeepEP's num_tokens_per_rdma_rank)
-  std::vector<id_type> num_tokens_per_expert;  // E: kept tokens per expert
-  std::vector<std::uint8_t> is_token_in_rank;  // T×R, row-major, 1 when the token goes to that rank
+template <class Space = host_space>
+struct basic_rank_layout {
+  detail::export_array<Space, id_type> num_tokens_per_rank;    // R: tokens sent to each rank (once per rank)
+  detail::export_array<Space, id_type> num_tokens_per_node;    // R / ranks_per_node (num_tokens_per_rdma_rank)
+  detail::export_array<Space, id_type> num_tokens_per_expert;  // E: kept tokens per expert
+  detail::export_array<Space, std::uint8_t> is_token_in_rank;  // T×R, row-major, 1: the token goes there
   index num_ranks = 0;
 };
+
+using rank_layout = basic_rank_layout<host_space>;
 
 // Each token's row of is_token_in_rank, then each rank (node) counts the tokens flagged in its column
 // (any of its ranks' columns): no atomics, the same counts on every backend.
 template <execution_backend Backend, plan_source Plan>
-rank_layout to_rank_layout(const Backend& be, const Plan& source, const dist::expert_placement& placement) {
+basic_rank_layout<detail::export_space_t<Backend>> to_rank_layout(const Backend& be, const Plan& source,
+                                                                  const dist::expert_placement& placement) {
   using Space = plan_space_t<Plan>;
   const plan_view<Space> plan = detail::as_plan_view(source);
   detail::check_export_spaces<Backend, Space>();
   const index T = plan.num_tokens(), E = plan.num_experts();
   placement.validate(E);
   const index R = placement.num_ranks, N = placement.num_nodes(), ranks_per_node = placement.ranks_per_node;
-  rank_layout out;
+  basic_rank_layout<detail::export_space_t<Backend>> out;
   out.num_ranks = R;
-  out.num_tokens_per_rank.resize(static_cast<std::size_t>(R));
-  out.num_tokens_per_node.resize(static_cast<std::size_t>(N));
-  out.num_tokens_per_expert.resize(static_cast<std::size_t>(E));
-  out.is_token_in_rank.resize(static_cast<std::size_t>(T * R));
-  copy_to_host(be, out.num_tokens_per_expert.data(), plan.expert_counts_, E);
+  out.num_tokens_per_rank = detail::make_export_array<id_type>(be, R);
+  out.num_tokens_per_node = detail::make_export_array<id_type>(be, N);
+  out.num_tokens_per_expert = detail::make_export_array<id_type>(be, E);
+  out.is_token_in_rank = detail::make_export_array<std::uint8_t>(be, T * R);
+  copy(be, out.num_tokens_per_expert.data(), plan.expert_counts_, E);
 
   const id_type* const off = plan.token_offsets_;
   const id_type* const ex = plan.token_expert_;
-  const id_type* const rank_of_expert = placement.rank_of_expert.data();  // host memory the backend reads
+  // The placement is host data: a backend that cannot read the host gets a copy.
+  buffer_t<memory_space_t<Backend>, id_type> placement_copy;
+  const id_type* rank_of_expert = placement.rank_of_expert.data();
+  if constexpr (!accessible_from_v<host_space, memory_space_t<Backend>>) {
+    placement_copy = allocate<id_type>(be, E);
+    copy(be, placement_copy.data(), rank_of_expert, E);
+    rank_of_expert = placement_copy.data();
+  }
   std::uint8_t* const in_rank = out.is_token_in_rank.data();
   id_type* const per_rank = out.num_tokens_per_rank.data();
   id_type* const per_node = out.num_tokens_per_node.data();
@@ -198,7 +234,7 @@ rank_layout to_rank_layout(const Backend& be, const Plan& source, const dist::ex
         per_node[node] = n;
       },
       index{1});
-  fence(be);  // the expert counts' copy
+  fence(be);  // the copies, before placement_copy is freed
   return out;
 }
 

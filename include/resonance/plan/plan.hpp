@@ -248,6 +248,8 @@ class basic_routing_plan {
 
   // The owned storage: the counts and the one allocation (to_host copies it whole).
   const detail::plan_data<Space>& raw() const { return d_; }
+  // The same, for a route that writes into an existing plan's storage (router::route_into).
+  detail::plan_data<Space>& raw() { return d_; }
 
  private:
   detail::plan_data<Space> d_;

@@ -1,0 +1,146 @@
+// router::route_into on backend::cuda: a route captured in a CUDA graph, replayed on new logits at the
+// same address, gives serial's plan on each replay (and serial's error for a replay with a NaN); a
+// workspace that has the room makes the route allocate nothing; and dispatch / combine of bf16 rows
+// in device memory equal serial's on the host.
+
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <doctest/doctest.h>
+
+#include <resonance/backend/cuda.cuh>
+#include <resonance/resonance.hpp>
+
+#include "../error_of.hpp"
+
+namespace {
+
+namespace rs = resonance;
+namespace rt = resonance::routing;
+using resonance_test::error_of;
+using rs::index;
+
+void check_cuda(cudaError_t s) { REQUIRE_MESSAGE(s == cudaSuccess, cudaGetErrorString(s)); }
+
+std::vector<float> random_logits(index n, std::mt19937& rng) {
+  std::uniform_int_distribution<int> level(-40, 40);  // coarse levels: ties
+  std::vector<float> v(static_cast<std::size_t>(n));
+  for (float& x : v) x = 0.125f * static_cast<float>(level(rng));
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("cuda: route_into captured in a CUDA graph replays to serial's plan on new logits") {
+  cudaStream_t stream = nullptr;
+  check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  {
+    const rs::backend::cuda be{stream};
+    const rs::index T = 1000, E = 64, k = 8;
+    std::mt19937 rng(2024);
+    std::vector<float> bias(static_cast<std::size_t>(E));
+    for (float& b : bias) b = 0.01f * static_cast<float>(rng() % 7);
+    const rs::router<rs::affinity::precomputed, rt::token_choice, rs::capacity::factor> r{
+        {}, {.top_k = k, .score = rs::score::sigmoid, .expert_bias = {bias.data(), E}}, {.factor = 1.0}};
+
+    auto x = allocate<float>(be, T * E);
+    const rs::matrix_view<const float, rs::cuda_space> dx{x.data(), T, E};
+    rs::route_workspace<rs::backend::cuda> ws;
+    rs::basic_routing_plan<rs::cuda_space> plan;
+
+    // One route outside the capture gives the workspace and the plan their room.
+    std::vector<float> logits = random_logits(T * E, rng);
+    copy(be, x.data(), logits.data(), T * E);
+    r.route_into(be, dx, ws, plan);
+    r.finish(be, ws, plan);
+    CHECK(rs::to_host(be, plan) == r.route(rs::backend::serial{}, rs::matrix_view<const float>{logits.data(), T, E}));
+
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    check_cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    r.route_into(be, dx, ws, plan);
+    check_cuda(cudaStreamEndCapture(stream, &graph));
+    check_cuda(cudaGraphInstantiate(&exec, graph, 0));
+
+    for (int replay = 0; replay < 3; ++replay) {
+      logits = random_logits(T * E, rng);
+      copy(be, x.data(), logits.data(), T * E);
+      check_cuda(cudaGraphLaunch(exec, stream));
+      r.finish(be, ws, plan);
+      CHECK(rs::to_host(be, plan) == r.route(rs::backend::serial{}, rs::matrix_view<const float>{logits.data(), T, E}));
+    }
+
+    // A replay on logits with a NaN: finish throws serial's error.
+    logits[static_cast<std::size_t>(17 * E + 3)] = __builtin_nanf("");
+    copy(be, x.data(), logits.data(), T * E);
+    check_cuda(cudaGraphLaunch(exec, stream));
+    const std::string want = error_of([&] {
+      (void)r.route(rs::backend::serial{}, rs::matrix_view<const float>{logits.data(), T, E});
+    });
+    CHECK(error_of([&] { r.finish(be, ws, plan); }) == want);
+
+    check_cuda(cudaGraphExecDestroy(exec));
+    check_cuda(cudaGraphDestroy(graph));
+    fence(be);
+  }
+  check_cuda(cudaStreamDestroy(stream));
+}
+
+TEST_CASE("cuda: dispatch and combine of bf16 and fp32 rows in device memory equal serial's") {
+  const rs::backend::cuda be{};
+  const rs::index T = 257, E = 16, k = 2;
+  std::mt19937 rng(5);
+  const std::vector<float> logits = random_logits(T * E, rng);
+  const rs::router<rs::affinity::precomputed, rt::token_choice, rs::capacity::factor> r{
+      {}, {.top_k = k}, {.factor = 1.0, .pad_to_capacity = true}};
+  auto dl = allocate<float>(be, T * E);
+  copy(be, dl.data(), logits.data(), T * E);
+  const rs::routing_plan host = r.route(rs::backend::serial{}, rs::matrix_view<const float>{logits.data(), T, E});
+  const auto plan = r.route(be, rs::matrix_view<const float, rs::cuda_space>{dl.data(), T, E});
+  const rs::index S = host.num_slots();
+  for (const rs::index d : {rs::index{7}, rs::index{64}, rs::index{7168}}) {
+    CAPTURE(d);
+    std::normal_distribution<float> g;
+    std::vector<rs::bfloat16> x(static_cast<std::size_t>(T * d)), e(static_cast<std::size_t>(S * d));
+    for (auto& v : x) v = rs::bfloat16::from_float(g(rng));
+    for (auto& v : e) v = rs::bfloat16::from_float(g(rng));
+    std::vector<rs::bfloat16> buf(static_cast<std::size_t>(S * d)), y(static_cast<std::size_t>(T * d));
+    rs::dispatch(rs::backend::serial{}, host, rs::matrix_view<const rs::bfloat16>{x.data(), T, d},
+                 rs::matrix_view<rs::bfloat16>{buf.data(), S, d});
+    rs::combine(rs::backend::serial{}, host, rs::matrix_view<const rs::bfloat16>{e.data(), S, d},
+                rs::matrix_view<rs::bfloat16>{y.data(), T, d});
+
+    auto dx = allocate<rs::bfloat16>(be, T * d), de = allocate<rs::bfloat16>(be, S * d);
+    auto dbuf = allocate<rs::bfloat16>(be, S * d), dy = allocate<rs::bfloat16>(be, T * d);
+    copy(be, dx.data(), x.data(), T * d);
+    copy(be, de.data(), e.data(), S * d);
+    rs::dispatch(be, plan, rs::matrix_view<const rs::bfloat16, rs::cuda_space>{dx.data(), T, d},
+                 rs::matrix_view<rs::bfloat16, rs::cuda_space>{dbuf.data(), S, d});
+    rs::combine(be, plan, rs::matrix_view<const rs::bfloat16, rs::cuda_space>{de.data(), S, d},
+                rs::matrix_view<rs::bfloat16, rs::cuda_space>{dy.data(), T, d});
+    std::vector<rs::bfloat16> got_buf(buf.size()), got_y(y.size());
+    copy_to_host(be, got_buf.data(), dbuf.data(), S * d);
+    copy_to_host(be, got_y.data(), dy.data(), T * d);
+    fence(be);
+    CHECK(std::memcmp(got_buf.data(), buf.data(), buf.size() * sizeof(rs::bfloat16)) == 0);
+    CHECK(std::memcmp(got_y.data(), y.data(), y.size() * sizeof(rs::bfloat16)) == 0);
+
+    // fp32 rows of the same shapes.
+    std::vector<float> xf(x.size()), ef(e.size()), yf(y.size());
+    for (std::size_t i = 0; i < x.size(); ++i) xf[i] = x[i].to_float();
+    for (std::size_t i = 0; i < e.size(); ++i) ef[i] = e[i].to_float();
+    rs::combine(rs::backend::serial{}, host, rs::matrix_view<const float>{ef.data(), S, d},
+                rs::matrix_view<float>{yf.data(), T, d});
+    auto def = allocate<float>(be, S * d), dyf = allocate<float>(be, T * d);
+    copy(be, def.data(), ef.data(), S * d);
+    rs::combine(be, plan, rs::matrix_view<const float, rs::cuda_space>{def.data(), S, d},
+                rs::matrix_view<float, rs::cuda_space>{dyf.data(), T, d});
+    std::vector<float> got_yf(yf.size());
+    copy_to_host(be, got_yf.data(), dyf.data(), T * d);
+    fence(be);
+    CHECK(std::memcmp(got_yf.data(), yf.data(), yf.size() * sizeof(float)) == 0);
+  }
+}
