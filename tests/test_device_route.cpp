@@ -66,13 +66,46 @@ struct route_cost {
   int copies_to_host = 0;
 };
 
-TEST_CASE("device route: the precomputed conformance cases give serial's plans and errors") {
+// Routes case c on backend be with its affinity (precomputed logits or grap_cosine's hidden states, in
+// device memory as X), calling check(router, plan) with the plan; returns whether the direction
+// proposes a fixed number of candidates per token.
+template <class X, class Check>
+bool route_on(const resonance_test::conformance::test_case& c, const device_backend& be,
+              rs::matrix_view<const X, sim_device_space> dx, Check&& check) {
+  bool fixed_candidates = false;
+  const auto with = [&](auto affinity) {
+    std::visit(
+        [&](const auto& direction, const auto& capacity) {
+          using D = std::decay_t<decltype(direction)>;
+          if constexpr (!std::is_same_v<D, rt::sinkhorn>) {
+            fixed_candidates = !std::is_same_v<D, rt::expert_choice>;
+            const rs::router<decltype(affinity), D, std::decay_t<decltype(capacity)>> r{affinity, direction, capacity};
+            check(r.route(be, dx));
+          }
+        },
+        c.direction, c.capacity);
+  };
+  if (c.affinity == resonance_test::conformance::affinity_kind::grap_cosine) {
+    with(rs::affinity::grap_cosine{.num_experts = c.E});
+  } else if constexpr (std::is_same_v<X, float>) {
+    with(rs::affinity::precomputed{});
+  }
+  return fixed_candidates;
+}
+
+bool device_case(const resonance_test::conformance::test_case& c) {
+  using resonance_test::conformance::affinity_kind;
+  return (c.affinity == affinity_kind::precomputed || c.affinity == affinity_kind::grap_cosine) &&
+         !std::holds_alternative<rt::sinkhorn>(c.direction);
+}
+
+TEST_CASE("device route: the precomputed and grap_cosine conformance cases give serial's plans and errors") {
   using namespace resonance_test::conformance;
-  int routed = 0, errors = 0, counted = 0;
+  int routed = 0, errors = 0, counted = 0, hidden = 0;
   int directions[3] = {0, 0, 0};
   for (int id = 0; id < conformance_cases; ++id) {
     const test_case c = make_case(id);
-    if (c.affinity != affinity_kind::precomputed || std::holds_alternative<rt::sinkhorn>(c.direction)) continue;
+    if (!device_case(c)) continue;
     std::string want_error;
     const std::optional<rs::routing_plan> want = route_case(rs::backend::serial{}, c, want_error);
 
@@ -84,21 +117,12 @@ TEST_CASE("device route: the precomputed conformance cases give serial's plans a
     route_cost cost;
     bool fixed_candidates = false;
     const std::string got_error = error_of([&] {
-      std::visit(
-          [&](const auto& direction, const auto& capacity) {
-            using D = std::decay_t<decltype(direction)>;
-            if constexpr (!std::is_same_v<D, rt::sinkhorn>) {
-              fixed_candidates = !std::is_same_v<D, rt::expert_choice>;
-              const rs::router<rs::affinity::precomputed, D, std::decay_t<decltype(capacity)>> r{
-                  {}, direction, capacity};
-              const rs::basic_routing_plan<sim_device_space> plan = r.route(be, dx);
-              cost = {n.allocations, n.copies_to_host};
-              n = {};
-              got = rs::to_host(be, plan);
-              CHECK_MESSAGE(n.copies_to_host == 1, c.text << ": to_host made " << n.copies_to_host << " copies");
-            }
-          },
-          c.direction, c.capacity);
+      fixed_candidates = route_on(c, be, dx, [&](const rs::basic_routing_plan<sim_device_space>& plan) {
+        cost = {n.allocations, n.copies_to_host};
+        n = {};
+        got = rs::to_host(be, plan);
+        CHECK_MESSAGE(n.copies_to_host == 1, c.text << ": to_host made " << n.copies_to_host << " copies");
+      });
     });
     ++directions[c.direction.index() < 3 ? c.direction.index() : 0];
     CHECK_MESSAGE(got_error == want_error, c.text << ": \"" << got_error << "\", serial: \"" << want_error << "\"");
@@ -107,6 +131,7 @@ TEST_CASE("device route: the precomputed conformance cases give serial's plans a
       continue;
     }
     ++routed;
+    hidden += c.affinity == affinity_kind::grap_cosine ? 1 : 0;
     const std::string diff = resonance_test::plan_difference(*want, *got);
     CHECK_MESSAGE(diff.empty(), c.text << ": " << diff << " (serial's first)");
     if (fixed_candidates) {
@@ -117,9 +142,61 @@ TEST_CASE("device route: the precomputed conformance cases give serial's plans a
   }
   // The draws reach every kind of case.
   CHECK(routed >= 60);
+  CHECK(hidden >= 15);
   CHECK(errors >= 5);
   CHECK(counted >= 40);
   for (int d : directions) CHECK(d >= 10);
+}
+
+TEST_CASE("device route: bfloat16 hidden states route as their fp32 values, on the host and the device") {
+  using namespace resonance_test::conformance;
+  int routed = 0, errors = 0;
+  for (int id = 0; id < conformance_cases; ++id) {
+    test_case c = make_case(id);
+    if (!device_case(c) || c.affinity != affinity_kind::grap_cosine) continue;
+    // The case's input rounded to bfloat16, and those values as fp32 (exact).
+    std::vector<rs::bfloat16> xb(c.x.size());
+    for (std::size_t i = 0; i < c.x.size(); ++i) {
+      xb[i] = rs::bfloat16::from_float(c.x[i]);
+      c.x[i] = xb[i].to_float();
+    }
+    std::string want_error;
+    const std::optional<rs::routing_plan> want = route_case(rs::backend::serial{}, c, want_error);
+
+    std::optional<rs::routing_plan> host, device;
+    const std::string host_error = error_of([&] {
+      std::visit(
+          [&](const auto& direction, const auto& capacity) {
+            using D = std::decay_t<decltype(direction)>;
+            if constexpr (!std::is_same_v<D, rt::sinkhorn>) {
+              const rs::router<rs::affinity::grap_cosine, D, std::decay_t<decltype(capacity)>> r{
+                  {.num_experts = c.E}, direction, capacity};
+              host = r.route(rs::backend::serial{}, rs::matrix_view<const rs::bfloat16>{xb.data(), c.T, c.d, c.stride});
+            }
+          },
+          c.direction, c.capacity);
+    });
+    resonance_test::sim_buffer<rs::bfloat16> dxb(static_cast<index>(xb.size()));
+    copy(device_backend{}, dxb.data(), xb.data(), static_cast<index>(xb.size()));
+    const std::string device_error = error_of([&] {
+      route_on(
+          c, device_backend{}, rs::matrix_view<const rs::bfloat16, sim_device_space>{dxb.data(), c.T, c.d, c.stride},
+          [&](const rs::basic_routing_plan<sim_device_space>& plan) { device = rs::to_host(device_backend{}, plan); });
+    });
+    CHECK_MESSAGE(host_error == want_error, c.text << ": \"" << host_error << "\", fp32: \"" << want_error << "\"");
+    CHECK_MESSAGE(device_error == want_error, c.text << ": \"" << device_error << "\", fp32: \"" << want_error << "\"");
+    if (!want) {
+      ++errors;
+      continue;
+    }
+    REQUIRE(host);
+    REQUIRE(device);
+    ++routed;
+    CHECK_MESSAGE(resonance_test::plan_difference(*want, *host).empty(), c.text);
+    CHECK_MESSAGE(resonance_test::plan_difference(*want, *device).empty(), c.text);
+  }
+  CHECK(routed >= 15);
+  CHECK(errors >= 1);
 }
 
 TEST_CASE("device route_into: one workspace and one plan reused over the conformance cases, no wait until finish") {

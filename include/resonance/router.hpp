@@ -204,7 +204,7 @@ struct router {
   }
 
   // The fp32 router logits for x (a view of x itself for precomputed float logits).
-  template <execution_backend Backend, input_scalar T>
+  template <execution_backend Backend, affinity_input<Affinity> T>
   matrix_view<const float> logits(const Backend& be, matrix_view<const T> x, std::vector<float>& storage) const {
     detail::check_matrix(x, "input");
     validate(x.cols);
@@ -214,7 +214,7 @@ struct router {
   }
 
   // One routing step with a stateless capacity policy. x may be in any memory space the backend reads.
-  template <execution_backend Backend, input_scalar T, class XSpace>
+  template <execution_backend Backend, affinity_input<Affinity> T, class XSpace>
   requires stateless_capacity_policy<Capacity> && accessible_from_v<XSpace, memory_space_t<Backend>>
       basic_routing_plan<memory_space_t<Backend>> route(const Backend& be, matrix_view<const T, XSpace> x)
   const {
@@ -225,7 +225,7 @@ struct router {
 
   // One routing step with a stateful scheduler: `state` (owned by the caller) is read and advanced,
   // and left untouched when the call throws.
-  template <execution_backend Backend, input_scalar T>
+  template <execution_backend Backend, affinity_input<Affinity> T>
   requires stateful_capacity_policy<Capacity> basic_routing_plan<memory_space_t<Backend>> route(
       const Backend& be, matrix_view<const T> x, capacity_state_t<Capacity>& state)
   const {
@@ -235,12 +235,12 @@ struct router {
     return plan;
   }
 
-  template <execution_backend Backend, input_scalar T>
+  template <execution_backend Backend, affinity_input<Affinity> T>
   requires stateful_capacity_policy<Capacity> basic_routing_plan<memory_space_t<Backend>> route(
       const Backend& be, matrix_view<T> x, capacity_state_t<Capacity>& state)
   const { return route(be, matrix_view<const T>(x), state); }
 
-  template <execution_backend Backend, input_scalar T, class XSpace>
+  template <execution_backend Backend, affinity_input<Affinity> T, class XSpace>
   requires stateless_capacity_policy<Capacity> && accessible_from_v<XSpace, memory_space_t<Backend>>
       basic_routing_plan<memory_space_t<Backend>> route(const Backend& be, matrix_view<T, XSpace> x)
   const { return route(be, matrix_view<const T, XSpace>(x)); }
@@ -256,11 +256,12 @@ struct router {
   // (copies of plan share it), and one copy back of the sizes and the status. So it can be captured in
   // a CUDA graph; each replay is then followed by finish(). finish() waits for the backend, gives the
   // plan its sizes and throws the error route() would have thrown for the same input, leaving the plan
-  // empty. The device path needs precomputed fp32 logits, a stateless capacity policy and a direction
-  // with a fixed number of candidates per token (token choice, bidirectional). A graph replays the
+  // empty. The device path needs an affinity that computes on the device (precomputed fp32 logits, or
+  // grap_cosine's hidden states), a stateless capacity policy and a direction with a fixed number of
+  // candidates per token (token choice, bidirectional). A graph replays the
   // policy as captured: its expert_bias values are those of the capture. On a host backend route_into
   // is route() (its errors thrown at once) and finish() does nothing.
-  template <execution_backend Backend, input_scalar T, class XSpace>
+  template <execution_backend Backend, affinity_input<Affinity> T, class XSpace>
   requires stateless_capacity_policy<Capacity> && accessible_from_v<XSpace, memory_space_t<Backend>>
   void route_into(const Backend& be, matrix_view<const T, XSpace> x, route_workspace<Backend>& ws,
                   basic_routing_plan<memory_space_t<Backend>>& plan) const {
@@ -269,9 +270,8 @@ struct router {
     if constexpr (host_accessible_v<space>) {
       plan = route(be, x);
     } else {
-      static_assert(std::is_same_v<Affinity, affinity::precomputed> && std::is_same_v<std::remove_cv_t<T>, float>,
-                    "on a backend whose memory the host cannot read, the router takes precomputed fp32 logits");
-      static_assert(std::is_same_v<XSpace, space>, "the logits must be in the backend's memory");
+      check_device_affinity<Backend, T, XSpace>();
+      static_assert(std::is_same_v<XSpace, space>, "the input must be in the backend's memory");
       static_assert(
           requires(candidate_span<space> & c, capacity_limits lim) {
             select_unchecked(be, direction, matrix_view<const float, space>{}, lim, c);
@@ -283,7 +283,7 @@ struct router {
       detail::check_limits(lim);
       detail::check_slot_budget(E, T_ * k, lim);
       const vector_view<const float> host_array = detail::policy_array(direction);
-      const device_route_layout layout(be, T_, E, k, lim, host_array.size);
+      const device_route_layout layout(be, T_, E, k, lim, host_array.size, computed_logits(T_, E));
       // Grow what is too small; nothing else allocates.
       if (ws.device_bytes_ < layout.bytes) {
         ws.device_ = allocate<unsigned char>(be, layout.bytes);
@@ -304,14 +304,16 @@ struct router {
         d.storage = allocate<unsigned char>(be, d.layout().bytes);
       d.num_slots = d.num_assignments = 0;  // until finish()
       for (index i = 0; i < host_array.size; ++i) ws.staging_.data()[i] = host_array[i];
+      const matrix_view<const float, space> l =
+          device_logits(be, x, E, detail::at_offset<float>(ws.device_.data(), layout.logits));
       ws.candidates_ =
-          enqueue_on_device(be, x, lim, layout, ws.device_.data(), ws.staging_.data(), d, ws.readback_.data());
-      ws.logits_ = x;
+          enqueue_on_device(be, l, lim, layout, ws.device_.data(), ws.staging_.data(), d, ws.readback_.data());
+      ws.logits_ = l;
     }
     ws.pending_ = !host_accessible_v<space>;
   }
 
-  template <execution_backend Backend, input_scalar T, class XSpace>
+  template <execution_backend Backend, affinity_input<Affinity> T, class XSpace>
   requires stateless_capacity_policy<Capacity> && accessible_from_v<XSpace, memory_space_t<Backend>>
   void route_into(const Backend& be, matrix_view<T, XSpace> x, route_workspace<Backend>& ws,
                   basic_routing_plan<memory_space_t<Backend>>& plan) const {
@@ -357,7 +359,7 @@ struct router {
     return E;
   }
 
-  template <execution_backend Backend, input_scalar T, class XSpace, class LimitsFn>
+  template <execution_backend Backend, affinity_input<Affinity> T, class XSpace, class LimitsFn>
   basic_routing_plan<memory_space_t<Backend>> route_impl(const Backend& be, matrix_view<const T, XSpace> x,
                                                          LimitsFn&& limits_of) const {
     using space = memory_space_t<Backend>;
@@ -373,7 +375,7 @@ struct router {
   }
 
   // A route whose data the host can read: a failing stage throws at once.
-  template <execution_backend Backend, input_scalar T, class LimitsFn>
+  template <execution_backend Backend, affinity_input<Affinity> T, class LimitsFn>
   basic_routing_plan<memory_space_t<Backend>> route_on_host(const Backend& be, matrix_view<const T> x, index E, index k,
                                                             LimitsFn& limits_of) const {
     const index T_ = x.rows;
@@ -393,7 +395,7 @@ struct router {
   }
 
   // The two-step path: the T×E logits, then the selection over them.
-  template <execution_backend Backend, input_scalar T, class LimitsFn, class Space>
+  template <execution_backend Backend, affinity_input<Affinity> T, class LimitsFn, class Space>
   void unfused_select(const Backend& be, matrix_view<const T> x, index E, index k, LimitsFn& limits_of,
                       capacity_limits& lim, basic_candidate_set<Space>& cands) const {
     const index T_ = x.rows;
@@ -458,28 +460,29 @@ struct router {
   // and the status comes back with the plan's sizes in the route's one device-to-host copy; the error is
   // then the host path's, for the same row. The other directions allocate their candidates and wait
   // inside their selection (expert choice reads back its number of pairs).
-  template <execution_backend Backend, input_scalar T, class XSpace, class LimitsFn>
+  template <execution_backend Backend, affinity_input<Affinity> T, class XSpace, class LimitsFn>
   basic_routing_plan<memory_space_t<Backend>> route_on_device(const Backend& be, matrix_view<const T, XSpace> x,
                                                               index E, index k, LimitsFn& limits_of) const {
     using space = memory_space_t<Backend>;
-    static_assert(std::is_same_v<Affinity, affinity::precomputed> && std::is_same_v<std::remove_cv_t<T>, float>,
-                  "on a backend whose memory the host cannot read, the router takes precomputed fp32 logits");
+    check_device_affinity<Backend, T, XSpace>();
     static_assert(stateless_capacity_policy<Capacity>,
                   "on a backend whose memory the host cannot read, the capacity policy must be stateless (a "
                   "scheduler reads the logits and the proposals on the host)");
     const index T_ = x.rows;
-    const matrix_view<const float, XSpace> l = x;
     const capacity_context ctx{T_, E, k, x.cols, {}, nullptr};  // a stateless policy reads the shape only
     const capacity_limits lim = limits_of(ctx);
     detail::check_limits(lim);
     constexpr bool self_checked = detail::checks_finite_v<Direction>;
     const vector_view<const float> host_array = detail::policy_array(direction);
-    const detail::nonfinite_rows<XSpace> bad_logit{l};
     index failed = no_index;
-    if constexpr (requires(candidate_span<space> & c) { select_unchecked(be, direction, l, lim, c); }) {
+    if constexpr (requires(candidate_span<space> & c, matrix_view<const float, XSpace> l) {
+                    select_unchecked(be, direction, l, lim, c);
+                  }) {
       detail::check_slot_budget(E, T_ * k, lim);
-      const device_route_layout layout(be, T_, E, k, lim, host_array.size);
+      const device_route_layout layout(be, T_, E, k, lim, host_array.size, computed_logits(T_, E));
       auto work = allocate<unsigned char>(be, layout.bytes);
+      const matrix_view<const float, XSpace> l =
+          device_logits(be, x, E, detail::at_offset<float>(work.data(), layout.logits));
       detail::plan_data<space> d;
       d.num_tokens = T_;
       d.num_experts = E;
@@ -496,8 +499,11 @@ struct router {
       if (failed == no_index) return basic_routing_plan<space>(std::move(d));
       fail_route(be, l, failed, view_of(cands));
     } else {
+      buffer_t<space, float> room;
+      if (computed_logits(T_, E) > 0) room = allocate<float>(be, computed_logits(T_, E));
+      const matrix_view<const float, XSpace> l = device_logits(be, x, E, room.data());
       if constexpr (!self_checked) {
-        if (const index t = reduce_min(be, T_, bad_logit); t < T_) fail_logits(be, l, t);
+        if (const index t = reduce_min(be, T_, detail::nonfinite_rows<XSpace>{l}); t < T_) fail_logits(be, l, t);
       }
       buffer_t<space, float> array;
       if (host_array.size > 0) {
@@ -517,13 +523,51 @@ struct router {
     }
   }
 
+  // An affinity a device route can run: precomputed fp32 logits, or one whose forward() computes the
+  // logits on the device (grap_cosine).
+  template <class Backend, class T, class XSpace>
+  static constexpr void check_device_affinity() {
+    if constexpr (std::is_same_v<Affinity, affinity::precomputed>) {
+      static_assert(std::is_same_v<std::remove_cv_t<T>, float>,
+                    "on a backend whose memory the host cannot read, precomputed logits must be fp32");
+    } else {
+      static_assert(
+          requires(const Affinity& a, const Backend& be, matrix_view<const T, XSpace> x, matrix_view<float, XSpace> l) {
+            a.forward(be, x, l);
+          },
+          "on a backend whose memory the host cannot read, the affinity must be precomputed (fp32) or "
+          "compute its logits there (grap_cosine)");
+    }
+  }
+
+  // Floats of logits a device route computes (none for precomputed logits).
+  static constexpr index computed_logits(index T, index E) {
+    return std::is_same_v<Affinity, affinity::precomputed> ? 0 : T * E;
+  }
+
+  // The route's fp32 logits: the input itself when precomputed, else computed into `room` (T×E floats in
+  // the backend's memory) by the affinity's forward, enqueued without a wait.
+  template <execution_backend Backend, class T, class XSpace>
+  matrix_view<const float, XSpace> device_logits(const Backend& be, matrix_view<const T, XSpace> x, index E,
+                                                 float* room) const {
+    if constexpr (std::is_same_v<Affinity, affinity::precomputed>) {
+      (void)be, (void)E, (void)room;
+      return x;
+    } else {
+      const matrix_view<float, XSpace> out{room, x.rows, E, E};
+      affinity.forward(be, x, out);
+      return out;
+    }
+  }
+
   // A device route's workspace: status[0] the lowest row with a non-finite logit, [1] with a
   // non-finite weight, [2] the route's (row for a logit, T + row for a weight); the candidates; the
   // builder's temporaries; the direction's policy array.
   struct device_route_layout {
-    index status, offsets, expert, weight, priority, build, array, bytes;
+    index status, offsets, expert, weight, priority, build, array, logits, bytes;
     template <class Backend>
-    device_route_layout(const Backend& be, index T, index E, index k, const capacity_limits& lim, index array_size) {
+    device_route_layout(const Backend& be, index T, index E, index k, const capacity_limits& lim, index array_size,
+                        index logits_size) {
       const index nnz = T * k;
       detail::workspace_layout l;
       status = l.reserve<index>(3);
@@ -533,6 +577,7 @@ struct router {
       priority = l.reserve<float>(nnz);
       build = l.reserve<unsigned char>(detail::build_workspace(be, nnz, E, lim.capacity > 0).bytes);
       array = l.reserve<float>(array_size);
+      logits = l.reserve<float>(logits_size);
       bytes = l.bytes();
     }
   };
@@ -601,7 +646,7 @@ struct router {
 
   // The fused path: blocks of fused_block_tokens tokens, each one's logits computed on the calling
   // thread (Backend's inner backend: the same row primitives, no nested threads) and selected at once.
-  template <execution_backend Backend, input_scalar T>
+  template <execution_backend Backend, affinity_input<Affinity> T>
   void select_fused(const Backend& be, matrix_view<const T> x, index E, candidate_set& cands) const {
     const auto inner = detail::block_backend_of(be);
     const index T_ = x.rows, B = fused_block_tokens;

@@ -1,7 +1,8 @@
 // router::route_into on backend::cuda: a route captured in a CUDA graph, replayed on new logits at the
-// same address, gives serial's plan on each replay (and serial's error for a replay with a NaN); a
-// workspace that has the room makes the route allocate nothing; and dispatch / combine of bf16 rows
-// in device memory equal serial's on the host.
+// same address, gives serial's plan on each replay (and serial's error for a replay with a NaN);
+// dispatch / combine of bf16 rows in
+// device memory equal serial's on the host; and grap_cosine computes its logits on the device from fp32
+// and bf16 hidden states, giving serial's plan.
 
 #include <cstdint>
 #include <cstring>
@@ -142,5 +143,34 @@ TEST_CASE("cuda: dispatch and combine of bf16 and fp32 rows in device memory equ
     copy_to_host(be, got_yf.data(), dyf.data(), T * d);
     fence(be);
     CHECK(std::memcmp(got_yf.data(), yf.data(), yf.size() * sizeof(float)) == 0);
+  }
+}
+
+TEST_CASE("cuda: grap_cosine routes fp32 and bf16 hidden states on the device as serial does") {
+  const rs::backend::cuda be{};
+  std::mt19937 rng(77);
+  for (const rs::index E : {rs::index{8}, rs::index{64}}) {
+    for (const rs::index d : {E * 3, E * 16, E * 40}) {
+      const rs::index T = 333, k = 2;
+      CAPTURE(E);
+      CAPTURE(d);
+      std::normal_distribution<float> g;
+      std::vector<float> x(static_cast<std::size_t>(T * d));
+      std::vector<rs::bfloat16> xb(x.size());
+      for (std::size_t i = 0; i < x.size(); ++i) {
+        xb[i] = rs::bfloat16::from_float(g(rng));
+        x[i] = xb[i].to_float();  // the same values: the two routes must agree
+      }
+      const rs::router<rs::affinity::grap_cosine, rt::token_choice, rs::capacity::factor> r{
+          {.num_experts = E}, {.top_k = k, .score = rs::score::sigmoid}, {.factor = 1.25}};
+      const rs::routing_plan want = r.route(rs::backend::serial{}, rs::matrix_view<const float>{x.data(), T, d});
+      auto dx = allocate<float>(be, T * d);
+      auto dxb = allocate<rs::bfloat16>(be, T * d);
+      copy(be, dx.data(), x.data(), T * d);
+      copy(be, dxb.data(), xb.data(), T * d);
+      CHECK(rs::to_host(be, r.route(be, rs::matrix_view<const float, rs::cuda_space>{dx.data(), T, d})) == want);
+      CHECK(rs::to_host(be, r.route(be, rs::matrix_view<const rs::bfloat16, rs::cuda_space>{dxb.data(), T, d})) ==
+            want);
+    }
   }
 }

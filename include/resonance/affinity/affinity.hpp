@@ -24,6 +24,12 @@ concept affinity_policy = policy_struct<A> && requires(const A& a, index cols) {
   a.validate(cols);
 };
 
+// The element types affinity A takes as input: every input_scalar type, and bfloat16 for an affinity
+// that declares accepts_bfloat16 (it reads each value as fp32 and sums in double).
+template <class T, class A>
+concept affinity_input = input_scalar<T> ||
+    (std::same_as<std::remove_cv_t<T>, bfloat16>&& requires { requires A::accepts_bfloat16; });
+
 namespace detail {
 
 // Converts (or views) an input matrix as fp32. A float input is returned as is, without a copy.
@@ -41,15 +47,16 @@ matrix_view<const float> as_float(const Backend& be, matrix_view<const T> x, std
   }
 }
 
-// compute() for an affinity that has forward(be, x, logits) in the input's precision: a float input is
-// written straight into the fp32 storage, a double one is computed in double, then rounded once.
-template <class Affinity, execution_backend Backend, input_scalar T>
+// compute() for an affinity that has forward(be, x, logits) in the input's precision: a float (or
+// bfloat16) input is written straight into the fp32 storage, a double one is computed in double, then
+// rounded once.
+template <class Affinity, execution_backend Backend, hidden_scalar T>
 matrix_view<const float> compute_via_forward(const Affinity& a, const Backend& be, matrix_view<const T> x,
                                              std::vector<float>& storage) {
   using S = std::remove_cv_t<T>;
   const index rows = x.rows, E = a.experts_for(x.cols);
   storage.resize(static_cast<std::size_t>(rows * E));
-  if constexpr (std::is_same_v<S, float>) {
+  if constexpr (!std::is_same_v<S, double>) {
     a.forward(be, x, matrix_view<float>{storage.data(), rows, E, E});
   } else {
     std::vector<S> wide(static_cast<std::size_t>(rows * E));

@@ -23,19 +23,19 @@ struct scaled_norm {
   int exponent = 0;     // 0 unless the row needed rescaling
   double scaled = 0.0;  // norm of the row times 2^-exponent; NaN when the row holds a NaN or an Inf
 
-  double value() const { return exponent == 0 ? scaled : std::scalbn(scaled, exponent); }
+  RESONANCE_HOST_DEVICE double value() const { return exponent == 0 ? scaled : std::scalbn(scaled, exponent); }
   // x_j / norm, without forming a norm that could overflow or underflow.
-  double unit(double x) const { return (exponent == 0 ? x : std::scalbn(x, -exponent)) / scaled; }
+  RESONANCE_HOST_DEVICE double unit(double x) const { return (exponent == 0 ? x : std::scalbn(x, -exponent)) / scaled; }
 };
 
-inline bool sum_of_squares_in_range(double s) {
+RESONANCE_INLINE_FUNCTION bool sum_of_squares_in_range(double s) {
   return s >= std::numeric_limits<double>::min() && s <= std::numeric_limits<double>::max();
 }
 
 // The exponent that brings the row's largest magnitude into [1, 2); sets `finite` to false (and returns
 // 0) when an entry is a NaN or an Inf, and returns 0 for a zero row (then `zero` is set).
 template <class T>
-int rescale_exponent(const T* x, index n, bool& finite, bool& zero) {
+RESONANCE_INLINE_FUNCTION int rescale_exponent(const T* x, index n, bool& finite, bool& zero) {
   double m = 0.0;
   for (index j = 0; j < n; ++j) {
     const double a = std::fabs(static_cast<double>(x[j]));
@@ -52,7 +52,7 @@ int rescale_exponent(const T* x, index n, bool& finite, bool& zero) {
 
 // The Euclidean norm of one row (see scaled_norm): one pass in the common case.
 template <class T>
-scaled_norm row_norm(const T* x, index n) {
+RESONANCE_INLINE_FUNCTION scaled_norm row_norm(const T* x, index n) {
   double s = 0.0;
   for (index j = 0; j < n; ++j) s += static_cast<double>(x[j]) * static_cast<double>(x[j]);
   if (sum_of_squares_in_range(s)) return {0, std::sqrt(s)};
@@ -69,10 +69,12 @@ scaled_norm row_norm(const T* x, index n) {
 }
 
 // A row counts as zero when its norm is at most epsilon (a NaN norm does not: it propagates).
-inline bool negligible(const scaled_norm& n, double epsilon) { return n.scaled == 0.0 || n.value() <= epsilon; }
+RESONANCE_INLINE_FUNCTION bool negligible(const scaled_norm& n, double epsilon) {
+  return n.scaled == 0.0 || n.value() <= epsilon;
+}
 
 // A cosine rounded outside [-1, 1] is clamped back, so that |δ| <= 1 holds exactly.
-inline double clamp_cosine(double c) { return c > 1.0 ? 1.0 : (c < -1.0 ? -1.0 : c); }
+RESONANCE_INLINE_FUNCTION double clamp_cosine(double c) { return c > 1.0 ? 1.0 : (c < -1.0 ? -1.0 : c); }
 
 }  // namespace detail
 

@@ -31,36 +31,45 @@ struct grap_cosine {
     detail::require(std::isfinite(epsilon) && epsilon >= 0.0, "grap_cosine.epsilon", "a finite value >= 0", epsilon);
   }
 
-  template <execution_backend Backend, input_scalar T>
+  // bfloat16 hidden states are read as fp32 (exact), like float ones.
+  static constexpr bool accepts_bfloat16 = true;
+
+  template <execution_backend Backend, hidden_scalar T>
   matrix_view<const float> compute(const Backend& be, matrix_view<const T> x, std::vector<float>& storage) const {
     return detail::compute_via_forward(*this, be, x, storage);
   }
 
-  // δ_te = s_te / (√g·‖x_t‖)  (ETR Eq. 4 in closed form), accumulated in double for float and double
-  // inputs alike (in detail::lane_group_sums' fixed order, so every backend gives the same bits),
-  // clamped to [-1, 1] and rounded once to T. A row with a NaN or an Inf gives NaN.
-  template <execution_backend Backend, input_scalar T>
-  void forward(const Backend& be, matrix_view<const T> x, matrix_view<T> logits) const {
+  // δ_te = s_te / (√g·‖x_t‖)  (ETR Eq. 4 in closed form), accumulated in double for every input type
+  // (in detail::lane_group_sums' fixed order, so every backend gives the same bits), clamped to
+  // [-1, 1] and rounded once to O (the input's type, or float for a bfloat16 input). A row with a NaN
+  // or an Inf gives NaN. x and logits may be in any memory space the backend reads (one pass over each
+  // row on a device too).
+  template <execution_backend Backend, hidden_scalar T, class O, class XSpace, class LSpace>
+  void forward(const Backend& be, matrix_view<const T, XSpace> x, matrix_view<O, LSpace> logits) const {
+    static_assert(std::is_same_v<O, std::conditional_t<std::is_same_v<std::remove_cv_t<T>, double>, double, float>>,
+                  "grap_cosine writes double logits for double input, float logits otherwise");
+    static_assert(
+        accessible_from_v<XSpace, memory_space_t<Backend>> && accessible_from_v<LSpace, memory_space_t<Backend>>,
+        "the input and the logits must be in memory the backend can read");
     detail::check_matrix(x, "input");
     validate(x.cols);
     const index E = num_experts, g = x.cols / E;
     detail::check_matrix(logits, "logits", x.rows, E);
     const double sqrt_g = std::sqrt(static_cast<double>(g));
     const double eps = epsilon;
+    using group = typename Backend::group;
     for_each_group(
         be, x.rows, E * static_cast<index>(sizeof(double)),
-        [=](const auto& grp, index t) {
-          using rows = typename std::remove_cvref_t<decltype(grp)>::rows;
+        RESONANCE_LAMBDA(const group& grp, index t) {
           double* s = static_cast<double*>(grp.scratch());
-          const detail::scaled_norm n = group_sums<rows>(x.row(t), E, g, s);
-          T* out = logits.row(t);
+          const detail::scaled_norm n = group_sums<typename group::rows>(x.row(t), E, g, s);
+          O* out = logits.row(t);
           if (detail::negligible(n, eps)) {
-            for (index e = 0; e < E; ++e) out[e] = T(0);
-            return false;
+            for (index e = 0; e < E; ++e) out[e] = O(0);
+            return;
           }
           // s holds the sums of the rescaled row when n.exponent != 0, so s / n.scaled is the cosine.
-          for (index e = 0; e < E; ++e) out[e] = static_cast<T>(detail::clamp_cosine(s[e] / (sqrt_g * n.scaled)));
-          return false;
+          for (index e = 0; e < E; ++e) out[e] = static_cast<O>(detail::clamp_cosine(s[e] / (sqrt_g * n.scaled)));
         },
         block_tokens);
   }
@@ -115,7 +124,7 @@ struct grap_cosine {
   // is summed again scaled by 2^-exponent, in the same order, and s then holds the scaled sums (see
   // detail::scaled_norm).
   template <class Rows, class T>
-  static detail::scaled_norm group_sums(const T* row, index E, index g, double* s) {
+  RESONANCE_INLINE_FUNCTION static detail::scaled_norm group_sums(const T* row, index E, index g, double* s) {
     const double ss = Rows::group_sums_squares(row, E, g, s);
     if (detail::sum_of_squares_in_range(ss)) return {0, std::sqrt(ss)};
     bool finite = true, zero = false;

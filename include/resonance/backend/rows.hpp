@@ -42,7 +42,7 @@ struct group_lanes {
 };
 
 // The halving tree: v[j] += v[j + w] for w = 8, 4, 2, then v[0] + v[1].
-inline double combine_group_lanes(group_lanes p) {
+RESONANCE_INLINE_FUNCTION double combine_group_lanes(group_lanes p) {
   RESONANCE_IMPL_UNROLL_LANES
   for (index j = 0; j < 8; ++j) p.v[j] = p.v[j] + p.v[j + 8];
   RESONANCE_IMPL_UNROLL_LANES
@@ -55,7 +55,7 @@ inline double combine_group_lanes(group_lanes p) {
 // lane_group_sums' loop; Tail handles a g that is not a multiple of 16 (a separate instance, so that
 // the common case carries no tail code).
 template <bool Squares, bool Tail, class T, class Value>
-double lane_group_sums_impl(const T* row, index E, index g, double* s, const Value& value) {
+RESONANCE_INLINE_FUNCTION double lane_group_sums_impl(const T* row, index E, index g, double* s, const Value& value) {
   constexpr index L = group_sum_lanes;
   group_lanes sq;
   RESONANCE_IMPL_UNROLL_LANES
@@ -92,7 +92,7 @@ double lane_group_sums_impl(const T* row, index E, index g, double* s, const Val
 // One level of the halving tree when only nodes below Live are set: node j + W is added into node j
 // for j < W, skipping nodes at or past Live.
 template <index Live, index W>
-void short_tree_level(group_lanes& p) {
+RESONANCE_INLINE_FUNCTION void short_tree_level(group_lanes& p) {
   RESONANCE_IMPL_UNROLL_LANES
   for (index j = 0; j + W < Live; ++j) p.v[j] = p.v[j] + p.v[j + W];
 }
@@ -101,7 +101,7 @@ void short_tree_level(group_lanes& p) {
 // partial or tree node (none is -0.0: each partial starts as +0.0 + x), so the tree skips them. G is
 // a constant so that the partials stay in registers.
 template <bool Squares, index G, class T, class Value>
-double short_group_sums(const T* row, index E, double* s, const Value& value) {
+RESONANCE_INLINE_FUNCTION double short_group_sums(const T* row, index E, double* s, const Value& value) {
   constexpr index L = group_sum_lanes;
   group_lanes sq;
   RESONANCE_IMPL_UNROLL_LANES
@@ -129,8 +129,8 @@ double short_group_sums(const T* row, index E, double* s, const Value& value) {
 
 // short_group_sums<g> for the runtime g in 1 .. 15 (G + 1 over the sequence).
 template <bool Squares, class T, class Value, index... G>
-double short_group_sums_for(const T* row, index E, index g, double* s, const Value& value,
-                            std::integer_sequence<index, G...>) {
+RESONANCE_INLINE_FUNCTION double short_group_sums_for(const T* row, index E, index g, double* s, const Value& value,
+                                                      std::integer_sequence<index, G...>) {
   double ss = 0.0;
   (void)((g == G + 1 && (ss = short_group_sums<Squares, G + 1>(row, E, s, value), true)) || ...);
   return ss;
@@ -139,7 +139,7 @@ double short_group_sums_for(const T* row, index E, index g, double* s, const Val
 // s[e] = sum of group e of row (E groups of g entries), each entry passed through value(x) first;
 // returns the row's sum of squares of those values when Squares, else 0.
 template <bool Squares, class T, class Value>
-double lane_group_sums(const T* row, index E, index g, double* s, const Value& value) {
+RESONANCE_INLINE_FUNCTION double lane_group_sums(const T* row, index E, index g, double* s, const Value& value) {
   if (g % group_sum_lanes == 0) return lane_group_sums_impl<Squares, false>(row, E, g, s, value);
   if (g < group_sum_lanes)
     return short_group_sums_for<Squares>(row, E, g, s, value, std::make_integer_sequence<index, group_sum_lanes - 1>{});
@@ -181,12 +181,12 @@ struct scalar_rows {
 
   // GrAP's group sums in the fixed order above: s[e] = sum of group e (E groups of g entries, in double).
   template <class T>
-  static void group_sums(const T* row, index E, index g, double* s) {
+  RESONANCE_INLINE_FUNCTION static void group_sums(const T* row, index E, index g, double* s) {
     lane_group_sums<false>(row, E, g, s, [](T v) { return static_cast<double>(v); });
   }
   // The same sums, and the row's sum of squares as the return value.
   template <class T>
-  static double group_sums_squares(const T* row, index E, index g, double* s) {
+  RESONANCE_INLINE_FUNCTION static double group_sums_squares(const T* row, index E, index g, double* s) {
     return lane_group_sums<true>(row, E, g, s, [](T v) { return static_cast<double>(v); });
   }
 };

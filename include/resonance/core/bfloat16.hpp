@@ -27,7 +27,8 @@ struct bfloat16 {
   RESONANCE_HOST_DEVICE constexpr float to_float() const {
     return __builtin_bit_cast(float, static_cast<std::uint32_t>(bits) << 16);
   }
-  RESONANCE_HOST_DEVICE constexpr explicit operator float() const { return to_float(); }
+  // Implicit, as __nv_bfloat16's: a bfloat16 row reads as fp32 wherever the library sums one.
+  RESONANCE_HOST_DEVICE constexpr operator float() const { return to_float(); }
 
   // Bitwise: +0 and -0 differ, a NaN equals the same NaN (what a test of bits wants).
   friend constexpr bool operator==(const bfloat16&, const bfloat16&) = default;
