@@ -8,6 +8,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <doctest/doctest.h>
@@ -23,6 +24,9 @@ namespace rs = resonance;
 namespace rt = resonance::routing;
 using resonance_test::error_of;
 using rs::index;
+
+// The copy back of route_into lands in pinned memory: a graph can capture it.
+static_assert(std::is_same_v<rs::host_readable_t<rs::backend::cuda, rs::index>, rs::cuda_host_buffer<rs::index>>);
 
 void check_cuda(cudaError_t s) { REQUIRE_MESSAGE(s == cudaSuccess, cudaGetErrorString(s)); }
 

@@ -12,6 +12,7 @@
 //                      bin's start from the sorted keys
 //   segmented_select   one block per segment, detail::radix_kth_largest (core/select.hpp, the Kokkos
 //                      backend's too) with its histogram in shared memory
+//   allocate_host      pinned host memory (router::route_into's copy back, graph-capturable)
 //
 // Determinism: every output is unique (sorts are stable, selections use a strict order on unique keys,
 // scans and minima are over integers), so the plan is serial's, bit for bit, whatever the launch
@@ -73,6 +74,27 @@ class cuda_buffer {
     backend::cuda_detail::check(cudaMallocAsync(&p, static_cast<std::size_t>(size_) * sizeof(T), stream),
                                 "cudaMallocAsync");
     data_ = std::shared_ptr<T>(static_cast<T*>(p), [stream](T* q) { (void)cudaFreeAsync(q, stream); });
+  }
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
+  std::size_t size() const { return static_cast<std::size_t>(size_); }
+
+ private:
+  std::shared_ptr<T> data_;
+  index size_ = 0;
+};
+
+// Pinned host memory (cudaMallocHost): what a route's one copy back lands in, so that the copy is
+// asynchronous and a CUDA graph can capture it. Copies share the memory; the last owner frees it.
+template <class T>
+class cuda_host_buffer {
+ public:
+  cuda_host_buffer() = default;
+  explicit cuda_host_buffer(index n) : size_(n > 0 ? n : 0) {
+    if (size_ == 0) return;
+    void* p = nullptr;
+    backend::cuda_detail::check(cudaMallocHost(&p, static_cast<std::size_t>(size_) * sizeof(T)), "cudaMallocHost");
+    data_ = std::shared_ptr<T>(static_cast<T*>(p), [](T* q) { (void)cudaFreeHost(q); });
   }
   T* data() { return data_.get(); }
   const T* data() const { return data_.get(); }
@@ -330,6 +352,12 @@ void reduce_min_into(const cuda& be, index n, const F& f, index* result, index =
 template <class T>
 cuda_buffer<T> allocate(const cuda& be, index n) {
   return cuda_buffer<T>(n, be.stream);
+}
+
+// Host memory the backend's copies fill asynchronously (and inside a captured graph).
+template <class T>
+cuda_host_buffer<T> allocate_host(const cuda&, index n) {
+  return cuda_host_buffer<T>(n);
 }
 
 // Any direction (the pointers say which: unified addressing); asynchronous on the backend's stream.
