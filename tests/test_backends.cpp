@@ -469,6 +469,37 @@ TEST_CASE("test_backends: exp_portable is within 2^-22 of exp over [-87, 88] and
   CHECK(d::exp_portable(-0.0f) == 1.0f);
 }
 
+TEST_CASE("test_backends: exp_portable in double is within 2 ulp of exp (long double reference), subnormals too") {
+  namespace d = rs::detail;
+  std::mt19937_64 rng(99);
+  std::uniform_real_distribution<double> wide(-745.0, 709.7), narrow(-1.0, 1.0);
+  std::vector<double> xs = {0.0,    -0.0,   1.0,    -1.0,   0.5,    -0.34657359027997264, 0.34657359027997264, 709.78,
+                            -708.4, -720.0, -744.9, 1e-300, -1e-300};
+  for (int i = 0; i < 20000; ++i) xs.push_back(i % 2 == 0 ? wide(rng) : narrow(rng));
+  double worst = 0.0, worst_at = 0.0;
+  for (const double x : xs) {
+    const long double want = std::exp(static_cast<long double>(x));
+    const double got = d::exp_portable(x);
+    // Error in units of the last place of the double nearest to want (the smallest subnormal's below).
+    const double ulp = std::max(
+        std::nextafter(static_cast<double>(want), std::numeric_limits<double>::infinity()) - static_cast<double>(want),
+        std::numeric_limits<double>::denorm_min());
+    const double err = static_cast<double>(std::fabs(static_cast<long double>(got) - want) / ulp);
+    if (err > worst) {
+      worst = err;
+      worst_at = x;
+    }
+  }
+  CAPTURE(worst_at);
+  CHECK(worst <= 2.0);
+  CHECK(std::isnan(d::exp_portable(std::numeric_limits<double>::quiet_NaN())));
+  CHECK(d::exp_portable(-std::numeric_limits<double>::infinity()) == 0.0);
+  CHECK(d::exp_portable(-800.0) == 0.0);
+  CHECK(d::exp_portable(710.0) == std::numeric_limits<double>::infinity());
+  CHECK(d::exp_portable(0.0) == 1.0);
+  CHECK(d::exp_portable(-0.0) == 1.0);
+}
+
 TEST_CASE("test_backends: log1p_portable is within 3 ulp of log1p for y >= 0, and exact at the special values") {
   namespace d = rs::detail;
   // y over every binade from the subnormals to 2^100 (16 values each, random mantissas), the values

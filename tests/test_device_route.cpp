@@ -77,11 +77,9 @@ bool route_on(const resonance_test::conformance::test_case& c, const device_back
     std::visit(
         [&](const auto& direction, const auto& capacity) {
           using D = std::decay_t<decltype(direction)>;
-          if constexpr (!std::is_same_v<D, rt::sinkhorn>) {
-            fixed_candidates = !std::is_same_v<D, rt::expert_choice>;
-            const rs::router<decltype(affinity), D, std::decay_t<decltype(capacity)>> r{affinity, direction, capacity};
-            check(r.route(be, dx));
-          }
+          fixed_candidates = !std::is_same_v<D, rt::expert_choice> && !std::is_same_v<D, rt::sinkhorn>;
+          const rs::router<decltype(affinity), D, std::decay_t<decltype(capacity)>> r{affinity, direction, capacity};
+          check(r.route(be, dx));
         },
         c.direction, c.capacity);
   };
@@ -95,14 +93,14 @@ bool route_on(const resonance_test::conformance::test_case& c, const device_back
 
 bool device_case(const resonance_test::conformance::test_case& c) {
   using resonance_test::conformance::affinity_kind;
-  return (c.affinity == affinity_kind::precomputed || c.affinity == affinity_kind::grap_cosine) &&
-         !std::holds_alternative<rt::sinkhorn>(c.direction);
+  return c.affinity == affinity_kind::precomputed || c.affinity == affinity_kind::grap_cosine;
 }
 
-TEST_CASE("device route: the precomputed and grap_cosine conformance cases give serial's plans and errors") {
+TEST_CASE(
+    "device route: the precomputed and grap_cosine conformance cases, Sinkhorn too, give serial's plans and errors") {
   using namespace resonance_test::conformance;
   int routed = 0, errors = 0, counted = 0, hidden = 0;
-  int directions[3] = {0, 0, 0};
+  int directions[4] = {0, 0, 0, 0};
   for (int id = 0; id < conformance_cases; ++id) {
     const test_case c = make_case(id);
     if (!device_case(c)) continue;
@@ -124,7 +122,7 @@ TEST_CASE("device route: the precomputed and grap_cosine conformance cases give 
         CHECK_MESSAGE(n.copies_to_host == 1, c.text << ": to_host made " << n.copies_to_host << " copies");
       });
     });
-    ++directions[c.direction.index() < 3 ? c.direction.index() : 0];
+    ++directions[c.direction.index() < 4 ? c.direction.index() : 0];
     CHECK_MESSAGE(got_error == want_error, c.text << ": \"" << got_error << "\", serial: \"" << want_error << "\"");
     if (!want || !got) {
       errors += want ? 0 : 1;
@@ -168,11 +166,9 @@ TEST_CASE("device route: bfloat16 hidden states route as their fp32 values, on t
       std::visit(
           [&](const auto& direction, const auto& capacity) {
             using D = std::decay_t<decltype(direction)>;
-            if constexpr (!std::is_same_v<D, rt::sinkhorn>) {
-              const rs::router<rs::affinity::grap_cosine, D, std::decay_t<decltype(capacity)>> r{
-                  {.num_experts = c.E}, direction, capacity};
-              host = r.route(rs::backend::serial{}, rs::matrix_view<const rs::bfloat16>{xb.data(), c.T, c.d, c.stride});
-            }
+            const rs::router<rs::affinity::grap_cosine, D, std::decay_t<decltype(capacity)>> r{
+                {.num_experts = c.E}, direction, capacity};
+            host = r.route(rs::backend::serial{}, rs::matrix_view<const rs::bfloat16>{xb.data(), c.T, c.d, c.stride});
           },
           c.direction, c.capacity);
     });

@@ -91,9 +91,12 @@ inline constexpr index sinkhorn_chunk = 256;  // tokens per partial column sum (
 // (a token's row, a chunk's partial sums, an expert's scale), and every sum runs in a fixed order that
 // no backend choice touches: a row in expert order, a column per fixed chunk of sinkhorn_chunk tokens
 // in token order, then over the chunks in order. So P is the same, bit for bit, on every backend.
-template <execution_backend Backend>
-index sinkhorn_run(const Backend& be, matrix_view<const float> logits, matrix_view<double> p, index max_iterations,
-                   double tolerance) {
+template <execution_backend Backend, class LogitsSpace, class PSpace>
+index sinkhorn_run(const Backend& be, matrix_view<const float, LogitsSpace> logits, matrix_view<double, PSpace> p,
+                   index max_iterations, double tolerance) {
+  static_assert(
+      accessible_from_v<LogitsSpace, memory_space_t<Backend>> && accessible_from_v<PSpace, memory_space_t<Backend>>,
+      "the logits and P must be in memory the backend can read");
   const index T = logits.rows, E = logits.cols;
   if (T == 0 || E == 0) return 0;
   const index chunks = (T + sinkhorn_chunk - 1) / sinkhorn_chunk;
@@ -111,18 +114,20 @@ index sinkhorn_run(const Backend& be, matrix_view<const float> logits, matrix_vi
 
   // cost_te = exp(l_te − max_e l_te), in (0, 1] with a 1 in every row; d0 = 1_T, d1 = 1_E (d1_old is
   // written by each iteration before it is read).
+  // exp_portable, not std::exp: the host's libm and a device's exp differ in the last bit.
   for_each(
       be, T,
-      [=](index t) {
+      RESONANCE_LAMBDA(index t) {
         const float* l = logits.row(t);
         double m = static_cast<double>(l[0]);
         for (index e = 1; e < E; ++e) m = static_cast<double>(l[e]) > m ? static_cast<double>(l[e]) : m;
         double* c = p.row(t);
-        for (index e = 0; e < E; ++e) c[e] = std::exp(static_cast<double>(l[e]) - m);
+        for (index e = 0; e < E; ++e) c[e] = exp_portable(static_cast<double>(l[e]) - m);
         d0[t] = 1.0;
       },
       index{256});
-  for_each(be, E, [=](index e) { d1[e] = 1.0; });
+  for_each(
+      be, E, RESONANCE_LAMBDA(index e) { d1[e] = 1.0; });
 
   double error = std::numeric_limits<double>::infinity();
   index it = 0;
@@ -130,7 +135,7 @@ index sinkhorn_run(const Backend& be, matrix_view<const float> logits, matrix_vi
     // d0_t = (1/T) / (Σ_e d1_e·cost_te + eps), the sum in expert order.
     for_each(
         be, T,
-        [=](index t) {
+        RESONANCE_LAMBDA(index t) {
           const double* c = p.row(t);
           double s = 0.0;
           for (index e = 0; e < E; ++e) s += d1[e] * c[e];
@@ -141,7 +146,7 @@ index sinkhorn_run(const Backend& be, matrix_view<const float> logits, matrix_vi
     // blocks, fix the summation order.
     for_each(
         be, chunks,
-        [=](index ch) {
+        RESONANCE_LAMBDA(index ch) {
           double* acc = partial + ch * E;
           for (index e = 0; e < E; ++e) acc[e] = 0.0;
           const index t_end = (ch + 1) * sinkhorn_chunk < T ? (ch + 1) * sinkhorn_chunk : T;
@@ -155,7 +160,7 @@ index sinkhorn_run(const Backend& be, matrix_view<const float> logits, matrix_vi
     // d1_e = (1/E) / (Σ_chunks partial + eps), the chunks in order; d1_old keeps the previous d1.
     for_each(
         be, E,
-        [=](index e) {
+        RESONANCE_LAMBDA(index e) {
           double s = 0.0;
           for (index ch = 0; ch < chunks; ++ch) s += partial[ch * E + e];
           d1_old[e] = d1[e];
@@ -163,13 +168,14 @@ index sinkhorn_run(const Backend& be, matrix_view<const float> logits, matrix_vi
         },
         index{64});
     // error = mean_e |d1_e − d1_old_e|, summed in expert order by one item, then read on the host: one
-    // small device-to-host copy per iteration, which decides whether the loop goes on (a device
-    // backend would later fuse this into the d1 step and test it there).
-    for_each(be, 1, [=](index) {
-      double diff = 0.0;
-      for (index e = 0; e < E; ++e) diff += std::fabs(d1[e] - d1_old[e]);
-      error_out[0] = diff / static_cast<double>(E);
-    });
+    // small device-to-host copy per iteration, which decides whether the loop goes on (on a device,
+    // one wait per iteration).
+    for_each(
+        be, 1, RESONANCE_LAMBDA(index) {
+          double diff = 0.0;
+          for (index e = 0; e < E; ++e) diff += d1[e] > d1_old[e] ? d1[e] - d1_old[e] : d1_old[e] - d1[e];
+          error_out[0] = diff / static_cast<double>(E);
+        });
     copy_to_host(be, &error, error_out, 1);
     fence(be);
     ++it;
@@ -178,7 +184,7 @@ index sinkhorn_run(const Backend& be, matrix_view<const float> logits, matrix_vi
   // P = d1 * cost * d0, in Megatron's order.
   for_each(
       be, T,
-      [=](index t) {
+      RESONANCE_LAMBDA(index t) {
         double* c = p.row(t);
         for (index e = 0; e < E; ++e) c[e] = d1[e] * c[e] * d0[t];
       },
@@ -212,29 +218,33 @@ index sinkhorn_normalize(const Backend& be, matrix_view<const float> logits, mat
 // plain-score weights, one token per group (its scratch: k doubles, then E floats when k > 1). The
 // limits are left as the capacity policy set them (drop by score ranks by these weights, as Megatron's
 // apply_router_token_dropping ranks its probs).
-template <execution_backend Backend, class Space>
-void select(const Backend& be, const sinkhorn& p, matrix_view<const float> logits, const capacity_limits&,
+template <execution_backend Backend, class LogitsSpace, class Space>
+void select(const Backend& be, const sinkhorn& p, matrix_view<const float, LogitsSpace> logits, const capacity_limits&,
             basic_candidate_set<Space>& out) {
-  static_assert(accessible_from_v<host_space, memory_space_t<Backend>>,
-                "sinkhorn's loop reads the logits on the host: it needs a backend that can read host memory");
+  using space = memory_space_t<Backend>;
+  static_assert(accessible_from_v<LogitsSpace, space> && accessible_from_v<Space, space>,
+                "the logits and the candidates must be in memory the backend can read");
   const index T = logits.rows, E = logits.cols, k = p.top_k;
   auto pm = allocate<double>(be, T * E);
   const double* const prob = pm.data();
-  detail::sinkhorn_run(be, logits, matrix_view<double>{pm.data(), T, E}, p.max_iterations, p.tolerance);
+  detail::sinkhorn_run(be, logits, matrix_view<double, space>{pm.data(), T, E}, p.max_iterations, p.tolerance);
   detail::fixed_candidates(be, out, T, E, k);
   id_type* const expert = out.expert.data();
   float* const weight = out.weight.data();
   id_type* const offsets = out.offsets.data();
   const index scratch_bytes =
       k * static_cast<index>(sizeof(double)) + (k > 1 ? E : 0) * static_cast<index>(sizeof(float));
-  for_each_group(be, T, scratch_bytes, [=](const auto& g, index t) {
-    double* vals = static_cast<double*>(g.scratch());
-    float* scores = reinterpret_cast<float*>(vals + k);
-    kernel::sinkhorn_row(prob + t * E, logits.row(t), E, k, expert + t * k, weight + t * k, scores, vals);
-    offsets[t + 1] = static_cast<id_type>((t + 1) * k);
-    if (t == 0) offsets[0] = 0;
-    return false;  // no row fails: the router checked the logits before selecting
-  });
+  // No row fails (the router checked the logits before selecting): the functor returns nothing, so a
+  // device does not wait for a status.
+  using group = typename Backend::group;
+  for_each_group(
+      be, T, scratch_bytes, RESONANCE_LAMBDA(const group& g, index t) {
+        double* vals = static_cast<double*>(g.scratch());
+        float* scores = reinterpret_cast<float*>(vals + k);
+        kernel::sinkhorn_row(prob + t * E, logits.row(t), E, k, expert + t * k, weight + t * k, scores, vals);
+        offsets[t + 1] = static_cast<id_type>((t + 1) * k);
+        if (t == 0) offsets[0] = 0;
+      });
 }
 
 }  // namespace resonance::routing

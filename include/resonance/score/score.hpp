@@ -82,6 +82,58 @@ RESONANCE_HOST_DEVICE RESONANCE_FORCEINLINE float exp_portable(float x) {
   return (p * s1) * s2;
 }
 
+// The same in double (Sinkhorn's cost), as a fixed sequence of IEEE operations: Cody–Waite reduction
+// by ln 2 (ln2_hi has 32 significant bits, so n * ln2_hi is exact for |n| < 2^21), the Taylor series of
+// e^r to r^13 on |r| <= ln2/2 (truncation below 2^-57 relative), and 2^n in two halves, so that
+// subnormal results are reached too. Within a few ulp of exp; the host and a device give the same bits
+// (libm's exp and CUDA's differ in the last bit). 0 below -745.14, +Inf above 709.79.
+struct exp_double_constants {
+  static constexpr double log2e = 1.4426950408889634074;
+  static constexpr double ln2_hi = 6.93147180369123816490e-01;  // 0x3FE62E42FEE00000
+  static constexpr double ln2_lo = 1.90821492927058770002e-10;  // ln 2 - ln2_hi
+  static constexpr double round_magic = 6755399441055744.0;     // 1.5 * 2^52: adding it rounds to an integer
+  static constexpr double lo = -745.1332191019412;
+  static constexpr double hi = 709.782712893384;
+};
+
+RESONANCE_INLINE_FUNCTION double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+RESONANCE_INLINE_FUNCTION double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+RESONANCE_HOST_DEVICE inline double exp_portable(double x) {
+  using c = exp_double_constants;
+  if (!(x == x)) return x;  // NaN
+  if (x < c::lo) return 0.0;
+  if (x > c::hi) return std::numeric_limits<double>::infinity();
+  const double n = add_rn(mul_rn(x, c::log2e), c::round_magic) - c::round_magic;
+  double r = x - mul_rn(n, c::ln2_hi);
+  r = r - mul_rn(n, c::ln2_lo);
+  // 1/13! ... 1/2!, Horner from the highest power.
+  constexpr double inv_fact[12] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+                                   1.0 / 362880.0,     1.0 / 40320.0,     1.0 / 5040.0,     1.0 / 720.0,
+                                   1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,        1.0 / 2.0};
+  double p = inv_fact[0];
+  for (int i = 1; i < 12; ++i) p = add_rn(mul_rn(p, r), inv_fact[i]);
+  p = add_rn(mul_rn(p, mul_rn(r, r)), r);
+  p = p + 1.0;
+  const auto ni = static_cast<std::int64_t>(n);
+  const std::int64_t h = ni / 2;
+  const double s1 = std::bit_cast<double>(static_cast<std::int64_t>((h + 1023) << 52));
+  const double s2 = std::bit_cast<double>(static_cast<std::int64_t>((ni - h + 1023) << 52));
+  return (p * s1) * s2;
+}
+
 // log(1 + y) for y >= 0 (softplus's log1p(exp(x))), every step rounded on its own, so that the host and
 // a device compute the same bits (the platforms' log1pf differ in the last bit, and a score that differs
 // can change a plan). Below sqrt(2) - 1: 2 atanh(s) with s = y / (2 + y). Above: u = 1 + y rounded,

@@ -1,8 +1,8 @@
-// router::route_into on backend::cuda: a route captured in a CUDA graph, replayed on new logits at the
-// same address, gives serial's plan on each replay (and serial's error for a replay with a NaN);
-// dispatch / combine of bf16 rows in
-// device memory equal serial's on the host; and grap_cosine computes its logits on the device from fp32
-// and bf16 hidden states, giving serial's plan.
+// Routes on backend::cuda beyond the conformance cases: route_into captured in a CUDA graph, replayed
+// on new logits at the same address, gives serial's plan on each replay (and serial's error for a
+// replay with a NaN); dispatch / combine of bf16 and fp32 rows in device memory equal serial's;
+// grap_cosine computes its logits on the device from fp32 and bf16 hidden states, giving serial's plan;
+// Sinkhorn and expert choice route there as on serial.
 
 #include <cstdint>
 #include <cstring>
@@ -176,5 +176,26 @@ TEST_CASE("cuda: grap_cosine routes fp32 and bf16 hidden states on the device as
       CHECK(rs::to_host(be, r.route(be, rs::matrix_view<const rs::bfloat16, rs::cuda_space>{dxb.data(), T, d})) ==
             want);
     }
+  }
+}
+
+TEST_CASE("cuda: Sinkhorn and expert choice route on the device as serial does") {
+  const rs::backend::cuda be{};
+  std::mt19937 rng(31);
+  for (const rs::index T : {rs::index{1}, rs::index{300}, rs::index{700}}) {
+    const rs::index E = 16;
+    CAPTURE(T);
+    const std::vector<float> logits = random_logits(T * E, rng);
+    auto dl = allocate<float>(be, T * E);
+    copy(be, dl.data(), logits.data(), T * E);
+    const rs::matrix_view<const float> hv{logits.data(), T, E};
+    const rs::matrix_view<const float, rs::cuda_space> dv{dl.data(), T, E};
+    for (const rs::index k : {rs::index{1}, rs::index{2}}) {
+      const rs::router<rs::affinity::precomputed, rt::sinkhorn, rs::capacity::factor> sk{
+          {}, {.top_k = k, .max_iterations = 50}, {.factor = 1.0}};
+      CHECK(rs::to_host(be, sk.route(be, dv)) == sk.route(rs::backend::serial{}, hv));
+    }
+    const rs::router<rs::affinity::precomputed, rt::expert_choice, rs::capacity::factor> ec{{}, {}, {.factor = 1.5}};
+    CHECK(rs::to_host(be, ec.route(be, dv)) == ec.route(rs::backend::serial{}, hv));
   }
 }
