@@ -85,6 +85,12 @@ bool route_on(const resonance_test::conformance::test_case& c, const device_back
   };
   if (c.affinity == resonance_test::conformance::affinity_kind::grap_cosine) {
     with(rs::affinity::grap_cosine{.num_experts = c.E});
+  } else if (c.affinity == resonance_test::conformance::affinity_kind::cosine) {
+    // The embeddings in device memory too.
+    resonance_test::sim_buffer<float> gate(static_cast<index>(c.gate.size()));
+    copy(device_backend{}, gate.data(), c.gate.data(), static_cast<index>(c.gate.size()));
+    with(rs::affinity::basic_cosine<float, sim_device_space>{.weight = {gate.data(), c.E, c.d},
+                                                             .temperature = c.cosine_temperature});
   } else if constexpr (std::is_same_v<X, float>) {
     with(rs::affinity::precomputed{});
   }
@@ -93,13 +99,14 @@ bool route_on(const resonance_test::conformance::test_case& c, const device_back
 
 bool device_case(const resonance_test::conformance::test_case& c) {
   using resonance_test::conformance::affinity_kind;
-  return c.affinity == affinity_kind::precomputed || c.affinity == affinity_kind::grap_cosine;
+  return c.affinity == affinity_kind::precomputed || c.affinity == affinity_kind::grap_cosine ||
+         c.affinity == affinity_kind::cosine;
 }
 
 TEST_CASE(
     "device route: the precomputed and grap_cosine conformance cases, Sinkhorn too, give serial's plans and errors") {
   using namespace resonance_test::conformance;
-  int routed = 0, errors = 0, counted = 0, hidden = 0;
+  int routed = 0, errors = 0, counted = 0, hidden = 0, gates = 0;
   int directions[4] = {0, 0, 0, 0};
   for (int id = 0; id < conformance_cases; ++id) {
     const test_case c = make_case(id);
@@ -130,6 +137,7 @@ TEST_CASE(
     }
     ++routed;
     hidden += c.affinity == affinity_kind::grap_cosine ? 1 : 0;
+    gates += c.affinity == affinity_kind::cosine ? 1 : 0;
     const std::string diff = resonance_test::plan_difference(*want, *got);
     CHECK_MESSAGE(diff.empty(), c.text << ": " << diff << " (serial's first)");
     if (fixed_candidates) {
@@ -141,17 +149,20 @@ TEST_CASE(
   // The draws reach every kind of case.
   CHECK(routed >= 60);
   CHECK(hidden >= 15);
+  CHECK(gates >= 10);
   CHECK(errors >= 5);
   CHECK(counted >= 40);
   for (int d : directions) CHECK(d >= 10);
 }
 
-TEST_CASE("device route: bfloat16 hidden states route as their fp32 values, on the host and the device") {
+TEST_CASE(
+    "device route: bfloat16 hidden states route as their fp32 values (grap_cosine, cosine), on the host and the "
+    "device") {
   using namespace resonance_test::conformance;
   int routed = 0, errors = 0;
   for (int id = 0; id < conformance_cases; ++id) {
     test_case c = make_case(id);
-    if (!device_case(c) || c.affinity != affinity_kind::grap_cosine) continue;
+    if (c.affinity != affinity_kind::grap_cosine && c.affinity != affinity_kind::cosine) continue;
     // The case's input rounded to bfloat16, and those values as fp32 (exact).
     std::vector<rs::bfloat16> xb(c.x.size());
     for (std::size_t i = 0; i < c.x.size(); ++i) {
@@ -166,9 +177,15 @@ TEST_CASE("device route: bfloat16 hidden states route as their fp32 values, on t
       std::visit(
           [&](const auto& direction, const auto& capacity) {
             using D = std::decay_t<decltype(direction)>;
-            const rs::router<rs::affinity::grap_cosine, D, std::decay_t<decltype(capacity)>> r{
-                {.num_experts = c.E}, direction, capacity};
-            host = r.route(rs::backend::serial{}, rs::matrix_view<const rs::bfloat16>{xb.data(), c.T, c.d, c.stride});
+            using C = std::decay_t<decltype(capacity)>;
+            const rs::matrix_view<const rs::bfloat16> xv{xb.data(), c.T, c.d, c.stride};
+            if (c.affinity == affinity_kind::grap_cosine) {
+              host = rs::router<rs::affinity::grap_cosine, D, C>{{.num_experts = c.E}, direction, capacity}.route(
+                  rs::backend::serial{}, xv);
+            } else {
+              const rs::affinity::cosine gate{.weight = {c.gate.data(), c.E, c.d}, .temperature = c.cosine_temperature};
+              host = rs::router<rs::affinity::cosine, D, C>{gate, direction, capacity}.route(rs::backend::serial{}, xv);
+            }
           },
           c.direction, c.capacity);
     });

@@ -283,7 +283,8 @@ struct router {
       detail::check_limits(lim);
       detail::check_slot_budget(E, T_ * k, lim);
       const vector_view<const float> host_array = detail::policy_array(direction);
-      const device_route_layout layout(be, T_, E, k, lim, host_array.size, computed_logits(T_, E));
+      const device_route_layout layout(be, T_, E, k, lim, host_array.size, computed_logits(T_, E),
+                                       affinity_bytes(x.cols));
       // Grow what is too small; nothing else allocates.
       if (ws.device_bytes_ < layout.bytes) {
         ws.device_ = allocate<unsigned char>(be, layout.bytes);
@@ -305,7 +306,8 @@ struct router {
       d.num_slots = d.num_assignments = 0;  // until finish()
       for (index i = 0; i < host_array.size; ++i) ws.staging_.data()[i] = host_array[i];
       const matrix_view<const float, space> l =
-          device_logits(be, x, E, detail::at_offset<float>(ws.device_.data(), layout.logits));
+          device_logits(be, x, E, detail::at_offset<float>(ws.device_.data(), layout.logits),
+                        detail::at_offset<void>(ws.device_.data(), layout.affinity_work));
       ws.candidates_ =
           enqueue_on_device(be, l, lim, layout, ws.device_.data(), ws.staging_.data(), d, ws.readback_.data());
       ws.logits_ = l;
@@ -479,10 +481,12 @@ struct router {
                     select_unchecked(be, direction, l, lim, c);
                   }) {
       detail::check_slot_budget(E, T_ * k, lim);
-      const device_route_layout layout(be, T_, E, k, lim, host_array.size, computed_logits(T_, E));
+      const device_route_layout layout(be, T_, E, k, lim, host_array.size, computed_logits(T_, E),
+                                       affinity_bytes(x.cols));
       auto work = allocate<unsigned char>(be, layout.bytes);
       const matrix_view<const float, XSpace> l =
-          device_logits(be, x, E, detail::at_offset<float>(work.data(), layout.logits));
+          device_logits(be, x, E, detail::at_offset<float>(work.data(), layout.logits),
+                        detail::at_offset<void>(work.data(), layout.affinity_work));
       detail::plan_data<space> d;
       d.num_tokens = T_;
       d.num_experts = E;
@@ -501,7 +505,7 @@ struct router {
     } else {
       buffer_t<space, float> room;
       if (computed_logits(T_, E) > 0) room = allocate<float>(be, computed_logits(T_, E));
-      const matrix_view<const float, XSpace> l = device_logits(be, x, E, room.data());
+      const matrix_view<const float, XSpace> l = device_logits(be, x, E, room.data(), nullptr);
       if constexpr (!self_checked) {
         if (const index t = reduce_min(be, T_, detail::nonfinite_rows<XSpace>{l}); t < T_) fail_logits(be, l, t);
       }
@@ -544,18 +548,30 @@ struct router {
   static constexpr index computed_logits(index T, index E) {
     return std::is_same_v<Affinity, affinity::precomputed> ? 0 : T * E;
   }
+  // Bytes of backend memory the affinity's forward needs on a device (cosine's unit embeddings).
+  index affinity_bytes(index cols) const {
+    if constexpr (requires { affinity.device_workspace_bytes(cols); }) {
+      return affinity.device_workspace_bytes(cols);
+    } else {
+      return 0;
+    }
+  }
 
   // The route's fp32 logits: the input itself when precomputed, else computed into `room` (T×E floats in
   // the backend's memory) by the affinity's forward, enqueued without a wait.
   template <execution_backend Backend, class T, class XSpace>
   matrix_view<const float, XSpace> device_logits(const Backend& be, matrix_view<const T, XSpace> x, index E,
-                                                 float* room) const {
+                                                 float* room, void* work) const {
     if constexpr (std::is_same_v<Affinity, affinity::precomputed>) {
-      (void)be, (void)E, (void)room;
+      (void)be, (void)E, (void)room, (void)work;
       return x;
     } else {
       const matrix_view<float, XSpace> out{room, x.rows, E, E};
-      affinity.forward(be, x, out);
+      if constexpr (requires { affinity.forward(be, x, out, work); }) {
+        affinity.forward(be, x, out, work);
+      } else {
+        affinity.forward(be, x, out);
+      }
       return out;
     }
   }
@@ -564,10 +580,10 @@ struct router {
   // non-finite weight, [2] the route's (row for a logit, T + row for a weight); the candidates; the
   // builder's temporaries; the direction's policy array.
   struct device_route_layout {
-    index status, offsets, expert, weight, priority, build, array, logits, bytes;
+    index status, offsets, expert, weight, priority, build, array, logits, affinity_work, bytes;
     template <class Backend>
     device_route_layout(const Backend& be, index T, index E, index k, const capacity_limits& lim, index array_size,
-                        index logits_size) {
+                        index logits_size, index affinity_bytes) {
       const index nnz = T * k;
       detail::workspace_layout l;
       status = l.reserve<index>(3);
@@ -578,6 +594,7 @@ struct router {
       build = l.reserve<unsigned char>(detail::build_workspace(be, nnz, E, lim.capacity > 0).bytes);
       array = l.reserve<float>(array_size);
       logits = l.reserve<float>(logits_size);
+      affinity_work = l.reserve<unsigned char>(affinity_bytes);
       bytes = l.bytes();
     }
   };

@@ -1,7 +1,8 @@
 // Routes on backend::cuda beyond the conformance cases: route_into captured in a CUDA graph, replayed
 // on new logits at the same address, gives serial's plan on each replay (and serial's error for a
 // replay with a NaN); dispatch / combine of bf16 and fp32 rows in device memory equal serial's;
-// grap_cosine computes its logits on the device from fp32 and bf16 hidden states, giving serial's plan;
+// grap_cosine and cosine compute their logits on the device from fp32 and bf16 hidden states, giving
+// serial's plan;
 // Sinkhorn and expert choice route there as on serial.
 
 #include <cstdint>
@@ -198,4 +199,33 @@ TEST_CASE("cuda: Sinkhorn and expert choice route on the device as serial does")
     const rs::router<rs::affinity::precomputed, rt::expert_choice, rs::capacity::factor> ec{{}, {}, {.factor = 1.5}};
     CHECK(rs::to_host(be, ec.route(be, dv)) == ec.route(rs::backend::serial{}, hv));
   }
+}
+
+TEST_CASE("cuda: cosine with its embeddings in device memory routes fp32 and bf16 hidden states as serial does") {
+  const rs::backend::cuda be{};
+  std::mt19937 rng(13);
+  std::normal_distribution<float> g;
+  const rs::index T = 200, E = 16, d = 96, k = 2;
+  std::vector<float> w(static_cast<std::size_t>(E * d)), x(static_cast<std::size_t>(T * d));
+  std::vector<rs::bfloat16> xb(x.size());
+  for (float& v : w) v = g(rng);
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    xb[i] = rs::bfloat16::from_float(g(rng));
+    x[i] = xb[i].to_float();
+  }
+  auto dw = allocate<float>(be, E * d);
+  auto dx = allocate<float>(be, T * d);
+  auto dxb = allocate<rs::bfloat16>(be, T * d);
+  copy(be, dw.data(), w.data(), E * d);
+  copy(be, dx.data(), x.data(), T * d);
+  copy(be, dxb.data(), xb.data(), T * d);
+  const rt::token_choice tc{.top_k = k};
+  const rs::router<rs::affinity::cosine, rt::token_choice, rs::capacity::dropless> host{
+      {.weight = {w.data(), E, d}, .temperature = 0.5f}, tc, {}};
+  const rs::router<rs::affinity::basic_cosine<float, rs::cuda_space>, rt::token_choice, rs::capacity::dropless> device{
+      {.weight = {dw.data(), E, d}, .temperature = 0.5f}, tc, {}};
+  const rs::routing_plan want = host.route(rs::backend::serial{}, rs::matrix_view<const float>{x.data(), T, d});
+  CHECK(rs::to_host(be, device.route(be, rs::matrix_view<const float, rs::cuda_space>{dx.data(), T, d})) == want);
+  CHECK(rs::to_host(be, device.route(be, rs::matrix_view<const rs::bfloat16, rs::cuda_space>{dxb.data(), T, d})) ==
+        want);
 }

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../core/bfloat16.hpp"
 #include "affinity.hpp"
 
 namespace resonance {
@@ -80,12 +81,13 @@ RESONANCE_INLINE_FUNCTION double clamp_cosine(double c) { return c > 1.0 ? 1.0 :
 
 namespace affinity {
 
-template <class Scalar>
+// Space: where the embeddings live (host memory by default; device memory for a route on a device).
+template <class Scalar, class Space = host_space>
 struct basic_cosine {
   static_assert(input_scalar<Scalar>, "cosine gate embeddings must be float or double");
 
-  matrix_view<const Scalar> weight = {};  // E×d, row e is expert e's embedding w_e
-  float temperature = 1.0f;               // τ > 0: logits are cos / τ
+  matrix_view<const Scalar, Space> weight = {};  // E×d, row e is expert e's embedding w_e
+  float temperature = 1.0f;                      // τ > 0: logits are cos / τ
   // Norm floor: a token or embedding whose norm is at most epsilon counts as zero, and every pair it is
   // in gets cosine 0 and gradient 0 (as does an exactly zero row with the default 0). Raising it keeps
   // the 1/‖x‖ of the gradient bounded for near-zero rows.
@@ -93,6 +95,8 @@ struct basic_cosine {
 
   static constexpr index block_tokens = 64;   // tokens per parallel block (results do not depend on it)
   static constexpr index block_experts = 16;  // experts per parallel block of the dweight reduction
+  // bfloat16 hidden states are read as fp32 (exact), with fp32 embeddings.
+  static constexpr bool accepts_bfloat16 = std::is_same_v<Scalar, float>;
 
   index experts_for(index) const { return weight.rows; }
 
@@ -106,38 +110,95 @@ struct basic_cosine {
     detail::require(std::isfinite(epsilon) && epsilon >= Scalar(0), "cosine.epsilon", "a finite value >= 0", epsilon);
   }
 
-  template <execution_backend Backend, input_scalar T>
+  template <execution_backend Backend, hidden_scalar T>
   matrix_view<const float> compute(const Backend& be, matrix_view<const T> x, std::vector<float>& storage) const {
     return detail::compute_via_forward(*this, be, x, storage);
   }
 
+  // Bytes of backend memory forward() needs on a backend whose memory the host cannot read (the unit
+  // embeddings and their zero flags, computed there); a route reserves them in its workspace.
+  index device_workspace_bytes(index cols) const {
+    return (weight.rows * cols * static_cast<index>(sizeof(double)) + weight.rows + 15) / 16 * 16;
+  }
+
   // logits(t, e) = cos(x_t, w_e) / τ = (x_t/‖x_t‖)·(w_e/‖w_e‖) / τ  (Tutel cosine gate), in double,
-  // rounded once to T. 0 where the token or the embedding is zero (norm <= epsilon).
-  template <execution_backend Backend, input_scalar T>
-  void forward(const Backend& be, matrix_view<const T> x, matrix_view<T> logits) const {
-    static_assert(std::is_same_v<std::remove_cv_t<T>, Scalar>,
-                  "affinity::cosine: the input and the expert embeddings must have the same scalar type");
+  // rounded once to O (Scalar). 0 where the token or the embedding is zero (norm <= epsilon). On the
+  // host, each token's x_t/‖x_t‖ is formed once in the group's scratch; on a device (where d doubles
+  // per thread would not fit its shared memory) each entry is recomputed per expert: the same
+  // operations, so the same bits. The unit embeddings are computed on the backend, into `work`
+  // (device_workspace_bytes) when it is given, else into an allocation of the call.
+  template <execution_backend Backend, hidden_scalar T, class O, class XSpace, class LSpace>
+  void forward(const Backend& be, matrix_view<const T, XSpace> x, matrix_view<O, LSpace> logits,
+               void* work = nullptr) const {
+    using space = memory_space_t<Backend>;
+    static_assert(std::is_same_v<std::remove_cv_t<T>, Scalar> ||
+                      (std::is_same_v<std::remove_cv_t<T>, bfloat16> && std::is_same_v<Scalar, float>),
+                  "affinity::cosine: the input and the expert embeddings must have the same scalar type (or bf16 "
+                  "input with fp32 embeddings)");
+    static_assert(std::is_same_v<O, Scalar>, "affinity::cosine writes logits of its embeddings' type");
+    static_assert(
+        accessible_from_v<XSpace, space> && accessible_from_v<LSpace, space> && accessible_from_v<Space, space>,
+        "the input, the embeddings and the logits must be in memory the backend can read");
     detail::check_matrix(x, "input");
     validate(x.cols);
     const index E = weight.rows, d = x.cols;
     detail::check_matrix(logits, "logits", x.rows, E);
-    const unit_embeddings v = normalized_embeddings();
     const double tau = static_cast<double>(temperature), eps = static_cast<double>(epsilon);
-    const double* unit = v.unit.data();
-    const unsigned char* zero_expert = v.zero.data();
+    constexpr bool on_host = host_accessible_v<space>;
+    unit_embeddings host_units;
+    buffer_t<space, unsigned char> own;
+    bool owns = false;
+    const double* unit = nullptr;
+    const unsigned char* zero_expert = nullptr;
+    if constexpr (on_host) {
+      host_units = normalized_embeddings();
+      unit = host_units.unit.data();
+      zero_expert = host_units.zero.data();
+    } else {
+      if (work == nullptr) {
+        own = allocate<unsigned char>(be, device_workspace_bytes(d));
+        work = own.data();
+        owns = true;
+      }
+      double* const units = static_cast<double*>(work);
+      unsigned char* const zero = reinterpret_cast<unsigned char*>(units + E * d);
+      const matrix_view<const Scalar, Space> w = weight;
+      for_each(
+          be, E, RESONANCE_LAMBDA(index e) {
+            const detail::scaled_norm n = detail::row_norm(w.row(e), d);
+            const bool z = detail::negligible(n, eps);
+            zero[e] = z ? 1 : 0;
+            for (index j = 0; j < d; ++j) units[e * d + j] = z ? 0.0 : n.unit(static_cast<double>(w(e, j)));
+          });
+      unit = units;
+      zero_expert = zero;
+    }
+    using group = typename Backend::group;
     for_each_group(
-        be, x.rows, d * static_cast<index>(sizeof(double)),
-        [=](const auto& grp, index t) {
+        be, x.rows, on_host ? d * static_cast<index>(sizeof(double)) : index{0},
+        RESONANCE_LAMBDA(const group& grp, index t) {
+          O* out = logits.row(t);
+          const T* row = x.row(t);
           double* u = static_cast<double*>(grp.scratch());
-          T* out = logits.row(t);
-          const detail::scaled_norm n = unit_row(x.row(t), d, u);
+          const detail::scaled_norm n = on_host ? unit_row(row, d, u) : detail::row_norm(row, d);
           for (index e = 0; e < E; ++e) {
             const bool zero = detail::negligible(n, eps) || zero_expert[e] != 0;
-            out[e] = zero ? T(0) : static_cast<T>(pair_cosine(u, unit + e * d, d) / tau);
+            if (zero) {
+              out[e] = O(0);
+              continue;
+            }
+            const double* v = unit + e * d;
+            double c = 0.0;
+            if constexpr (on_host) {
+              for (index j = 0; j < d; ++j) c += u[j] * v[j];
+            } else {
+              for (index j = 0; j < d; ++j) c += n.unit(static_cast<double>(row[j])) * v[j];
+            }
+            out[e] = static_cast<O>(detail::clamp_cosine(c) / tau);
           }
-          return false;
         },
         block_tokens);
+    if (owns) fence(be);  // the call's allocation outlives its kernels
   }
 
   // The gradient of Σ dlogits ∘ logits. With u = x/‖x‖, v = w/‖w‖ and c = u·v:
@@ -239,6 +300,7 @@ struct basic_cosine {
   };
 
   unit_embeddings normalized_embeddings() const {
+    static_assert(host_accessible_v<Space>, "the embeddings are read on the host here");
     const index E = weight.rows, d = weight.cols;
     unit_embeddings v{std::vector<double>(static_cast<std::size_t>(E * d)),
                       std::vector<detail::scaled_norm>(static_cast<std::size_t>(E)),
@@ -256,7 +318,7 @@ struct basic_cosine {
 
   // Writes x/‖x‖ into u (zeros for a zero row) and returns the norm.
   template <class T>
-  static detail::scaled_norm unit_row(const T* x, index d, double* u) {
+  RESONANCE_INLINE_FUNCTION static detail::scaled_norm unit_row(const T* x, index d, double* u) {
     const detail::scaled_norm n = detail::row_norm(x, d);
     for (index j = 0; j < d; ++j) u[j] = n.scaled == 0.0 ? 0.0 : n.unit(static_cast<double>(x[j]));
     return n;
