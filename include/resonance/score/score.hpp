@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <limits>
 #include <math.h>
+#include <type_traits>
 
 #include "../core/config.hpp"
 
@@ -42,19 +43,45 @@ struct exp_constants {
 // A product and a sum rounded on their own: never fused into an FMA, whatever the compiler's
 // contraction setting on a device (CUDA's __fmul_rn/__fadd_rn are never contracted; host code relies on
 // the -ffp-contract=off that resonance::resonance carries).
-RESONANCE_INLINE_FUNCTION float mul_rn(float a, float b) {
+// (float and double.)
+template <class T>
+RESONANCE_INLINE_FUNCTION T mul_rn(T a, T b) {
 #if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return __fmul_rn(a, b);
+  } else {
+    return __dmul_rn(a, b);
+  }
 #else
   return a * b;
 #endif
 }
-RESONANCE_INLINE_FUNCTION float add_rn(float a, float b) {
+template <class T>
+RESONANCE_INLINE_FUNCTION T add_rn(T a, T b) {
 #if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return __fadd_rn(a, b);
+  } else {
+    return __dadd_rn(a, b);
+  }
 #else
   return a + b;
 #endif
+}
+
+// p · 2^n for an integral n in [-2·max_exponent, 2·max_exponent], as p · 2^h · 2^(n-h) with h = n/2
+// rounded toward zero: each factor is a normal number, so the largest and the subnormal results are
+// reached. Bits: the exponent field of a power of two.
+template <class T>
+RESONANCE_HOST_DEVICE RESONANCE_FORCEINLINE T times_pow2(T p, T n) {
+  using bits = std::conditional_t<sizeof(T) == sizeof(float), std::int32_t, std::int64_t>;
+  constexpr int mantissa = std::numeric_limits<T>::digits - 1;
+  constexpr bits bias = std::numeric_limits<T>::max_exponent - 1;
+  const auto ni = static_cast<bits>(n);
+  const bits h = ni / 2;
+  const T s1 = std::bit_cast<T>(static_cast<bits>((h + bias) << mantissa));
+  const T s2 = std::bit_cast<T>(static_cast<bits>((ni - h + bias) << mantissa));
+  return (p * s1) * s2;
 }
 
 // Forced inline: it is the body of every softmax loop, and GCC otherwise outlines it when the caller grows.
@@ -74,12 +101,7 @@ RESONANCE_HOST_DEVICE RESONANCE_FORCEINLINE float exp_portable(float x) {
   p = add_rn(mul_rn(p, r), c::p5);
   p = add_rn(mul_rn(p, mul_rn(r, r)), r);
   p = p + 1.0f;
-  // 2^n as 2^h * 2^(n-h), h = n/2 rounded toward zero: each factor is a normal float for n in [-126, 128].
-  const auto ni = static_cast<std::int32_t>(n);
-  const std::int32_t h = ni / 2;
-  const float s1 = std::bit_cast<float>(static_cast<std::int32_t>((h + 127) << 23));
-  const float s2 = std::bit_cast<float>(static_cast<std::int32_t>((ni - h + 127) << 23));
-  return (p * s1) * s2;
+  return times_pow2(p, n);
 }
 
 // The same in double (Sinkhorn's cost), as a fixed sequence of IEEE operations: Cody–Waite reduction
@@ -95,21 +117,6 @@ struct exp_double_constants {
   static constexpr double lo = -745.1332191019412;
   static constexpr double hi = 709.782712893384;
 };
-
-RESONANCE_INLINE_FUNCTION double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-RESONANCE_INLINE_FUNCTION double add_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
 
 RESONANCE_HOST_DEVICE inline double exp_portable(double x) {
   using c = exp_double_constants;
@@ -127,11 +134,7 @@ RESONANCE_HOST_DEVICE inline double exp_portable(double x) {
   for (int i = 1; i < 12; ++i) p = add_rn(mul_rn(p, r), inv_fact[i]);
   p = add_rn(mul_rn(p, mul_rn(r, r)), r);
   p = p + 1.0;
-  const auto ni = static_cast<std::int64_t>(n);
-  const std::int64_t h = ni / 2;
-  const double s1 = std::bit_cast<double>(static_cast<std::int64_t>((h + 1023) << 52));
-  const double s2 = std::bit_cast<double>(static_cast<std::int64_t>((ni - h + 1023) << 52));
-  return (p * s1) * s2;
+  return times_pow2(p, n);
 }
 
 // log(1 + y) for y >= 0 (softplus's log1p(exp(x))), every step rounded on its own, so that the host and
