@@ -4,8 +4,12 @@
 #   scripts/gpu-check.sh pack   here: copies the test dependencies (doctest, Eigen headers and their
 #                               CMake configs) into .gpu-deps/ (git-ignored through .git/info/exclude)
 #   scripts/gpu-check.sh        on the GPU machine, with .gpu-deps carried: configures a Release build
-#                               for this GPU's architecture, builds the cuda tests and the example,
-#                               runs the `gpu` tests (verbose) and the example. A few minutes.
+#                               for this GPU's architecture, builds the cuda tests, the example and
+#                               bench_gpu, runs the `gpu` tests (verbose) and the example, then the GPU
+#                               benchmark (bench_gpu, under a minute on an H100-class GPU) into
+#                               $OUT/bench_gpu.json ($OUT when set, else build/gpu), PyTorch's figures on
+#                               the same GPU where python3 has torch, and the markdown report of both
+#                               (report.md beside them). A few minutes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -29,6 +33,15 @@ build=build/gpu
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DRESONANCE_BUILD_TESTS=ON \
   -DRESONANCE_BUILD_EXAMPLES=ON -DRESONANCE_BUILD_TOOLS=OFF -DRESONANCE_INSTALL=OFF \
   -DRESONANCE_CUDA_ARCHITECTURES="${arch:-90}" -DCMAKE_PREFIX_PATH="$PWD/.gpu-deps/usr" >/dev/null
-cmake --build "$build" --target resonance_cuda_tests cuda_route
+cmake --build "$build" --target resonance_cuda_tests cuda_route bench_gpu
 ctest --test-dir "$build" -L gpu --output-on-failure -V
 "$build"/examples/cuda_route
+
+# The benchmark; then torch on the same GPU (n/a without torch or CUDA) and the report of both.
+out="${OUT:-$build}"
+mkdir -p "$out"
+"$build"/bench/gpu/bench_gpu --json "$out/bench_gpu.json"
+if command -v python3 >/dev/null; then
+  python3 bench/gpu/torch_side_by_side.py --json "$out/torch.json"
+  python3 bench/gpu/report.py "$out/bench_gpu.json" --torch "$out/torch.json" | tee "$out/report.md"
+fi
