@@ -172,7 +172,7 @@ TEST_CASE("bfloat16: from_float rounds to the nearest value, ties to even, and k
   }
 }
 
-TEST_CASE("bfloat16 rows: combine is the fp32 sum in ascending expert order, rounded once; dispatch copies bits") {
+TEST_CASE("bfloat16 rows: combine is the fp32 sum in ascending expert order, rounded once, and dispatch copies bits") {
   std::mt19937 rng(11);
   for (const routed_pair& p : cases(rng)) {
     const rs::routing_plan& plan = p.host;

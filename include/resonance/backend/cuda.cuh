@@ -6,6 +6,11 @@
 //
 //   for_each           grid-stride kernel, one thread per index
 //   for_each_group     one thread per row, its scratch in dynamic shared memory
+//   for_each_warp_row  one warp per row (all 32 lanes), its scratch per warp in dynamic shared memory:
+//                      the lane group (cuda_warp_group, detail/warp_topk.hpp's lane operations) that
+//                      token choice selects on when no group limit applies, top_k <= 16 and E <= 512
+//                      (detail::warp_topk in registers; the weights and the token's tail on one lane,
+//                      w.single, since they update the token's arrays in place)
 //   reduce_min(_into)  warp shuffles, then one integer atomicMin per warp (a minimum: order-free)
 //   exclusive_scan     one block, cub::BlockScan over tiles with a running prefix (no workspace)
 //   stable_bucket      cub::DeviceRadixSort::SortPairs over ceil(log2 nbins) bits (stable), then each
@@ -15,9 +20,10 @@
 //   allocate_host      pinned host memory (router::route_into's copy back, graph-capturable)
 //
 // Determinism: every output is unique (sorts are stable, selections use a strict order on unique keys,
-// scans and minima are over integers), so the plan is serial's, bit for bit, whatever the launch
-// shapes; no atomic decides an order. Scores are computed with explicit roundings (exp_portable) and
-// resonance::cuda compiles with --fmad=false, so FMA contraction cannot change a plan.
+// the warp top-k's too: key bits, then the inverted expert id; scans and minima are over integers), so
+// the plan is serial's, bit for bit, whatever the launch shapes; no atomic decides an order. Scores are
+// computed with explicit roundings (exp_portable) and resonance::cuda compiles with --fmad=false, so FMA
+// contraction cannot change a plan.
 //
 // Requirements: nvcc with --extended-lambda (the stages' RESONANCE_LAMBDA functors) and
 // --expt-relaxed-constexpr; resonance::cuda adds both. A backend value holds a stream (the default
@@ -37,6 +43,7 @@
 #include "../core/config.hpp"
 #include "../core/error.hpp"
 #include "../core/select.hpp"
+#include "detail/warp_topk.hpp"
 #include "execution.hpp"
 #include "rows.hpp"
 
@@ -121,12 +128,68 @@ struct cuda_thread_group {
   RESONANCE_HOST_DEVICE void* scratch() const { return scratch_; }
 };
 
+// A row-op group of lanes on CUDA: the 32 threads of one warp, its scratch in shared memory; the lane
+// operations of detail/warp_topk.hpp on warp intrinsics (for_each_warp_row runs every lane of the warp
+// on the same rows, so the full mask is always right). The functions exist in the host pass too, where
+// nothing calls them (a stage's functor is compiled for both).
+struct cuda_warp_group {
+  static constexpr int width = 32;
+  void* scratch_ = nullptr;
+  RESONANCE_HOST_DEVICE void* scratch() const { return scratch_; }
+  RESONANCE_HOST_DEVICE int lane() const {
+#if defined(__CUDA_ARCH__)
+    return static_cast<int>(threadIdx.x & 31u);
+#else
+    return 0;
+#endif
+  }
+  RESONANCE_HOST_DEVICE void sync() const {
+#if defined(__CUDA_ARCH__)
+    __syncwarp();
+#endif
+  }
+  RESONANCE_HOST_DEVICE bool all(bool v) const {
+#if defined(__CUDA_ARCH__)
+    return __all_sync(0xFFFFFFFFu, v ? 1 : 0) != 0;
+#else
+    return v;
+#endif
+  }
+  RESONANCE_HOST_DEVICE std::uint64_t shfl_xor(std::uint64_t v, int mask) const {
+#if defined(__CUDA_ARCH__)
+    return static_cast<std::uint64_t>(__shfl_xor_sync(0xFFFFFFFFu, static_cast<unsigned long long>(v), mask));
+#else
+    (void)mask;
+    return v;
+#endif
+  }
+  // Lane 0 runs f, the others wait (a scalar tail that updates arrays in place: several lanes running it
+  // would race under independent thread scheduling); f's bool result is returned on every lane.
+  template <class F>
+  RESONANCE_HOST_DEVICE auto single(const F& f) const {
+    if constexpr (std::is_void_v<decltype(f())>) {
+      if (lane() == 0) f();
+      sync();
+    } else {
+      static_assert(std::is_same_v<decltype(f()), bool>, "single(f): f returns void or bool");
+      bool r = false;
+      if (lane() == 0) r = f();
+      sync();
+#if defined(__CUDA_ARCH__)
+      r = __shfl_sync(0xFFFFFFFFu, r ? 1 : 0, 0) != 0;
+#endif
+      return r;
+    }
+  }
+};
+
 struct cuda {
   static constexpr const char* name = "cuda";
   using memory_space = cuda_space;
   template <class T>
   using buffer = cuda_buffer<T>;
   using group = cuda_thread_group;
+  using warp_group = cuda_warp_group;
 
   // The stream every primitive launches on, and every buffer is allocated and freed on.
   cudaStream_t stream = nullptr;
@@ -203,6 +266,33 @@ __global__ void group_min_kernel(index n, index stride, F f, index* result) {
     atomicMin(reinterpret_cast<unsigned long long*>(result), static_cast<unsigned long long>(i));
 }
 
+// One row per warp (all 32 lanes run f on it), each warp's scratch at shared + warp * stride; rows
+// grid-stride, the same for every lane of a warp.
+inline constexpr int warp_threads = 32;
+
+template <class F>
+__global__ void warp_row_kernel(index n, index stride, F f) {
+  extern __shared__ unsigned char shared[];
+  const index warp = static_cast<index>(threadIdx.x) / warp_threads;
+  const index warps = static_cast<index>(blockDim.x) / warp_threads;
+  const cuda_warp_group w{stride > 0 ? shared + warp * stride : nullptr};
+  for (index i = static_cast<index>(blockIdx.x) * warps + warp; i < n; i += static_cast<index>(gridDim.x) * warps)
+    f(w, i);
+}
+
+// The same, with the lowest failing row into *result (f's result is the same on every lane: lane 0
+// reports it).
+template <class F>
+__global__ void warp_row_min_kernel(index n, index stride, F f, index* result) {
+  extern __shared__ unsigned char shared[];
+  const index warp = static_cast<index>(threadIdx.x) / warp_threads;
+  const index warps = static_cast<index>(blockDim.x) / warp_threads;
+  const cuda_warp_group w{stride > 0 ? shared + warp * stride : nullptr};
+  for (index i = static_cast<index>(blockIdx.x) * warps + warp; i < n; i += static_cast<index>(gridDim.x) * warps)
+    if (f(w, i) && (threadIdx.x & 31u) == 0)
+      atomicMin(reinterpret_cast<unsigned long long*>(result), static_cast<unsigned long long>(i));
+}
+
 struct set_index {
   index* out;
   index value;
@@ -226,6 +316,9 @@ struct running_prefix {
   }
 };
 
+// The kernels that take no functor are templates too (of nothing), so that two translation units
+// including this header link: a __global__ function cannot be inline.
+template <int = 0>
 __global__ void __launch_bounds__(scan_threads) exclusive_scan_kernel(const id_type* in, id_type* out, index n) {
   using block_scan = cub::BlockScan<id_type, scan_threads>;
   __shared__ typename block_scan::TempStorage temp;
@@ -241,6 +334,7 @@ __global__ void __launch_bounds__(scan_threads) exclusive_scan_kernel(const id_t
   }
 }
 
+template <int = 0>
 __global__ void iota_kernel(id_type* out, index n) {
   for (index i = global_thread(); i < n; i += grid_threads()) out[i] = static_cast<id_type>(i);
 }
@@ -248,6 +342,7 @@ __global__ void iota_kernel(id_type* out, index n) {
 // start[b] for b in [0, nbins]: the first position of bin b in the sorted keys. Position i writes the
 // starts of the bins (sorted[i - 1], sorted[i]] (i = 0: [0, sorted[0]]; i = n: (sorted[n - 1], nbins]),
 // so each entry is written once.
+template <int = 0>
 __global__ void bucket_starts_kernel(const std::uint32_t* sorted, index n, index nbins, id_type* start) {
   for (index i = global_thread(); i <= n; i += grid_threads()) {
     const index lo = i == 0 ? 0 : static_cast<index>(sorted[i - 1]) + 1;
@@ -285,6 +380,7 @@ struct bucket_layout {
 };
 
 // One single-thread block per segment: the shared radix select with its histogram in shared memory.
+template <int = 0>
 __global__ void select_kernel(const std::uint64_t* keys, const id_type* offsets, index k, std::uint64_t* kth) {
   __shared__ id_type histogram[detail::radix_select_bins];
   const index s = blockIdx.x;
@@ -328,6 +424,36 @@ group_shape shape_groups(Kernel kernel, index scratch_bytes) {
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(g.shared)),
           "cudaFuncSetAttribute");
   return g;
+}
+
+// Warps per block and the per-warp stride of a warp-row kernel with `scratch_bytes` per row.
+inline constexpr index warp_block_warps = block_threads / warp_threads;
+
+template <class Kernel>
+group_shape shape_warps(Kernel kernel, index scratch_bytes) {
+  group_shape g;
+  if (scratch_bytes <= 0) return g;
+  g.stride = (scratch_bytes + 15) / 16 * 16;
+  constexpr index default_shared = 48 * 1024;
+  index limit = default_shared;
+  if (g.stride > default_shared) {
+    limit = max_shared_bytes();
+    detail::require(g.stride <= limit, "for_each_warp_row", "scratch that fits a block's shared memory", scratch_bytes,
+                    " bytes per row (at most ", limit, " on this device)");
+  }
+  const index warps = limit / g.stride < warp_block_warps ? limit / g.stride : warp_block_warps;
+  g.threads = static_cast<int>(warps * warp_threads);
+  g.shared = warps * g.stride;
+  if (g.shared > default_shared)
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(g.shared)),
+          "cudaFuncSetAttribute");
+  return g;
+}
+
+inline unsigned warp_blocks(index n, int threads) {
+  const index warps = threads / warp_threads;
+  const index b = (n + warps - 1) / warps;
+  return static_cast<unsigned>(b < max_blocks ? b : max_blocks);
 }
 
 }  // namespace cuda_detail
@@ -411,8 +537,34 @@ index for_each_group(const cuda& be, index n, index scratch_bytes, const F& f, i
   }
 }
 
+// f(w, i) run by the 32 lanes of one warp for every row i, with scratch_bytes of shared memory in
+// w.scratch() (detail::warp_row_backend). As for_each_group: an f returning bool (the same on every
+// lane) gives the lowest failing row, or n; an f returning void gives no result and no wait.
+template <class F>
+index for_each_warp_row(const cuda& be, index n, index scratch_bytes, const F& f) {
+  if (n <= 0) return n;
+  if constexpr (std::is_void_v<decltype(f(std::declval<const cuda_warp_group&>(), index{}))>) {
+    const auto g = cuda_detail::shape_warps(cuda_detail::warp_row_kernel<F>, scratch_bytes);
+    cuda_detail::warp_row_kernel<<<cuda_detail::warp_blocks(n, g.threads), g.threads,
+                                   static_cast<std::size_t>(g.shared), be.stream>>>(n, g.stride, f);
+    cuda_detail::check_launch("for_each_warp_row");
+    return n;
+  } else {
+    const auto g = cuda_detail::shape_warps(cuda_detail::warp_row_min_kernel<F>, scratch_bytes);
+    auto result = allocate<index>(be, 1);
+    cuda_detail::for_each_kernel<<<1, 1, 0, be.stream>>>(index{1}, cuda_detail::set_index{result.data(), no_index});
+    cuda_detail::warp_row_min_kernel<<<cuda_detail::warp_blocks(n, g.threads), g.threads,
+                                       static_cast<std::size_t>(g.shared), be.stream>>>(n, g.stride, f, result.data());
+    cuda_detail::check_launch("for_each_warp_row");
+    index lowest = no_index;
+    copy_to_host(be, &lowest, result.data(), 1);
+    fence(be);
+    return lowest < n ? lowest : n;
+  }
+}
+
 inline void exclusive_scan(const cuda& be, const id_type* in, id_type* out, index n) {
-  cuda_detail::exclusive_scan_kernel<<<1, cuda_detail::scan_threads, 0, be.stream>>>(in, out, n);
+  cuda_detail::exclusive_scan_kernel<><<<1, cuda_detail::scan_threads, 0, be.stream>>>(in, out, n);
   cuda_detail::check_launch("exclusive_scan");
 }
 
@@ -427,7 +579,7 @@ inline void stable_bucket(const cuda& be, const id_type* keys, index n, index nb
   auto* sorted = reinterpret_cast<std::uint32_t*>(base + l.sorted);
   auto* values = reinterpret_cast<id_type*>(base + l.values);
   if (n > 0) {
-    cuda_detail::iota_kernel<<<cuda_detail::blocks_for(n), cuda_detail::block_threads, 0, be.stream>>>(values, n);
+    cuda_detail::iota_kernel<><<<cuda_detail::blocks_for(n), cuda_detail::block_threads, 0, be.stream>>>(values, n);
     cuda_detail::check_launch("stable_bucket");
     std::size_t temp_bytes = l.temp_bytes;
     // Bin ids are non-negative: their bits read as unsigned sort the same.
@@ -436,8 +588,8 @@ inline void stable_bucket(const cuda& be, const id_type* keys, index n, index nb
                            perm, static_cast<int>(n), 0, cuda_detail::bucket_bits(nbins), be.stream),
                        "cub::DeviceRadixSort::SortPairs");
   }
-  cuda_detail::bucket_starts_kernel<<<cuda_detail::blocks_for(n + 1), cuda_detail::block_threads, 0, be.stream>>>(
-      sorted, n, nbins, start);
+  cuda_detail::bucket_starts_kernel<>
+      <<<cuda_detail::blocks_for(n + 1), cuda_detail::block_threads, 0, be.stream>>>(sorted, n, nbins, start);
   cuda_detail::check_launch("stable_bucket");
 }
 
@@ -447,11 +599,12 @@ inline index segmented_select_workspace(const cuda&, index, index) { return 0; }
 inline void segmented_select(const cuda& be, std::uint64_t* keys, const id_type* offsets, index nseg, index k,
                              std::uint64_t* kth, void*) {
   if (nseg <= 0 || k < 1) return;
-  cuda_detail::select_kernel<<<static_cast<unsigned>(nseg), 1, 0, be.stream>>>(keys, offsets, k, kth);
+  cuda_detail::select_kernel<><<<static_cast<unsigned>(nseg), 1, 0, be.stream>>>(keys, offsets, k, kth);
   cuda_detail::check_launch("segmented_select");
 }
 
 static_assert(execution_backend<cuda>);
+static_assert(detail::warp_row_backend<cuda>);
 
 }  // namespace backend
 }  // namespace resonance

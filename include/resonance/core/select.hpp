@@ -10,6 +10,15 @@
 
 namespace resonance::detail {
 
+// The order-preserving bits of a float (larger value, larger bits), -0 read as +0 (an integer test: no
+// floating-point operation a compiler could fold), so that ±0 tie and the tie goes to whatever the low
+// bits of a key say (the inverted index or token of the selection and drop keys).
+RESONANCE_INLINE_FUNCTION std::uint32_t ordered_bits(float v) {
+  std::uint32_t u = __builtin_bit_cast(std::uint32_t, v);
+  if (u == 0x80000000u) u = 0u;
+  return (u & 0x80000000u) != 0 ? ~u : (u | 0x80000000u);
+}
+
 // Digits of the radix select: 8 passes of 8 bits, most significant first.
 inline constexpr int radix_select_bits = 8;
 inline constexpr index radix_select_bins = index{1} << radix_select_bits;

@@ -16,6 +16,7 @@
 #include "../backend/backend.hpp"
 #include "../capacity/capacity.hpp"
 #include "../core/error.hpp"
+#include "../core/select.hpp"
 #include "../routing/routing.hpp"
 #include "plan.hpp"
 
@@ -35,15 +36,10 @@ RESONANCE_INLINE_FUNCTION index round_up(index n, index multiple) { return (n + 
 
 // The capacity cut's selection key of one candidate: higher is kept first, and within one expert no two
 // candidates share a key, so "the top C keys" is one set on every backend. score: the priority's
-// order-preserving bits (-0 read as +0, so that a tie still goes to the lower token), then the
-// inverted token id; random: the 64-bit hash alone, which is already unique within an expert (for a
+// order-preserving bits (ordered_bits: -0 read as +0, so that a tie still goes to the lower token), then
+// the inverted token id; random: the 64-bit hash alone, which is already unique within an expert (for a
 // fixed seed and expert the hash's input is an odd multiple of the token plus a constant, a bijection
 // of the token, and the splitmix64 finaliser is a bijection).
-RESONANCE_INLINE_FUNCTION std::uint32_t ordered_bits(float x) {
-  const std::uint32_t u = __builtin_bit_cast(std::uint32_t, x + 0.0f);
-  return (u & 0x80000000u) != 0 ? ~u : (u | 0x80000000u);
-}
-
 RESONANCE_INLINE_FUNCTION std::uint64_t drop_key(drop_policy drop, std::uint64_t seed, float priority, id_type token,
                                                  index expert) {
   if (drop == drop_policy::random)

@@ -15,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "../backend/detail/warp_topk.hpp"
 #include "../backend/rows.hpp"
 #include "../backend/serial.hpp"
 #include "../capacity/capacity.hpp"
@@ -111,6 +112,45 @@ static_assert(routing_policy<token_choice>);
 
 namespace kernel {
 
+// The weights of a selected row (the last phase of token_choice_row): out_expert holds the k selected
+// experts (any order), `scores` the E scores when the score is computed before the selection (then
+// read), else at least k floats of scratch. k, inv_t and post_softmax are the caller's (p.top_k,
+// 1 / p.temperature, softmax after the top-k), so that a row computes them once. Writes the k weights,
+// from the unbiased quantity, and sorts the pairs by expert id.
+template <class Rows = detail::scalar_rows>
+RESONANCE_HOST_DEVICE RESONANCE_FORCEINLINE void token_choice_weights(const token_choice& p, index k, float inv_t,
+                                                                      bool post_softmax, const float* logits,
+                                                                      float* scores, id_type* out_expert,
+                                                                      float* out_weight) {
+  // Weights from the unbiased quantity.
+  if (post_softmax) {
+    float* shifted = scores;  // free in this branch; E >= k entries
+    float m = logits[out_expert[0]] * inv_t;
+    for (index j = 0; j < k; ++j) {
+      shifted[j] = logits[out_expert[j]] * inv_t;
+      m = shifted[j] > m ? shifted[j] : m;
+    }
+    for (index j = 0; j < k; ++j) shifted[j] -= m;
+    Rows::exp_n(shifted, out_weight, k);
+    float sum = 0.0f;
+    for (index j = 0; j < k; ++j) sum += out_weight[j];
+    for (index j = 0; j < k; ++j) out_weight[j] /= sum;
+  } else {
+    for (index j = 0; j < k; ++j) out_weight[j] = scores[out_expert[j]];
+    const bool elementwise = p.score == resonance::score::sigmoid || p.score == resonance::score::sqrt_softplus;
+    const bool renorm = p.renorm == renormalize::always || (p.renorm == renormalize::automatic && elementwise && k > 1);
+    if (renorm) {
+      float sum = 0.0f;
+      for (index j = 0; j < k; ++j) sum += out_weight[j];
+      const float denom = sum + p.renorm_epsilon;
+      for (index j = 0; j < k; ++j) out_weight[j] /= denom;
+    }
+  }
+  if (p.scaling_factor != 1.0f)
+    for (index j = 0; j < k; ++j) out_weight[j] *= p.scaling_factor;
+  detail::sort_by_id(out_expert, out_weight, k);
+}
+
 // One token's selection: writes top_k (expert, weight) pairs ordered by expert id. `fscratch` and
 // `iscratch` hold p.scratch_size(E) entries. Returns false when the row's logits are not all finite
 // (the outputs are then unspecified). Host/device; no allocation. `Rows` supplies the row primitives
@@ -149,34 +189,7 @@ RESONANCE_INLINE_FUNCTION bool token_choice_row(const token_choice& p, const flo
     finite = post_softmax ? f : finite && f;
   }
   if (!finite) return false;
-
-  // Weights from the unbiased quantity.
-  if (post_softmax) {
-    float* shifted = scores;  // free in this branch; E >= k entries
-    float m = logits[out_expert[0]] * inv_t;
-    for (index j = 0; j < k; ++j) {
-      shifted[j] = logits[out_expert[j]] * inv_t;
-      m = shifted[j] > m ? shifted[j] : m;
-    }
-    for (index j = 0; j < k; ++j) shifted[j] -= m;
-    Rows::exp_n(shifted, out_weight, k);
-    float sum = 0.0f;
-    for (index j = 0; j < k; ++j) sum += out_weight[j];
-    for (index j = 0; j < k; ++j) out_weight[j] /= sum;
-  } else {
-    for (index j = 0; j < k; ++j) out_weight[j] = scores[out_expert[j]];
-    const bool elementwise = p.score == resonance::score::sigmoid || p.score == resonance::score::sqrt_softplus;
-    const bool renorm = p.renorm == renormalize::always || (p.renorm == renormalize::automatic && elementwise && k > 1);
-    if (renorm) {
-      float sum = 0.0f;
-      for (index j = 0; j < k; ++j) sum += out_weight[j];
-      const float denom = sum + p.renorm_epsilon;
-      for (index j = 0; j < k; ++j) out_weight[j] /= denom;
-    }
-  }
-  if (p.scaling_factor != 1.0f)
-    for (index j = 0; j < k; ++j) out_weight[j] *= p.scaling_factor;
-  detail::sort_by_id(out_expert, out_weight, k);
+  token_choice_weights<Rows>(p, k, inv_t, post_softmax, logits, scores, out_expert, out_weight);
   return true;
 }
 
@@ -195,6 +208,21 @@ fail_row(index k, id_type* expert, float* w) {
   }
 }
 
+// The end of one token of the selection driver: the weights' finiteness checked, the token's CSR end
+// written, and a failed token's candidates replaced (fail_row). `ok`: the selection succeeded (its
+// weights are written). Returns true when the token fails (non-finite logits or weights).
+RESONANCE_HOST_DEVICE RESONANCE_FORCEINLINE bool token_choice_finish(const token_choice& p, bool ok, index t,
+                                                                     id_type* expert, float* weight, id_type* offsets) {
+  const index k = p.top_k;
+  float* w = weight + t * k;
+  for (index j = 0; j < k; ++j) ok &= (w[j] - w[j]) == 0.0f;
+  offsets[t + 1] = static_cast<id_type>((t + 1) * k);
+  if (ok) [[likely]]
+    return false;
+  fail_row(k, expert + t * k, w);
+  return true;
+}
+
 // One token of the selection driver: token_choice_row with the group's row primitives, the weights'
 // finiteness checked in the same pass, and the token's CSR end written. `scratch` holds
 // p.scratch_bytes(E) bytes. Returns true when the token fails (non-finite logits or weights).
@@ -205,14 +233,66 @@ RESONANCE_INLINE_FUNCTION bool token_choice_select(const token_choice& p, const 
   const index k = p.top_k;
   float* fs = static_cast<float*>(scratch);
   id_type* is = reinterpret_cast<id_type*>(fs + p.scratch_size(num_experts));
-  float* w = weight + t * k;
-  bool ok = token_choice_row<Rows>(p, logits_row, num_experts, bias, expert + t * k, w, fs, is);
-  for (index j = 0; j < k; ++j) ok &= (w[j] - w[j]) == 0.0f;
-  offsets[t + 1] = static_cast<id_type>((t + 1) * k);
-  if (ok) [[likely]]
-    return false;
-  fail_row(k, expert + t * k, w);
-  return true;
+  const bool ok = token_choice_row<Rows>(p, logits_row, num_experts, bias, expert + t * k, weight + t * k, fs, is);
+  return token_choice_finish(p, ok, t, expert, weight, offsets);
+}
+
+// The tokens a backend with lane groups (detail::warp_row_backend: backend::cuda's warps) selects on a
+// group of lanes: no group limit, k in registers (detail::warp_topk_max_k), at most
+// warp_select_max_experts experts. Every other policy keeps the per-row path.
+inline constexpr index warp_select_max_experts = 512;
+
+RESONANCE_HOST_DEVICE constexpr bool warp_selectable(const token_choice& p, index num_experts) {
+  return !p.grouped() && p.top_k <= detail::warp_topk_max_k && num_experts <= warp_select_max_experts;
+}
+
+// Bytes of scratch of one token on a lane group: the k selected keys and the E scores.
+RESONANCE_HOST_DEVICE constexpr index warp_scratch_bytes(const token_choice& p, index num_experts) {
+  return (p.top_k + num_experts) * static_cast<index>(sizeof(float));
+}
+
+// One token of the selection driver on a group of lanes (detail/warp_topk.hpp), run by every lane of
+// the group: token_choice_select's phases with the same results, bit for bit. An elementwise score is
+// computed by the lanes (an entry's bits do not depend on who computes it); a softmax over the row, whose
+// sum runs in one order, on one lane; the top-k by detail::warp_topk (scalar_rows::topk's result); the
+// weights, their check and a failed token's candidates (token_choice_weights, token_choice_finish:
+// they update arrays in place) on one lane. Returns, on every lane, true when the token fails.
+// Requires warp_selectable(p, E); `scratch` holds warp_scratch_bytes(p, E) bytes.
+template <class Warp>
+RESONANCE_INLINE_FUNCTION bool token_choice_select_warp(const Warp& w, const token_choice& p, const float* logits_row,
+                                                        index num_experts, const float* bias, index t, id_type* expert,
+                                                        float* weight, id_type* offsets, void* scratch) {
+  constexpr index lanes = Warp::width;
+  const index k = p.top_k;
+  const float inv_t = 1.0f / p.temperature;
+  float* vals = static_cast<float*>(scratch);  // k selected keys
+  float* scores = vals + k;                    // E scores (when the score is computed before selection)
+  id_type* ids = expert + t * k;
+  const bool post_softmax = p.score == resonance::score::softmax && !p.pre_softmax;
+
+  // The selection key, as token_choice_row: logits (post softmax) or scores.
+  bool finite = true;
+  const float* base = logits_row;
+  float scale = inv_t;
+  if (!post_softmax) {
+    const bool elementwise = p.score != resonance::score::softmax;
+    bool ok = true;
+    for (index e = w.lane(); e < num_experts; e += lanes) {
+      ok &= (logits_row[e] - logits_row[e]) == 0.0f;  // scalar_rows::all_finite
+      if (elementwise) scores[e] = detail::elementwise_score(p.score, logits_row[e] * inv_t);  // score_row's entry
+    }
+    if (!elementwise) w.single([&] { detail::scalar_rows::score(p.score, logits_row, scores, num_experts, inv_t); });
+    finite = w.all(ok);
+    w.sync();  // every lane's scores, for every lane
+    base = scores;
+    scale = 1.0f;
+  }
+  const bool f = detail::warp_topk(w, base, num_experts, k, scale, bias, vals, ids);
+  finite = post_softmax ? f : finite && f;
+  return w.single([&] {
+    if (finite) token_choice_weights(p, k, inv_t, post_softmax, logits_row, scores, ids, weight + t * k);
+    return token_choice_finish(p, finite, t, expert, weight, offsets);
+  });
 }
 
 }  // namespace kernel
@@ -283,6 +363,24 @@ index token_choice_rows(const Backend& be, const routing::token_choice& p, matri
   const float* bias = p.expert_bias.empty() ? nullptr : p.expert_bias.data;
   for_each(
       be, 1, RESONANCE_LAMBDA(index) { offsets[0] = 0; });
+  if constexpr (detail::warp_row_backend<Backend>) {
+    // A backend with lane groups selects the rows that fit its registers on a group of lanes each.
+    if (routing::kernel::warp_selectable(p, E)) {
+      using warp = typename Backend::warp_group;
+      const index bytes = routing::kernel::warp_scratch_bytes(p, E);
+      const auto warp_row = RESONANCE_LAMBDA(const warp& w, index t) {
+        return routing::kernel::token_choice_select_warp(w, p, logits.row(t), E, bias, t, expert, weight, offsets,
+                                                         w.scratch());
+      };
+      if constexpr (Sync) {
+        return for_each_warp_row(be, T, bytes, warp_row);
+      } else {
+        for_each_warp_row(
+            be, T, bytes, RESONANCE_LAMBDA(const warp& w, index t) { (void)warp_row(w, t); });
+        return T;
+      }
+    }
+  }
   using group = typename Backend::group;
   const auto row = RESONANCE_LAMBDA(const group& g, index t) {
     using rows = typename group::rows;
