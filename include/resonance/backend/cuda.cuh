@@ -403,8 +403,12 @@ struct group_shape {
   index shared = 0;
 };
 
+// The launch shape of a kernel whose units (a thread of a group kernel, a warp of a warp-row kernel:
+// `unit_threads` threads) each get `scratch_bytes` of shared memory: as many units per block as fit in
+// the default 48 KB (the device's opt-in maximum for a larger scratch, which `primitive`'s error names
+// when even one does not fit), at most block_threads threads, whole warps when there are 32 or more.
 template <class Kernel>
-group_shape shape_groups(Kernel kernel, index scratch_bytes) {
+group_shape shape_launch(Kernel kernel, index scratch_bytes, index unit_threads, const char* primitive) {
   group_shape g;
   if (scratch_bytes <= 0) return g;
   g.stride = (scratch_bytes + 15) / 16 * 16;
@@ -412,38 +416,14 @@ group_shape shape_groups(Kernel kernel, index scratch_bytes) {
   index limit = default_shared;
   if (g.stride > default_shared) {
     limit = max_shared_bytes();
-    detail::require(g.stride <= limit, "for_each_group", "scratch that fits a block's shared memory", scratch_bytes,
+    detail::require(g.stride <= limit, primitive, "scratch that fits a block's shared memory", scratch_bytes,
                     " bytes per row (at most ", limit, " on this device)");
   }
-  index threads = limit / g.stride;
-  threads = threads > block_threads ? block_threads : threads;
-  if (threads >= 32) threads = threads / 32 * 32;
-  g.threads = static_cast<int>(threads);
-  g.shared = threads * g.stride;
-  if (g.shared > default_shared)
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(g.shared)),
-          "cudaFuncSetAttribute");
-  return g;
-}
-
-// Warps per block and the per-warp stride of a warp-row kernel with `scratch_bytes` per row.
-inline constexpr index warp_block_warps = block_threads / warp_threads;
-
-template <class Kernel>
-group_shape shape_warps(Kernel kernel, index scratch_bytes) {
-  group_shape g;
-  if (scratch_bytes <= 0) return g;
-  g.stride = (scratch_bytes + 15) / 16 * 16;
-  constexpr index default_shared = 48 * 1024;
-  index limit = default_shared;
-  if (g.stride > default_shared) {
-    limit = max_shared_bytes();
-    detail::require(g.stride <= limit, "for_each_warp_row", "scratch that fits a block's shared memory", scratch_bytes,
-                    " bytes per row (at most ", limit, " on this device)");
-  }
-  const index warps = limit / g.stride < warp_block_warps ? limit / g.stride : warp_block_warps;
-  g.threads = static_cast<int>(warps * warp_threads);
-  g.shared = warps * g.stride;
+  index units = limit / g.stride;
+  units = units * unit_threads > block_threads ? block_threads / unit_threads : units;
+  if (units * unit_threads >= 32) units = units * unit_threads / 32 * 32 / unit_threads;
+  g.threads = static_cast<int>(units * unit_threads);
+  g.shared = units * g.stride;
   if (g.shared > default_shared)
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(g.shared)),
           "cudaFuncSetAttribute");
@@ -517,13 +497,13 @@ template <class F>
 index for_each_group(const cuda& be, index n, index scratch_bytes, const F& f, index = 0) {
   if (n <= 0) return n;
   if constexpr (std::is_void_v<decltype(f(std::declval<const cuda_thread_group&>(), index{}))>) {
-    const auto g = cuda_detail::shape_groups(cuda_detail::group_kernel<F>, scratch_bytes);
+    const auto g = cuda_detail::shape_launch(cuda_detail::group_kernel<F>, scratch_bytes, 1, "for_each_group");
     const auto blocks = static_cast<unsigned>((n + g.threads - 1) / g.threads);
     cuda_detail::group_kernel<<<blocks, g.threads, static_cast<std::size_t>(g.shared), be.stream>>>(n, g.stride, f);
     cuda_detail::check_launch("for_each_group");
     return n;
   } else {
-    const auto g = cuda_detail::shape_groups(cuda_detail::group_min_kernel<F>, scratch_bytes);
+    const auto g = cuda_detail::shape_launch(cuda_detail::group_min_kernel<F>, scratch_bytes, 1, "for_each_group");
     auto result = allocate<index>(be, 1);
     cuda_detail::for_each_kernel<<<1, 1, 0, be.stream>>>(index{1}, cuda_detail::set_index{result.data(), no_index});
     const auto blocks = static_cast<unsigned>((n + g.threads - 1) / g.threads);
@@ -544,13 +524,15 @@ template <class F>
 index for_each_warp_row(const cuda& be, index n, index scratch_bytes, const F& f) {
   if (n <= 0) return n;
   if constexpr (std::is_void_v<decltype(f(std::declval<const cuda_warp_group&>(), index{}))>) {
-    const auto g = cuda_detail::shape_warps(cuda_detail::warp_row_kernel<F>, scratch_bytes);
+    const auto g = cuda_detail::shape_launch(cuda_detail::warp_row_kernel<F>, scratch_bytes, cuda_detail::warp_threads,
+                                             "for_each_warp_row");
     cuda_detail::warp_row_kernel<<<cuda_detail::warp_blocks(n, g.threads), g.threads,
                                    static_cast<std::size_t>(g.shared), be.stream>>>(n, g.stride, f);
     cuda_detail::check_launch("for_each_warp_row");
     return n;
   } else {
-    const auto g = cuda_detail::shape_warps(cuda_detail::warp_row_min_kernel<F>, scratch_bytes);
+    const auto g = cuda_detail::shape_launch(cuda_detail::warp_row_min_kernel<F>, scratch_bytes,
+                                             cuda_detail::warp_threads, "for_each_warp_row");
     auto result = allocate<index>(be, 1);
     cuda_detail::for_each_kernel<<<1, 1, 0, be.stream>>>(index{1}, cuda_detail::set_index{result.data(), no_index});
     cuda_detail::warp_row_min_kernel<<<cuda_detail::warp_blocks(n, g.threads), g.threads,
