@@ -89,15 +89,12 @@ class Timer:
     def _summary(self, us):
         return statistics.median(us), min(us)
 
-    def device(self, fn):
-        """Device time of fn's kernels: the flush and a sleep kernel hold the stream while the host
-        enqueues the start event, fn and the stop event."""
-        sleep = getattr(self.torch.cuda, "_sleep", None)
+    def _time(self, fn, before):
+        """Median and min of the events around fn, `before` run after each run's flush."""
         us = []
         for r in range(self.warmup + self.reps):
             self._flush()
-            if sleep is not None:
-                sleep(100_000)  # cycles: some 50 us
+            before()
             self.start.record()
             fn()
             self.stop.record()
@@ -106,19 +103,16 @@ class Timer:
                 us.append(1000.0 * self.start.elapsed_time(self.stop))
         return self._summary(us)
 
+    def device(self, fn):
+        """Device time of fn's kernels: the flush and a sleep kernel hold the stream while the host
+        enqueues the start event, fn and the stop event."""
+        sleep = getattr(self.torch.cuda, "_sleep", None)
+        # 100000 cycles: some 50 us.
+        return self._time(fn, (lambda: sleep(100_000)) if sleep is not None else (lambda: None))
+
     def host(self, fn):
         """Time of fn from an idle stream to the end of its work, host work included."""
-        us = []
-        for r in range(self.warmup + self.reps):
-            self._flush()
-            self.torch.cuda.synchronize()
-            self.start.record()
-            fn()
-            self.stop.record()
-            self.stop.synchronize()
-            if r >= self.warmup:
-                us.append(1000.0 * self.start.elapsed_time(self.stop))
-        return self._summary(us)
+        return self._time(fn, self.torch.cuda.synchronize)
 
 
 def row(name, T, E, k, timing):

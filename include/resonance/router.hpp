@@ -13,7 +13,6 @@
 #include <cmath>
 #include <concepts>
 #include <limits>
-#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -156,7 +155,7 @@ class route_workspace {
   using memory_space = memory_space_t<Backend>;
 
   // Bytes of the workspace in the backend's memory.
-  index bytes() const { return device_bytes_; }
+  index bytes() const { return static_cast<index>(device_.size()); }
   // Whether a route was enqueued and not yet finished.
   bool pending() const { return pending_; }
 
@@ -165,10 +164,8 @@ class route_workspace {
   friend struct router;
 
   buffer_t<memory_space, unsigned char> device_;
-  index device_bytes_ = 0;
   host_readable_t<Backend, index> readback_;  // the plan's two sizes and the route's status
   host_readable_t<Backend, float> staging_;   // the direction's policy array on its way to the device
-  index staging_size_ = 0;
   bool pending_ = false;
   matrix_view<const float, memory_space> logits_;  // the pending route's, for finish()'s error
   candidate_span<memory_space> candidates_;
@@ -286,24 +283,12 @@ struct router {
       const device_route_layout layout(be, T_, E, k, lim, host_array.size, computed_logits(T_, E),
                                        affinity_bytes(x.cols));
       // Grow what is too small; nothing else allocates.
-      if (ws.device_bytes_ < layout.bytes) {
-        ws.device_ = allocate<unsigned char>(be, layout.bytes);
-        ws.device_bytes_ = layout.bytes;
-      }
+      if (ws.bytes() < layout.bytes) ws.device_ = allocate<unsigned char>(be, layout.bytes);
       if (ws.readback_.data() == nullptr) ws.readback_ = allocate_host_readable<index>(be, 3);
-      if (ws.staging_size_ < host_array.size) {
+      if (static_cast<index>(ws.staging_.size()) < host_array.size)
         ws.staging_ = allocate_host_readable<float>(be, host_array.size);
-        ws.staging_size_ = host_array.size;
-      }
       detail::plan_data<space>& d = plan.raw();
-      const candidate_view<space> shape{T_, E, T_ * k};
-      d.num_tokens = T_;
-      d.num_experts = E;
-      d.capacity = lim.capacity;
-      std::tie(d.slot_room, d.assignment_room) = detail::plan_room(shape, lim);
-      if (static_cast<index>(d.storage.size()) < d.layout().bytes)
-        d.storage = allocate<unsigned char>(be, d.layout().bytes);
-      d.num_slots = d.num_assignments = 0;  // until finish()
+      detail::size_plan(be, d, candidate_view<space>{T_, E, T_ * k}, lim);  // its sizes come with finish()
       for (index i = 0; i < host_array.size; ++i) ws.staging_.data()[i] = host_array[i];
       const matrix_view<const float, space> l =
           device_logits(be, x, E, detail::at_offset<float>(ws.device_.data(), layout.logits),
@@ -488,11 +473,7 @@ struct router {
           device_logits(be, x, E, detail::at_offset<float>(work.data(), layout.logits),
                         detail::at_offset<void>(work.data(), layout.affinity_work));
       detail::plan_data<space> d;
-      d.num_tokens = T_;
-      d.num_experts = E;
-      d.capacity = lim.capacity;
-      std::tie(d.slot_room, d.assignment_room) = detail::plan_room(candidate_view<space>{T_, E, T_ * k}, lim);
-      d.storage = allocate<unsigned char>(be, d.layout().bytes);
+      detail::size_plan(be, d, candidate_view<space>{T_, E, T_ * k}, lim);
       index readback[3] = {0, 0, no_index};
       const candidate_span<space> cands =
           enqueue_on_device(be, l, lim, layout, work.data(), host_array.data, d, readback);

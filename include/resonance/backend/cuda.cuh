@@ -66,50 +66,55 @@ inline void check(cudaError_t status, const char* call) {
 // A kernel launch's error (a bad configuration), without waiting for the kernel.
 inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
 
-}  // namespace backend::cuda_detail
-
-// An owning device array from the stream-ordered allocator. Copies share the memory (a plan is copied
-// like a handle); the last owner frees it on the stream it was allocated on. Entries start
-// uninitialised: the stages write every entry they read.
+// An array owned by a shared pointer whose deleter gives the memory back: copies share it (a plan is
+// copied like a handle) and the last owner frees it. The two kinds of memory below differ only in how
+// they are obtained and returned.
 template <class T>
-class cuda_buffer {
+class shared_array {
  public:
-  cuda_buffer() = default;
-  cuda_buffer(index n, cudaStream_t stream) : size_(n > 0 ? n : 0) {
-    if (size_ == 0) return;
-    void* p = nullptr;
-    backend::cuda_detail::check(cudaMallocAsync(&p, static_cast<std::size_t>(size_) * sizeof(T), stream),
-                                "cudaMallocAsync");
-    data_ = std::shared_ptr<T>(static_cast<T*>(p), [stream](T* q) { (void)cudaFreeAsync(q, stream); });
-  }
   T* data() { return data_.get(); }
   const T* data() const { return data_.get(); }
   std::size_t size() const { return static_cast<std::size_t>(size_); }
+
+  shared_array() = default;
+  template <class Free>
+  shared_array(void* p, index n, Free free) : data_(static_cast<T*>(p), free), size_(n) {}
 
  private:
   std::shared_ptr<T> data_;
   index size_ = 0;
 };
+}  // namespace backend::cuda_detail
+
+// An owning device array from the stream-ordered allocator, freed on the stream it was allocated on.
+// Entries start uninitialised: the stages write every entry they read.
+template <class T>
+class cuda_buffer : public backend::cuda_detail::shared_array<T> {
+ public:
+  cuda_buffer() = default;
+  cuda_buffer(index n, cudaStream_t stream) {
+    if (n <= 0) return;
+    void* p = nullptr;
+    backend::cuda_detail::check(cudaMallocAsync(&p, static_cast<std::size_t>(n) * sizeof(T), stream),
+                                "cudaMallocAsync");
+    static_cast<backend::cuda_detail::shared_array<T>&>(*this) =
+        backend::cuda_detail::shared_array<T>(p, n, [stream](T* q) { (void)cudaFreeAsync(q, stream); });
+  }
+};
 
 // Pinned host memory (cudaMallocHost): what a route's one copy back lands in, so that the copy is
-// asynchronous and a CUDA graph can capture it. Copies share the memory; the last owner frees it.
+// asynchronous and a CUDA graph can capture it.
 template <class T>
-class cuda_host_buffer {
+class cuda_host_buffer : public backend::cuda_detail::shared_array<T> {
  public:
   cuda_host_buffer() = default;
-  explicit cuda_host_buffer(index n) : size_(n > 0 ? n : 0) {
-    if (size_ == 0) return;
+  explicit cuda_host_buffer(index n) {
+    if (n <= 0) return;
     void* p = nullptr;
-    backend::cuda_detail::check(cudaMallocHost(&p, static_cast<std::size_t>(size_) * sizeof(T)), "cudaMallocHost");
-    data_ = std::shared_ptr<T>(static_cast<T*>(p), [](T* q) { (void)cudaFreeHost(q); });
+    backend::cuda_detail::check(cudaMallocHost(&p, static_cast<std::size_t>(n) * sizeof(T)), "cudaMallocHost");
+    static_cast<backend::cuda_detail::shared_array<T>&>(*this) =
+        backend::cuda_detail::shared_array<T>(p, n, [](T* q) { (void)cudaFreeHost(q); });
   }
-  T* data() { return data_.get(); }
-  const T* data() const { return data_.get(); }
-  std::size_t size() const { return static_cast<std::size_t>(size_); }
-
- private:
-  std::shared_ptr<T> data_;
-  index size_ = 0;
 };
 
 template <>

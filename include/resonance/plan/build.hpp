@@ -9,7 +9,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -138,7 +137,7 @@ struct build_workspace {
 //   3 drop keys of the overfull experts, segmented_select -> each one's C-th largest key;
 //   4 per expert, the stable compaction of its kept candidates into its slots, then padding;
 //   5 token CSR: kept per token, exclusive_scan, fill.
-// enqueue_build runs them into d, whose storage has the room plan_room() gives (laid out by
+// enqueue_build runs them into d, readied by size_plan() (laid out by
 // d.layout()), and ends with one copy of the plan's two sizes and the route's status (`status`, in the
 // backend's memory, when a device route passes one; else no_index) into `readback`: three indices in
 // memory the host reads after fence(be). It waits for nothing, so a device route can be enqueued
@@ -146,13 +145,22 @@ struct build_workspace {
 // lim.capacity > 0).bytes bytes (a route carves it from its own allocation); else the builder allocates
 // it and waits for the build before it frees it.
 
-// The room a plan of these candidates needs: slots (the worst case of its capacity, padding and
-// alignment) and assignments.
-template <class Space>
-std::pair<index, index> plan_room(const candidate_view<Space>& c, const capacity_limits& lim) {
+// Readies d for a plan of candidates c under lim: its shape, the room of the worst case (slots by the
+// capacity, padding and alignment; one assignment per candidate), no sizes yet, and storage for that
+// room, allocated only when what d holds is smaller (a route into an existing plan reuses it).
+template <execution_backend Backend, class Space>
+void size_plan(const Backend& be, plan_data<memory_space_t<Backend>>& d, const candidate_view<Space>& c,
+               const capacity_limits& lim) {
   const bool pad = lim.pad_to_capacity && lim.capacity >= 0;
   const index E = c.num_experts;
-  return {(pad ? E * lim.capacity : c.size) + E * (lim.align - 1), c.size};
+  d.num_tokens = c.num_tokens;
+  d.num_experts = E;
+  d.capacity = lim.capacity;
+  d.slot_room = (pad ? E * lim.capacity : c.size) + E * (lim.align - 1);
+  d.assignment_room = c.size;
+  d.num_slots = d.num_assignments = 0;
+  if (static_cast<index>(d.storage.size()) < d.layout().bytes)
+    d.storage = allocate<unsigned char>(be, d.layout().bytes);
 }
 
 template <execution_backend Backend, class Space>
@@ -299,7 +307,7 @@ void enqueue_build(const Backend& be, const candidate_view<Space>& c, const capa
   if (own.data() != nullptr) fence(be);
 }
 
-// The plan of candidates c: its storage allocated at the room plan_room() gives, the build enqueued,
+// The plan of candidates c: its storage allocated by size_plan(), the build enqueued,
 // then one wait for the sizes (and the status, into *host_status, when `status` is given).
 template <execution_backend Backend, class Space>
 basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& be, const candidate_view<Space>& c,
@@ -308,11 +316,7 @@ basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& 
                                                                  index* host_status = nullptr, void* work = nullptr) {
   using space = memory_space_t<Backend>;
   plan_data<space> d;
-  d.num_tokens = c.num_tokens;
-  d.num_experts = c.num_experts;
-  d.capacity = lim.capacity;
-  std::tie(d.slot_room, d.assignment_room) = plan_room(c, lim);
-  d.storage = allocate<unsigned char>(be, d.layout().bytes);
+  size_plan(be, d, c, lim);
   index host_sizes[3] = {0, 0, no_index};
   enqueue_build(be, c, lim, d, status, host_sizes, work);
   fence(be);
