@@ -331,6 +331,78 @@ TEST_CASE("device route: a failing token costs the route nothing until its one c
   CHECK(error_of([&] { (void)rb.route(device_backend{}, device_view{x.data(), 5, 4}); }) == want_bi);
 }
 
+TEST_CASE("device route: node-limited token choice reads its expert -> node map from device memory, as serial") {
+  // 13 experts round-robin over 4 nodes (4, 3, 3, 3 experts): no node is a range of ids.
+  const index T = 50, E = 13;
+  std::vector<rs::id_type> nodes(static_cast<std::size_t>(E));
+  for (index e = 0; e < E; ++e) nodes[static_cast<std::size_t>(e)] = static_cast<rs::id_type>(e % 4);
+  std::vector<float> bias(static_cast<std::size_t>(E));
+  std::vector<float> logits(static_cast<std::size_t>(T * E));
+  for (std::size_t i = 0; i < bias.size(); ++i) bias[i] = 0.25f * static_cast<float>(static_cast<int>(i * 7 % 5) - 2);
+  for (std::size_t i = 0; i < logits.size(); ++i)
+    logits[i] = 0.5f * static_cast<float>(static_cast<int>((i * 2654435761u) % 9) - 4);  // ties
+  const rt::token_choice tc{.top_k = 4,
+                            .score = rs::score::sigmoid,
+                            .expert_bias = {bias.data(), E},
+                            .num_groups = 4,
+                            .group_topk = 2,
+                            .group_scoring = rt::group_score::top2_sum,
+                            .expert_group = {nodes.data(), E}};
+  const rt::bidirectional bi{.top_k = 3, .num_groups = 4, .group_topk = 2, .expert_group = {nodes.data(), E}};
+  resonance_test::sim_buffer<float> x(T * E);
+  copy(device_backend{}, x.data(), logits.data(), T * E);
+  const device_view dx{x.data(), T, E};
+  const host_view hx{logits.data(), T, E};
+
+  const auto check = [&](const auto& r) {
+    const rs::routing_plan want = r.route(rs::backend::serial{}, hx);
+    resonance_test::device_counters n;
+    const device_backend be{&n};
+    const rs::routing_plan got = rs::to_host(be, r.route(be, dx));
+    CHECK_MESSAGE(resonance_test::plan_difference(want, got).empty(), resonance_test::plan_difference(want, got));
+    CHECK(n.allocations == 2);
+    CHECK(n.copies_to_host == 2);  // the route's status and sizes, then to_host's
+
+    // route_into: the map travels through the workspace's staging; a reused workspace allocates nothing.
+    rs::route_workspace<device_backend> ws;
+    rs::basic_routing_plan<sim_device_space> plan;
+    for (int round = 0; round < 2; ++round) {
+      n = {};
+      r.route_into(be, dx, ws, plan);
+      if (round == 1) CHECK_MESSAGE(n.allocations == 0, n.allocations << " allocations on reuse");
+      CHECK(n.fences == 0);
+      r.finish(be, ws, plan);
+      CHECK(resonance_test::plan_difference(want, rs::to_host(be, plan)).empty());
+    }
+    // Another map in the same host array: the next route_into copies it again, still without allocating.
+    for (index e = 0; e < E; ++e) nodes[static_cast<std::size_t>(e)] = static_cast<rs::id_type>(e * 4 / E);
+    const rs::routing_plan want_blocks = r.route(rs::backend::serial{}, hx);
+    CHECK(want_blocks != want);
+    n = {};
+    r.route_into(be, dx, ws, plan);
+    CHECK(n.allocations == 0);
+    r.finish(be, ws, plan);
+    CHECK(resonance_test::plan_difference(want_blocks, rs::to_host(be, plan)).empty());
+    for (index e = 0; e < E; ++e) nodes[static_cast<std::size_t>(e)] = static_cast<rs::id_type>(e % 4);
+  };
+  check(rs::router<rs::affinity::precomputed, rt::token_choice, rs::capacity::dropless>{{}, tc, {}});
+  check(rs::router<rs::affinity::precomputed, rt::token_choice, rs::capacity::factor>{{}, tc, {.factor = 0.8}});
+  check(rs::router<rs::affinity::precomputed, rt::bidirectional, rs::capacity::factor>{{}, bi, {.factor = 1.0}});
+
+  // The id array is swapped for the device copy as the float array is.
+  const std::vector<rs::id_type> copy_of(static_cast<std::size_t>(E), 0);
+  CHECK(rs::detail::policy_ids(tc).data == nodes.data());
+  const rt::token_choice tc_dev = rs::detail::with_policy_ids(tc, copy_of.data());
+  CHECK(tc_dev.expert_group.data == copy_of.data());
+  CHECK(tc_dev.expert_group.size == E);
+  CHECK(tc_dev.expert_bias.data == bias.data());  // the rest of the policy is unchanged
+  CHECK(rs::detail::with_policy_ids(bi, copy_of.data()).expert_group.data == copy_of.data());
+  CHECK(rs::detail::policy_ids(rt::token_choice{}).size == 0);
+  CHECK(rs::detail::with_policy_ids(rt::token_choice{}, copy_of.data()).expert_group.data == nullptr);
+  CHECK(rs::detail::policy_ids(rt::expert_choice{}).size == 0);
+  CHECK(rs::detail::policy_ids(rt::sinkhorn{}).size == 0);
+}
+
 }  // namespace
 
 TEST_CASE("device route: the policy array a direction's kernels read is swapped for the device copy") {

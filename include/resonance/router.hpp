@@ -82,6 +82,25 @@ D with_policy_array(D d, const float* copy) {
   return d;
 }
 
+// The one id array a direction's kernels read (token choice's and bidirectional's expert_group: the
+// group of each expert), host data travelling as the policy array does. A second function pair rather
+// than a wider policy_array: the float array keeps its name and type everywhere it is used.
+template <class D>
+vector_view<const id_type> policy_ids(const D& d) {
+  if constexpr (requires { d.expert_group; }) {
+    return d.expert_group;
+  } else {
+    return {};
+  }
+}
+template <class D>
+D with_policy_ids(D d, const id_type* copy) {
+  if constexpr (requires { d.expert_group; }) {
+    if (!d.expert_group.empty()) d.expert_group.data = copy;
+  }
+  return d;
+}
+
 template <class D>
 inline constexpr bool has_selects_with_capacity_v = requires(const D& d) {
   d.selects_with_capacity();
@@ -145,7 +164,7 @@ inline std::vector<float>& fused_block_storage() {
 }  // namespace detail
 
 // The reusable memory of a route into an existing plan (router::route_into): the route's workspace in
-// the backend's memory (status, candidates, the builder's temporaries, the policy array), grown when a
+// the backend's memory (status, candidates, the builder's temporaries, the policy arrays), grown when a
 // route needs more and reused otherwise, and the host-readable memory of its one copy back (pinned on
 // CUDA, so that a CUDA graph can capture the copy). It also remembers the route that finish() has yet
 // to check. One route at a time: route_into on a workspace whose route was not finished is an error.
@@ -164,8 +183,9 @@ class route_workspace {
   friend struct router;
 
   buffer_t<memory_space, unsigned char> device_;
-  host_readable_t<Backend, index> readback_;  // the plan's two sizes and the route's status
-  host_readable_t<Backend, float> staging_;   // the direction's policy array on its way to the device
+  host_readable_t<Backend, index> readback_;       // the plan's two sizes and the route's status
+  host_readable_t<Backend, float> staging_;        // the direction's policy array on its way to the device
+  host_readable_t<Backend, id_type> staging_ids_;  // and its id array (detail::policy_ids)
   bool pending_ = false;
   matrix_view<const float, memory_space> logits_;  // the pending route's, for finish()'s error
   candidate_span<memory_space> candidates_;
@@ -255,9 +275,9 @@ struct router {
   // plan its sizes and throws the error route() would have thrown for the same input, leaving the plan
   // empty. The device path needs an affinity that computes on the device (precomputed fp32 logits, or
   // grap_cosine's hidden states), a stateless capacity policy and a direction with a fixed number of
-  // candidates per token (token choice, bidirectional). A graph replays the
-  // policy as captured: its expert_bias values are those of the capture. On a host backend route_into
-  // is route() (its errors thrown at once) and finish() does nothing.
+  // candidates per token (token choice, bidirectional). A graph replays the policy as captured: its
+  // expert_bias and expert_group values are those of the capture. On a host backend route_into is
+  // route() (its errors thrown at once) and finish() does nothing.
   template <execution_backend Backend, affinity_input<Affinity> T, class XSpace>
   requires stateless_capacity_policy<Capacity> && accessible_from_v<XSpace, memory_space_t<Backend>>
   void route_into(const Backend& be, matrix_view<const T, XSpace> x, route_workspace<Backend>& ws,
@@ -280,21 +300,25 @@ struct router {
       detail::check_limits(lim);
       detail::check_slot_budget(E, T_ * k, lim);
       const vector_view<const float> host_array = detail::policy_array(direction);
-      const device_route_layout layout(be, T_, E, k, lim, host_array.size, computed_logits(T_, E),
+      const vector_view<const id_type> host_ids = detail::policy_ids(direction);
+      const device_route_layout layout(be, T_, E, k, lim, host_array.size, host_ids.size, computed_logits(T_, E),
                                        affinity_bytes(x.cols));
       // Grow what is too small; nothing else allocates.
       if (ws.bytes() < layout.bytes) ws.device_ = allocate<unsigned char>(be, layout.bytes);
       if (ws.readback_.data() == nullptr) ws.readback_ = allocate_host_readable<index>(be, 3);
       if (static_cast<index>(ws.staging_.size()) < host_array.size)
         ws.staging_ = allocate_host_readable<float>(be, host_array.size);
+      if (static_cast<index>(ws.staging_ids_.size()) < host_ids.size)
+        ws.staging_ids_ = allocate_host_readable<id_type>(be, host_ids.size);
       detail::plan_data<space>& d = plan.raw();
       detail::size_plan(be, d, candidate_view<space>{T_, E, T_ * k}, lim);  // its sizes come with finish()
       for (index i = 0; i < host_array.size; ++i) ws.staging_.data()[i] = host_array[i];
+      for (index i = 0; i < host_ids.size; ++i) ws.staging_ids_.data()[i] = host_ids[i];
       const matrix_view<const float, space> l =
           device_logits(be, x, E, detail::at_offset<float>(ws.device_.data(), layout.logits),
                         detail::at_offset<void>(ws.device_.data(), layout.affinity_work));
-      ws.candidates_ =
-          enqueue_on_device(be, l, lim, layout, ws.device_.data(), ws.staging_.data(), d, ws.readback_.data());
+      ws.candidates_ = enqueue_on_device(be, l, lim, layout, ws.device_.data(), ws.staging_.data(),
+                                         ws.staging_ids_.data(), d, ws.readback_.data());
       ws.logits_ = l;
     }
     ws.pending_ = !host_accessible_v<space>;
@@ -461,12 +485,13 @@ struct router {
     detail::check_limits(lim);
     constexpr bool self_checked = detail::checks_finite_v<Direction>;
     const vector_view<const float> host_array = detail::policy_array(direction);
+    const vector_view<const id_type> host_ids = detail::policy_ids(direction);
     index failed = no_index;
     if constexpr (requires(candidate_span<space> & c, matrix_view<const float, XSpace> l) {
                     select_unchecked(be, direction, l, lim, c);
                   }) {
       detail::check_slot_budget(E, T_ * k, lim);
-      const device_route_layout layout(be, T_, E, k, lim, host_array.size, computed_logits(T_, E),
+      const device_route_layout layout(be, T_, E, k, lim, host_array.size, host_ids.size, computed_logits(T_, E),
                                        affinity_bytes(x.cols));
       auto work = allocate<unsigned char>(be, layout.bytes);
       const matrix_view<const float, XSpace> l =
@@ -476,7 +501,7 @@ struct router {
       detail::size_plan(be, d, candidate_view<space>{T_, E, T_ * k}, lim);
       index readback[3] = {0, 0, no_index};
       const candidate_span<space> cands =
-          enqueue_on_device(be, l, lim, layout, work.data(), host_array.data, d, readback);
+          enqueue_on_device(be, l, lim, layout, work.data(), host_array.data, host_ids.data, d, readback);
       fence(be);
       failed = readback[2];
       d.num_slots = readback[0];
@@ -495,8 +520,14 @@ struct router {
         array = allocate<float>(be, host_array.size);
         copy(be, array.data(), host_array.data, host_array.size);
       }
+      buffer_t<space, id_type> ids;
+      if (host_ids.size > 0) {
+        ids = allocate<id_type>(be, host_ids.size);
+        copy(be, ids.data(), host_ids.data, host_ids.size);
+      }
       basic_candidate_set<space> cands;
-      select(be, detail::with_policy_array(direction, array.data()), l, lim, cands);
+      select(be, detail::with_policy_ids(detail::with_policy_array(direction, array.data()), ids.data()), l, lim,
+             cands);
       auto status = allocate<index>(be, 1);
       reduce_min_into(be, T_, detail::nonfinite_candidates(view_of(cands)), status.data());
       index* const st = status.data();
@@ -559,12 +590,12 @@ struct router {
 
   // A device route's workspace: status[0] the lowest row with a non-finite logit, [1] with a
   // non-finite weight, [2] the route's (row for a logit, T + row for a weight); the candidates; the
-  // builder's temporaries; the direction's policy array.
+  // builder's temporaries; the direction's policy array and id array.
   struct device_route_layout {
-    index status, offsets, expert, weight, priority, build, array, logits, affinity_work, bytes;
+    index status, offsets, expert, weight, priority, build, array, ids, logits, affinity_work, bytes;
     template <class Backend>
     device_route_layout(const Backend& be, index T, index E, index k, const capacity_limits& lim, index array_size,
-                        index logits_size, index affinity_bytes) {
+                        index ids_size, index logits_size, index affinity_bytes) {
       const index nnz = T * k;
       detail::workspace_layout l;
       status = l.reserve<index>(3);
@@ -574,6 +605,7 @@ struct router {
       priority = l.reserve<float>(nnz);
       build = l.reserve<unsigned char>(detail::build_workspace(be, nnz, E, lim.capacity > 0).bytes);
       array = l.reserve<float>(array_size);
+      ids = l.reserve<id_type>(ids_size);
       logits = l.reserve<float>(logits_size);
       affinity_work = l.reserve<unsigned char>(affinity_bytes);
       bytes = l.bytes();
@@ -581,23 +613,27 @@ struct router {
   };
 
   // The device route of a direction with a fixed number of candidates per token, enqueued whole: the
-  // policy array copied from `policy` (host memory) into the workspace, the selection, the finiteness
-  // checks into the status, and the plan built into d (whose storage has the room), ending with the
-  // copy of the sizes and the status into `readback`. Allocates nothing and waits for nothing.
+  // policy array and id array copied from `policy` and `policy_id` (host memory) into the workspace,
+  // the selection, the finiteness checks into the status, and the plan built into d (whose storage has
+  // the room), ending with the copy of the sizes and the status into `readback`. Allocates nothing and
+  // waits for nothing.
   template <execution_backend Backend, class XSpace>
   candidate_span<memory_space_t<Backend>> enqueue_on_device(const Backend& be, matrix_view<const float, XSpace> l,
                                                             const capacity_limits& lim,
                                                             const device_route_layout& layout, void* base,
-                                                            const float* policy,
+                                                            const float* policy, const id_type* policy_id,
                                                             detail::plan_data<memory_space_t<Backend>>& d,
                                                             index* readback) const {
     using space = memory_space_t<Backend>;
     const index T_ = l.rows;
     constexpr bool self_checked = detail::checks_finite_v<Direction>;
     float* const array = detail::at_offset<float>(base, layout.array);
+    id_type* const ids = detail::at_offset<id_type>(base, layout.ids);
     const vector_view<const float> host_array = detail::policy_array(direction);
+    const vector_view<const id_type> host_ids = detail::policy_ids(direction);
     copy(be, array, policy, host_array.size);
-    const Direction dir = detail::with_policy_array(direction, array);
+    copy(be, ids, policy_id, host_ids.size);
+    const Direction dir = detail::with_policy_ids(detail::with_policy_array(direction, array), ids);
     index* const st = detail::at_offset<index>(base, layout.status);
     candidate_span<space> cands;
     cands.offsets = detail::at_offset<id_type>(base, layout.offsets);

@@ -97,6 +97,20 @@ RESONANCE_INLINE_FUNCTION index group_topk_scratch(index num_groups, index top_k
   return 2 * num_groups + (m > 2 ? m : 2);
 }
 
+// Keys a group's score sums: top_k / group_topk (top_m_sum), 2 (top2_sum) or 1 (max).
+RESONANCE_INLINE_FUNCTION index group_score_width(group_score_kind kind, index top_k, index group_topk) {
+  if (kind == group_score_kind::top_m_sum) return top_k / (group_topk > 0 ? group_topk : 1);
+  return kind == group_score_kind::top2_sum ? 2 : 1;
+}
+
+// Scratch a group-limited selection over an expert -> group map needs (group_limited_topk_row_mapped):
+// floats and ids, each of this length. One list of width keys per group, then the kept groups and a
+// flag per group.
+RESONANCE_INLINE_FUNCTION index mapped_group_topk_scratch(index num_groups, index top_k, index group_topk,
+                                                          group_score_kind kind) {
+  return num_groups * group_score_width(kind, top_k, group_topk) + 2 * num_groups;
+}
+
 // Group-limited top-k: split the n ids into num_groups contiguous groups, score each group, keep the
 // best group_topk groups (ties to the lowest group), then take the top-k of key over their members.
 // Preconditions (checked by the host policy): n % num_groups == 0, 1 <= group_topk <= num_groups,
@@ -135,6 +149,53 @@ RESONANCE_INLINE_FUNCTION void group_limited_topk_row(index n, index k, index nu
   for (index i = 0; i < ngroups_kept; ++i) {
     const index first = static_cast<index>(group_ids[i]) * group_size;
     topk_scan(first, first + group_size, key, vals, ids, filled, k);
+  }
+}
+
+// Group-limited top-k with the groups given by a map (group_of[i] in [0, num_groups) for each of the n
+// ids: a node of a round-robin placement is not a range of ids). The same selection as
+// group_limited_topk_row when the map is contiguous, bit for bit: each group's top keys are found in
+// ascending id order and summed in descending order, the groups are ranked with ties to the lowest
+// group, and the experts of the kept groups are scanned in ascending id order (ties to the lowest id).
+// A group with fewer members than the score's width is scored by the members it has. Two passes over
+// the row instead of one pass per group, so that no group's members need to be listed.
+// Preconditions (checked by the host policy): every group non-empty, 1 <= group_topk <= num_groups,
+// k <= the members of the group_topk smallest groups, and m >= 1 for top_m_sum.
+template <class Key>
+RESONANCE_INLINE_FUNCTION void group_limited_topk_row_mapped(index n, index k, index num_groups, index group_topk,
+                                                             group_score_kind kind, const id_type* group_of,
+                                                             const Key& key, float* vals, id_type* ids, float* fscratch,
+                                                             id_type* iscratch) {
+  const index m = group_score_width(kind, k, group_topk);
+  float* list_vals = fscratch;  // num_groups lists of m keys, descending
+  id_type* list_ids = iscratch;
+  float* group_vals = fscratch + num_groups * m;  // the kept groups' scores
+  id_type* filled = iscratch + num_groups * m;    // each list's length; later, whether a group is kept
+  id_type* group_ids = filled + num_groups;       // the kept groups
+  for (index g = 0; g < num_groups; ++g) filled[g] = 0;
+  for (index i = 0; i < n; ++i) {
+    const index g = group_of[i];
+    float* gv = list_vals + g * m;
+    index len = filled[g];
+    const float v = key(i);
+    if (len == m && !(v > gv[m - 1])) continue;
+    topk_insert(v, static_cast<id_type>(i), gv, list_ids + g * m, len, m);
+    filled[g] = static_cast<id_type>(len);
+  }
+  index ngroups_kept = 0;
+  for (index g = 0; g < num_groups; ++g) {
+    float s = 0.0f;
+    for (index j = 0; j < filled[g]; ++j) s += list_vals[g * m + j];
+    topk_insert(s, static_cast<id_type>(g), group_vals, group_ids, ngroups_kept, group_topk);
+  }
+  for (index g = 0; g < num_groups; ++g) filled[g] = 0;
+  for (index i = 0; i < ngroups_kept; ++i) filled[group_ids[i]] = 1;
+  index nsel = 0;
+  for (index i = 0; i < n; ++i) {
+    if (filled[group_of[i]] == 0) continue;
+    const float v = key(i);
+    if (nsel == k && !(v > vals[k - 1])) continue;
+    topk_insert(v, static_cast<id_type>(i), vals, ids, nsel, k);
   }
 }
 

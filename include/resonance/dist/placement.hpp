@@ -31,6 +31,20 @@ struct expert_placement {
 
   index num_nodes() const { return (num_ranks + ranks_per_node - 1) / ranks_per_node; }
 
+  // The node of each expert (rank_of_expert[e] / ranks_per_node), E entries in [0, num_nodes()): the
+  // group map of node-limited routing, which a placement's nodes need because a round-robin placement
+  // does not put a node's experts in one range of ids. Keep the vector alive while a policy views it:
+  //   auto nodes = placement.node_of_expert();
+  //   routing::token_choice{.top_k = 8, .num_groups = placement.num_nodes(), .group_topk = 4,
+  //                         .expert_group = {nodes.data(), static_cast<index>(nodes.size())}};
+  std::vector<id_type> node_of_expert() const {
+    detail::require(ranks_per_node >= 1, "placement.ranks_per_node", "ranks_per_node >= 1", ranks_per_node);
+    std::vector<id_type> node(rank_of_expert.size());
+    for (std::size_t e = 0; e < rank_of_expert.size(); ++e)
+      node[e] = static_cast<id_type>(rank_of_expert[e] / ranks_per_node);
+    return node;
+  }
+
   void validate(index num_experts) const {
     detail::require(num_ranks >= 1, "placement.num_ranks", "num_ranks >= 1", num_ranks);
     detail::require(ranks_per_node >= 1 && num_ranks % ranks_per_node == 0, "placement.ranks_per_node",

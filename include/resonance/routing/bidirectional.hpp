@@ -39,13 +39,14 @@ struct bidirectional {
   index num_groups = 0;
   index group_topk = 0;
   group_score group_scoring = group_score::top_m_sum;
+  vector_view<const id_type> expert_group = {};  // token choice's: the group (node) of each expert
   rank_by rank = rank_by::affinity;
   bool causal = false;
 
   // The token-choice policy of the proposal step.
   token_choice proposal() const {
-    return {top_k,          score,       pre_softmax, temperature, renorm,       renorm_epsilon,
-            scaling_factor, expert_bias, num_groups,  group_topk,  group_scoring};
+    return {top_k,          score,       pre_softmax, temperature, renorm,        renorm_epsilon,
+            scaling_factor, expert_bias, num_groups,  group_topk,  group_scoring, expert_group};
   }
 
   void validate(index num_experts) const {

@@ -6,13 +6,17 @@
 //   softmax, pre:        softmax over all E, then top-k of the probabilities (no renormalisation);
 //   sigmoid/sqrt_softplus: score all E, top-k, renormalise over the k when k > 1 (s / (sum + eps));
 //   expert_bias:         added to the selection key only, never to the weights;
-//   groups:              group-limited top-k, the group score pluggable;
+//   groups:              group-limited top-k, the group score pluggable; the groups contiguous blocks of
+//                        experts, or any expert -> group map (node-limited routing on a placement's
+//                        nodes, as DeepSeek-V3: expert_group = placement.node_of_expert());
 //   scaling_factor:      multiplies the final weights.
 // Megatron rejects an expert bias with softmax; we accept it with the same selection-only meaning: the
 // bias is added to the quantity that is ranked (the logits, or the probabilities when pre_softmax).
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "../backend/detail/warp_topk.hpp"
@@ -48,6 +52,11 @@ struct token_choice {
   index num_groups = 0;                       // 0 or 1: no group limit
   index group_topk = 0;                       // groups kept per token when num_groups > 1
   group_score group_scoring = group_score::top_m_sum;
+  // E entries in [0, num_groups): the group (e.g. the node) of each expert, for groups that are not
+  // contiguous blocks of E / num_groups experts (a round-robin placement's nodes); then num_experts
+  // need not be a multiple of num_groups. Empty: contiguous groups. Host data, validated on the host;
+  // a device route reads a copy (router.hpp). Last, so that positional initialisers stay valid.
+  vector_view<const id_type> expert_group = {};
 
   RESONANCE_HOST_DEVICE constexpr bool grouped() const { return num_groups > 1; }
 
@@ -70,15 +79,27 @@ struct token_choice {
                 "] = ", expert_bias[e]);
     }
     require(num_groups >= 0, "num_groups", "num_groups >= 0", num_groups);
+    const std::vector<index> group_sizes = validate_expert_group(num_experts);
     if (grouped()) {
-      require(num_experts % num_groups == 0, "num_groups",
-              "a divisor of num_experts (" + std::to_string(num_experts) + ")", num_groups);
+      if (expert_group.empty())
+        require(num_experts % num_groups == 0, "num_groups",
+                "a divisor of num_experts (" + std::to_string(num_experts) + ")", num_groups);
       require(group_topk >= 1 && group_topk <= num_groups, "group_topk",
               "1 <= group_topk <= num_groups (" + std::to_string(num_groups) + ")", group_topk);
-      require(
-          top_k <= group_topk * (num_experts / num_groups), "top_k",
-          "at most group_topk * experts per group (" + std::to_string(group_topk * (num_experts / num_groups)) + ")",
-          top_k);
+      if (expert_group.empty()) {
+        require(
+            top_k <= group_topk * (num_experts / num_groups), "top_k",
+            "at most group_topk * experts per group (" + std::to_string(group_topk * (num_experts / num_groups)) + ")",
+            top_k);
+      } else {
+        // Every token can always get k experts: even the group_topk smallest groups hold k.
+        index smallest = 0;
+        for (index g = 0; g < group_topk; ++g) smallest += group_sizes[static_cast<std::size_t>(g)];
+        require(
+            top_k <= smallest, "top_k",
+            "at most the experts of the group_topk smallest groups of expert_group (" + std::to_string(smallest) + ")",
+            top_k);
+      }
       require(group_scoring != group_score::top_m_sum || top_k / group_topk >= 1, "group_topk",
               "group_topk <= top_k, so that each group is scored by its top top_k/group_topk experts", group_topk);
       require(group_scoring == group_score::top_m_sum || group_scoring == group_score::top2_sum ||
@@ -90,6 +111,33 @@ struct token_choice {
     }
   }
 
+  // The checks of expert_group (when given): E entries, each in [0, num_groups), every group non-empty.
+  // Returns the group sizes, ascending (empty without a map).
+  std::vector<index> validate_expert_group(index num_experts) const {
+    using detail::require;
+    if (expert_group.empty()) return {};
+    require(expert_group.size == num_experts, "expert_group", std::to_string(num_experts) + " entries (one per expert)",
+            expert_group.size);
+    require(expert_group.data != nullptr, "expert_group", "non-null data");
+    require(num_groups >= 1, "expert_group", "num_groups >= 1 (the number of groups its entries name)",
+            "num_groups = ", num_groups);
+    // A group per expert at most, so that the sizes below stay small whatever num_groups is.
+    require(num_groups <= num_experts, "expert_group", "every group in [0, num_groups) non-empty",
+            "num_groups = ", num_groups, " > num_experts = ", num_experts);
+    std::vector<index> sizes(static_cast<std::size_t>(num_groups), 0);
+    for (index e = 0; e < num_experts; ++e) {
+      const id_type g = expert_group[e];
+      require(g >= 0 && g < num_groups, "expert_group", "groups in [0, num_groups)", "expert_group[", e, "] = ", g,
+              " with num_groups = ", num_groups);
+      ++sizes[static_cast<std::size_t>(g)];
+    }
+    for (index g = 0; g < num_groups; ++g)
+      require(sizes[static_cast<std::size_t>(g)] > 0, "expert_group", "every group in [0, num_groups) non-empty",
+              "no expert in group ", g);
+    std::sort(sizes.begin(), sizes.end());
+    return sizes;
+  }
+
   index candidates_per_token(index) const { return top_k; }
 
   // select() checks the logits and the weights for NaN and Inf in its own pass over each row.
@@ -97,7 +145,10 @@ struct token_choice {
 
   // Scratch one row needs, in floats and in ids.
   RESONANCE_HOST_DEVICE constexpr index scratch_size(index num_experts) const {
-    const index g = grouped() ? detail::group_topk_scratch(num_groups, top_k, group_topk) : 0;
+    index g = 0;
+    if (grouped())
+      g = expert_group.empty() ? detail::group_topk_scratch(num_groups, top_k, group_topk)
+                               : detail::mapped_group_topk_scratch(num_groups, top_k, group_topk, group_scoring);
     return num_experts + top_k + g;
   }
   // Bytes of scratch of one token's selection: scratch_size floats, then as many ids.
@@ -180,8 +231,14 @@ RESONANCE_INLINE_FUNCTION bool token_choice_row(const token_choice& p, const flo
   if (p.grouped()) {
     if (post_softmax) finite = Rows::all_finite(logits, num_experts);
     auto key = [&](index e) { return base[e] * scale + (bias != nullptr ? bias[e] : 0.0f); };
-    detail::group_limited_topk_row(num_experts, k, p.num_groups, p.group_topk, p.group_scoring, key, vals, out_expert,
-                                   gf, gi);
+    if (p.expert_group.empty()) {
+      detail::group_limited_topk_row(num_experts, k, p.num_groups, p.group_topk, p.group_scoring, key, vals, out_expert,
+                                     gf, gi);
+    } else {
+      // The map is read through the policy: a device route's policy points at its device copy.
+      detail::group_limited_topk_row_mapped(num_experts, k, p.num_groups, p.group_topk, p.group_scoring,
+                                            p.expert_group.data, key, vals, out_expert, gf, gi);
+    }
   } else {
     // topk reports whether its keys were finite: logits / temperature may overflow to ±Inf even when
     // every logit is finite, and a selection over non-finite keys is unspecified (backends differ).
@@ -238,7 +295,7 @@ RESONANCE_INLINE_FUNCTION bool token_choice_select(const token_choice& p, const 
 }
 
 // The tokens a backend with lane groups (detail::warp_row_backend: backend::cuda's warps) selects on a
-// group of lanes: no group limit, k in registers (detail::warp_topk_max_k), at most
+// group of lanes: no group limit (contiguous or mapped), k in registers (detail::warp_topk_max_k), at most
 // warp_select_max_experts experts. Every other policy keeps the per-row path.
 inline constexpr index warp_select_max_experts = 512;
 
