@@ -699,6 +699,95 @@ TEST_CASE("cli: stats.json echoes the direction, and expert choice demands every
   }
 }
 
+TEST_CASE("cli: --ranks reports the All-to-All traffic the routing map implies") {
+  const fs::path d = scratch("traffic");
+  const std::size_t T = 41, E = 8, k = 3, R = 4, rpn = 2, row_bytes = 100;
+  const auto logits = random_logits(T * E, 21);
+  save_matrix(d / "logits.npy", to_float(logits), T, E);
+  const std::string in = (d / "logits.npy").string();
+  for (const std::string placement : {"contiguous", "round-robin"}) {
+    CAPTURE(placement);
+    const fs::path out = d / placement;
+    const run_result r = run_tool(d, {"--logits", in, "--out", out.string(), "--top-k", "3", "--ranks", "4",
+                                      "--ranks-per-node", "2", "--placement", placement, "--row-bytes", "100"});
+    // Dropless token choice: the whole file's map is the union of the shards' maps.
+    const json_object j = check_outputs(out, r, route_reference(logits, T, E, k, std::nullopt, 1), T, E);
+    const auto map = load_values<std::uint8_t>(out, "routing_map.npy", {T, E});
+    const auto rank_of = [&](std::size_t e) { return placement == "contiguous" ? e / (E / R) : e % R; };
+    double self = 0, intra = 0, inter = 0, expert_inter = 0, node_inter = 0;
+    std::vector<double> load(R, 0.0);
+    for (std::size_t t = 0; t < T; ++t) {
+      const std::size_t src_shard = [&] {  // shard s holds tokens [s*T/R, (s+1)*T/R)
+        std::size_t s = 0;
+        while ((s + 1) * T / R <= t) ++s;
+        return s;
+      }();
+      std::vector<int> ranks(R, 0), nodes(R / rpn, 0);
+      for (std::size_t e = 0; e < E; ++e)
+        if (map[t * E + e]) {
+          ranks[rank_of(e)] = 1;
+          nodes[rank_of(e) / rpn] = 1;
+          load[rank_of(e)] += 1;
+          expert_inter += rank_of(e) / rpn != src_shard / rpn;
+        }
+      for (std::size_t q = 0; q < R; ++q)
+        if (ranks[q]) (q == src_shard ? self : q / rpn == src_shard / rpn ? intra : inter) += 1;
+      for (std::size_t n = 0; n < R / rpn; ++n) node_inter += nodes[n] && n != src_shard / rpn;
+    }
+    CHECK(j.number("traffic_ranks") == R);
+    CHECK(j.number("traffic_nodes") == R / rpn);
+    CHECK(j.values.at("traffic_placement") == placement);
+    CHECK(j.number("traffic_token_rows_self") == self);
+    CHECK(j.number("traffic_token_rows_intra_node") == intra);
+    CHECK(j.number("traffic_token_rows_inter_node") == inter);
+    CHECK(j.number("traffic_dispatch_bytes_inter_node") == inter * row_bytes);
+    CHECK(j.number("traffic_expert_rows_inter_node") == expert_inter);
+    CHECK(j.number("traffic_combine_bytes_inter_node") == expert_inter * row_bytes);
+    CHECK(j.number("traffic_two_level_bytes_inter_node") == node_inter * row_bytes);
+    CHECK(j.values.at("traffic_padding_bytes") == "null");
+    const double mean = std::accumulate(load.begin(), load.end(), 0.0) / R;
+    check_close(j.number("traffic_rank_max_over_mean"), *std::max_element(load.begin(), load.end()) / mean,
+                "max_over_mean");
+  }
+  SUBCASE("padded: each shard pads every expert to its own capacity") {
+    const fs::path out = d / "padded";
+    const run_result r = run_tool(d, {"--logits", in, "--out", out.string(), "--top-k", "2", "--capacity-factor", "1.5",
+                                      "--pad-to-capacity", "--ranks", "4", "--row-bytes", "10"});
+    REQUIRE_MESSAGE(r.status == 0, r.err);
+    const json_object j = parse_flat_json(read_text(out / "stats.json"));
+    double padded = 0;
+    for (std::size_t s = 0; s < R; ++s) {
+      const std::size_t Ts = (s + 1) * T / R - s * T / R;
+      padded += static_cast<double>(E) * std::ceil(static_cast<double>(Ts * 2) / static_cast<double>(E) * 1.5);
+    }
+    CHECK(j.number("traffic_padded_bytes") == padded * 10);
+    // Padding = slots - kept; at most T*k kept.
+    CHECK(j.number("traffic_padding_bytes") >= (padded - static_cast<double>(T * 2)) * 10);
+    CHECK(j.number("traffic_padding_bytes") <= padded * 10);
+  }
+  SUBCASE("--node-limit: every token's experts on at most M nodes") {
+    for (const std::string m : {"1", "2"}) {
+      const fs::path out = d / ("limited" + m);
+      const run_result r =
+          run_tool(d, {"--logits", in, "--out", out.string(), "--top-k", "2", "--score", "sigmoid", "--ranks", "4",
+                       "--ranks-per-node", "1", "--placement", "round-robin", "--node-limit", m});
+      REQUIRE_MESSAGE(r.status == 0, r.err);
+      const auto map = load_values<std::uint8_t>(out, "routing_map.npy", {T, E});
+      for (std::size_t t = 0; t < T; ++t) {
+        std::vector<int> nodes(R, 0);
+        int chosen = 0;
+        for (std::size_t e = 0; e < E; ++e)
+          if (map[t * E + e]) {
+            nodes[e % R] = 1;
+            ++chosen;
+          }
+        CHECK(chosen == 2);
+        CHECK(std::accumulate(nodes.begin(), nodes.end(), 0) <= std::stoi(m));
+      }
+    }
+  }
+}
+
 TEST_CASE("cli: --help and --version") {
   const fs::path d = scratch("help");
   const run_result h = run_tool(d, {"--top-k", "2", "--help"});
@@ -799,6 +888,26 @@ TEST_CASE("cli: bad input exits 2 with one line on stderr and no output director
       {{"--logits", good, "--out", out, "--capacity-factor", "1", "--seed", "-1"},
        "--seed: expected a non-negative integer"},
       {{"--logits", good, "--out", out, "--align", "0"}, "--align: expected"},
+      {{"--logits", good, "--out", out, "--ranks", "0"}, "--ranks: expected a value in [1, 65536]"},
+      {{"--logits", good, "--out", out, "--ranks", "3"}, "--ranks: the contiguous placement needs"},
+      {{"--logits", good, "--out", out, "--ranks-per-node", "2"}, "--ranks-per-node: needs --ranks"},
+      {{"--logits", good, "--out", out, "--ranks", "4", "--ranks-per-node", "3"},
+       "--ranks-per-node: expected a divisor of --ranks"},
+      {{"--logits", good, "--out", out, "--ranks", "4", "--ranks-per-node", "0"}, "--ranks-per-node: expected"},
+      {{"--logits", good, "--out", out, "--ranks", "2", "--placement", "random"}, "--placement: expected"},
+      {{"--logits", good, "--out", out, "--ranks", "2", "--row-bytes", "0"}, "--row-bytes: expected"},
+      {{"--logits", good, "--out", out, "--node-limit", "1"}, "--node-limit: needs --ranks"},
+      {{"--logits", good, "--out", out, "--ranks", "2", "--node-limit", "3"},
+       "--node-limit: expected at most the number of nodes"},
+      {{"--logits", good, "--out", out, "--ranks", "2", "--top-k", "1", "--node-limit", "2"},
+       "--node-limit: expected at most --top-k"},
+      {{"--logits", good, "--out", out, "--ranks", "4", "--top-k", "3", "--node-limit", "1"}, "--top-k"},
+      {{"--logits", good, "--out", out, "--ranks", "2", "--node-limit", "1", "--num-groups", "2", "--group-topk", "1"},
+       "--node-limit: give either"},
+      {{"--logits", good, "--out", out, "--group-score", "mean"}, "--group-score: expected"},
+      {{"--logits", good, "--out", out, "--direction", "expert", "--capacity-factor", "1", "--ranks", "2",
+        "--node-limit", "1"},
+       "--node-limit: not used by --direction expert"},
       {{"--logits", good, "--out", (d / "a_file").string()}, "not a directory"},
       {{"--logits", good, "--out", (d / "no" / "such").string()}, "--out"},
   };

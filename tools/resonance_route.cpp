@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <limits>
 #include <map>
 #include <new>
@@ -113,6 +114,17 @@ constexpr const char* usage_text =
     "  --align N                   round every expert's slot count up to a multiple of N (default 1)\n"
     "  --backend B                 serial (default), simd, tbb or kokkos when this build has them;\n"
     "                              every backend gives the same plan\n"
+    "  --group-score S             how a group (or node) is scored: top-m-sum (default: the sum of its\n"
+    "                              top K/M experts), top2-sum or max\n"
+    "expert parallelism (adds \"traffic\" to stats.json):\n"
+    "  --ranks R                   experts on R ranks; the T tokens are R shards of T/R, each routed as\n"
+    "                              its rank would route it (capacity per rank), and the All-to-All\n"
+    "                              traffic of the shards is reported\n"
+    "  --ranks-per-node N          N ranks per node (default 1): what crosses nodes\n"
+    "  --placement P               contiguous (default: E/R experts per rank) or round-robin\n"
+    "  --row-bytes B               bytes of one token row (default 14336: d = 7168 in bf16)\n"
+    "  --node-limit M              node-limited routing: each token's experts on at most M nodes,\n"
+    "                              nodes scored by --group-score (token and bidirectional only)\n"
     "  --help                      this text\n"
     "  --version                   the library version\n"
     "\n"
@@ -182,6 +194,13 @@ struct options {
   rs::capacity::capacity_estimate estimate = rs::capacity::capacity_estimate::resonance;
   double capacity_floor = 0.5;
   double capacity_ceiling = 2.0;
+  rs::routing::group_score group_scoring = rs::routing::group_score::top_m_sum;
+  rs::index ranks = 0;  // 0: no traffic report
+  rs::index ranks_per_node = 1;
+  std::string placement = "contiguous";
+  rs::index row_bytes = 14336;
+  rs::index node_limit = 0;
+  std::vector<std::string> ranks_only;  // need --ranks
   // Options given that only some configurations use, for the checks after parsing.
   std::vector<std::string> capacity_only;  // need a capacity (factor or scheduler)
   std::vector<std::string> factor_only;    // need --capacity-factor
@@ -303,6 +322,42 @@ action parse_args(int argc, char** argv, options& o) {
     } else if (name == "--group-topk") {
       o.group_topk = parse_int<rs::index>(name, value());
       o.proposal_only.push_back(name);
+    } else if (name == "--group-score") {
+      const std::string_view v = value();
+      if (v == "top-m-sum") {
+        o.group_scoring = rs::routing::group_score::top_m_sum;
+      } else if (v == "top2-sum") {
+        o.group_scoring = rs::routing::group_score::top2_sum;
+      } else if (v == "max") {
+        o.group_scoring = rs::routing::group_score::max;
+      } else {
+        fail("--group-score: expected top-m-sum, top2-sum or max, got '" + std::string(v) + "'");
+      }
+      o.proposal_only.push_back(name);
+    } else if (name == "--ranks") {
+      o.ranks = parse_int<rs::index>(name, value());
+      if (o.ranks < 1 || o.ranks > 65536)
+        fail("--ranks: expected a value in [1, 65536], got " + std::to_string(o.ranks));
+    } else if (name == "--ranks-per-node") {
+      o.ranks_per_node = parse_int<rs::index>(name, value());
+      if (o.ranks_per_node < 1)
+        fail("--ranks-per-node: expected a value >= 1, got " + std::to_string(o.ranks_per_node));
+      o.ranks_only.push_back(name);
+    } else if (name == "--placement") {
+      o.placement = value();
+      if (o.placement != "contiguous" && o.placement != "round-robin")
+        fail("--placement: expected contiguous or round-robin, got '" + o.placement + "'");
+      o.ranks_only.push_back(name);
+    } else if (name == "--row-bytes") {
+      o.row_bytes = parse_int<rs::index>(name, value());
+      if (o.row_bytes < 1 || o.row_bytes > (rs::index{1} << 30))
+        fail("--row-bytes: expected a value in [1, 2^30], got " + std::to_string(o.row_bytes));
+      o.ranks_only.push_back(name);
+    } else if (name == "--node-limit") {
+      o.node_limit = parse_int<rs::index>(name, value());
+      if (o.node_limit < 1) fail("--node-limit: expected a value >= 1, got " + std::to_string(o.node_limit));
+      o.ranks_only.push_back(name);
+      o.proposal_only.push_back(name);
     } else if (name == "--expert-bias") {
       o.expert_bias = value();
       if (o.expert_bias.empty()) fail("--expert-bias: expected a file name");
@@ -371,6 +426,15 @@ action parse_args(int argc, char** argv, options& o) {
   if ((o.direction == "expert" || o.direction == "bidirectional") && !o.drop_given.empty())
     fail(o.drop_given.front() + ": not used by --direction " + o.direction +
          " (its experts rank their candidates themselves; position priority when --causal)");
+  if (o.ranks == 0 && !o.ranks_only.empty()) fail(o.ranks_only.front() + ": needs --ranks");
+  if (o.ranks > 0 && o.ranks % o.ranks_per_node != 0)
+    fail("--ranks-per-node: expected a divisor of --ranks (" + std::to_string(o.ranks) + "), got " +
+         std::to_string(o.ranks_per_node));
+  if (o.node_limit > 0 && (o.num_groups > 0 || o.group_topk > 0))
+    fail("--node-limit: give either --node-limit or --num-groups/--group-topk, not both (nodes are the groups)");
+  if (o.node_limit > o.ranks / std::max<rs::index>(o.ranks_per_node, 1) && o.node_limit > 0)
+    fail("--node-limit: expected at most the number of nodes (" + std::to_string(o.ranks / o.ranks_per_node) +
+         "), got " + std::to_string(o.node_limit));
   if (o.causal && o.direction != "expert" && o.direction != "bidirectional")
     fail("--causal: needs --direction expert or bidirectional");
   if (o.direction == "sinkhorn" && o.score != rs::score::softmax)
@@ -389,6 +453,8 @@ std::string cli_message(const std::string& what) {
       {"top_k", "--top-k"},
       {"num_groups", "--num-groups"},
       {"group_topk", "--group-topk"},
+      {"expert_group", "--node-limit"},
+      {"group_scoring", "--group-score"},
       {"expert_bias", "--expert-bias"},
       {"scaling_factor", "--scaling-factor"},
       {"pre_softmax", "--pre-softmax"},
@@ -460,7 +526,45 @@ struct results {
   std::vector<std::uint8_t> map;
   double aux_loss = 0.0;
   double z_loss = 0.0;
+  std::optional<rs::dist::traffic_report> traffic;  // with --ranks
 };
+
+// The traffic report's fields, flat ("traffic_" keys), in bytes where a row size applies.
+void traffic_json(const options& o, const rs::dist::traffic_report& t,
+                  const std::function<void(const char*, const std::string&)>& field) {
+  const rs::dist::traffic_split tok = t.split(t.token_rows), ex = t.split(t.expert_rows);
+  const auto bytes = [&](std::int64_t rows) { return std::to_string(rows * t.row_bytes); };
+  // Metadata: one routed_assignment (16 bytes) per (token, expert) sent to another rank.
+  const std::int64_t meta = ex.network() * static_cast<std::int64_t>(sizeof(rs::dist::routed_assignment));
+  std::int64_t padded = 0, padding = 0;
+  for (std::size_t i = 0; i < t.padded_rows.size(); ++i) {
+    padded += t.padded_rows[i];
+    padding += t.padding_rows[i];
+  }
+  const std::vector<std::int64_t> rows_in = t.received(t.token_rows), load = t.received(t.expert_rows);
+  field("traffic_ranks", std::to_string(t.num_ranks));
+  field("traffic_ranks_per_node", std::to_string(t.ranks_per_node));
+  field("traffic_nodes", std::to_string(t.num_nodes()));
+  field("traffic_placement", "\"" + o.placement + "\"");
+  field("traffic_row_bytes", std::to_string(t.row_bytes));
+  field("traffic_token_rows_self", std::to_string(tok.self));
+  field("traffic_token_rows_intra_node", std::to_string(tok.intra_node));
+  field("traffic_token_rows_inter_node", std::to_string(tok.inter_node));
+  field("traffic_dispatch_bytes_intra_node", bytes(tok.intra_node));
+  field("traffic_dispatch_bytes_inter_node", bytes(tok.inter_node));
+  field("traffic_metadata_bytes", std::to_string(meta));
+  field("traffic_expert_rows_intra_node", std::to_string(ex.intra_node));
+  field("traffic_expert_rows_inter_node", std::to_string(ex.inter_node));
+  field("traffic_combine_bytes_inter_node", bytes(ex.inter_node));
+  field("traffic_two_level_bytes_inter_node", bytes(t.inter_node_node_rows()));
+  field("traffic_padded_bytes", t.padded ? bytes(padded) : "null");
+  field("traffic_padding_bytes", t.padded ? bytes(padding) : "null");
+  field("traffic_max_rows_per_rank", std::to_string(*std::max_element(rows_in.begin(), rows_in.end())));
+  field("traffic_mean_rows_per_rank", json_number(static_cast<double>(tok.total()) / static_cast<double>(t.num_ranks)));
+  field("traffic_rank_max_over_mean", json_number(rs::dist::max_over_mean(load)));
+  field("traffic_rank_load_cv", json_number(rs::dist::coefficient_of_variation(load)));
+  field("traffic_dropped", std::to_string(t.dropped));
+}
 
 std::string stats_json(const options& o, const results& r) {
   const rs::balance::routing_stats s = rs::balance::compute_stats(r.plan);
@@ -493,7 +597,12 @@ std::string stats_json(const options& o, const results& r) {
   field("max_over_mean", json_number(s.max_over_mean));
   field("routing_entropy", json_number(rs::balance::routing_entropy(r.plan)));
   field("aux_loss", json_number(r.aux_loss));
-  field("z_loss", json_number(r.z_loss), true);
+  field("z_loss", json_number(r.z_loss), !r.traffic);
+  if (r.traffic) {
+    std::vector<std::pair<std::string, std::string>> kv;
+    traffic_json(o, *r.traffic, [&](const char* k, const std::string& v) { kv.emplace_back(k, v); });
+    for (std::size_t i = 0; i < kv.size(); ++i) field(kv[i].first.c_str(), kv[i].second, i + 1 == kv.size());
+  }
   j += "}\n";
   return j;
 }
@@ -705,6 +814,8 @@ results route_all(const options& o, const rs::routing::token_choice& tc, const s
                                         .expert_bias = tc.expert_bias,
                                         .num_groups = tc.num_groups,
                                         .group_topk = tc.group_topk,
+                                        .group_scoring = tc.group_scoring,
+                                        .expert_group = tc.expert_group,
                                         .rank = rs::routing::rank_by::score,
                                         .causal = o.causal};
     return route_capacity(bd, o, logits, T, E);
@@ -742,16 +853,58 @@ int run(const options& o) {
 
   if (o.scaling_factor > static_cast<double>(std::numeric_limits<float>::max()))
     fail("--scaling-factor: expected a finite value > 0 that fits in float, got " + short_number(o.scaling_factor));
-  const rs::routing::token_choice tc{.top_k = o.top_k,
-                                     .score = o.score,
-                                     .pre_softmax = o.pre_softmax,
-                                     .scaling_factor = static_cast<float>(o.scaling_factor),
-                                     .expert_bias = {bias.data(), static_cast<rs::index>(bias.size())},
-                                     .num_groups = o.num_groups,
-                                     .group_topk = o.group_topk};
+  std::optional<rs::dist::expert_placement> placement;
+  std::vector<rs::id_type> node_of_expert;
+  if (o.ranks > 0) {
+    if (o.placement == "contiguous" && E % o.ranks != 0)
+      fail("--ranks: the contiguous placement needs the number of experts (" + std::to_string(E) +
+           ") to be a multiple of --ranks, got " + std::to_string(o.ranks) + " (or use --placement round-robin)");
+    if (o.placement == "contiguous") {
+      placement = rs::dist::expert_placement::contiguous(E, o.ranks, o.ranks_per_node);
+    } else {
+      placement =
+          rs::dist::expert_placement{o.ranks, o.ranks_per_node, std::vector<rs::id_type>(static_cast<std::size_t>(E))};
+      for (rs::index e = 0; e < E; ++e)
+        placement->rank_of_expert[static_cast<std::size_t>(e)] = static_cast<rs::id_type>(e % o.ranks);
+    }
+    node_of_expert = placement->node_of_expert();
+  }
+  rs::routing::token_choice tc{.top_k = o.top_k,
+                               .score = o.score,
+                               .pre_softmax = o.pre_softmax,
+                               .scaling_factor = static_cast<float>(o.scaling_factor),
+                               .expert_bias = {bias.data(), static_cast<rs::index>(bias.size())},
+                               .num_groups = o.num_groups,
+                               .group_topk = o.group_topk,
+                               .group_scoring = o.group_scoring};
+  if (o.node_limit > 0 && o.group_scoring == rs::routing::group_score::top_m_sum && o.top_k < o.node_limit)
+    fail("--node-limit: expected at most --top-k (" + std::to_string(o.top_k) +
+         ") with --group-score top-m-sum (each node is scored by its top K/M experts), got " +
+         std::to_string(o.node_limit));
+  if (o.node_limit > 0) {
+    // Node-limited routing: the nodes are the groups, through the placement's node map.
+    tc.num_groups = placement->num_nodes();
+    tc.group_topk = o.node_limit;
+    tc.expert_group = {node_of_expert.data(), E};
+  }
 
-  const results r = logits.type == npy::dtype::float32 ? route_all(o, tc, logits.values<float>(), T, E)
-                                                       : route_all(o, tc, logits.values<double>(), T, E);
+  const auto route_values = [&](const auto& values) {
+    results r = route_all(o, tc, values, T, E);
+    if (placement) {
+      // Each rank routes its own shard, as it would in expert parallelism (its capacity is its own).
+      r.traffic = rs::dist::empty_traffic(*placement, o.row_bytes);
+      for (rs::index s = 0; s < o.ranks; ++s) {
+        const rs::index first = s * T / o.ranks, last = (s + 1) * T / o.ranks;
+        using value_type = typename std::decay_t<decltype(values)>::value_type;
+        const std::vector<value_type> shard(values.begin() + first * E, values.begin() + last * E);
+        const results part = route_all(o, tc, shard, last - first, E);
+        *r.traffic += rs::dist::traffic(part.plan, *placement, s, o.row_bytes);
+      }
+    }
+    return r;
+  };
+  const results r =
+      logits.type == npy::dtype::float32 ? route_values(logits.values<float>()) : route_values(logits.values<double>());
   const std::string json = stats_json(o, r);
   publish(out, r, json);
   std::fputs(json.c_str(), stdout);
