@@ -65,6 +65,7 @@ macro(resonance_find_component name)
                                                        --expt-relaxed-constexpr --fmad=false>)
     endif()
   elseif("${name}" STREQUAL "mpi")
+    # <resonance/dist/mpi.hpp> uses MPI 3.1's C API only; MPI::MPI_CXX is the C API for a C++ compiler.
     find_package(MPI QUIET COMPONENTS CXX)
     if(TARGET MPI::MPI_CXX)
       _resonance_component_target(mpi MPI::MPI_CXX)
