@@ -1,6 +1,6 @@
 #pragma once
 
-// The model of the example, its data, and the per-assignment transfers a backward pass needs.
+// The model of the example, its data, and the expert arithmetic.
 //
 //   x (d_in)  --A-->  h = x·A (d)  --router-->  y = Σ_i w_i · W_{e_i} h   (one MoE layer, linear experts)
 //   task loss 0.5·mean ‖y − M_c x‖² over every token of every rank (M_c: the teacher of x's cluster)
@@ -12,12 +12,8 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
-#include <span>
 #include <vector>
 
-#include <mpi.h>
-
-#include <resonance/dist/mpi.hpp>
 #include <resonance/resonance.hpp>
 
 namespace ep {
@@ -127,58 +123,6 @@ inline float dot(const float* a, const float* b, index d) {
   float acc = 0.0f;
   for (index c = 0; c < d; ++c) acc += a[c] * b[c];
   return acc;
-}
-
-// One value per kept assignment, moved between the source rank and the expert's rank along the
-// exchange's return layout (the combine's way back, without its weighted sum): d.send() numbers the
-// source's assignments (return_row), d.receive() the expert side's slots (return_slot), per peer in
-// blocks of return_offsets. mpi_exchange::combine always sums a token's rows, so the per-assignment
-// scalars of the backward pass (dweight, and the weights a padded dispatch does not carry) travel here.
-namespace detail {
-inline std::vector<int> block_counts(const std::vector<rs::id_type>& offsets) {
-  std::vector<int> c(offsets.size() - 1);
-  for (std::size_t r = 0; r + 1 < offsets.size(); ++r) c[r] = offsets[r + 1] - offsets[r];
-  return c;
-}
-inline std::vector<int> block_starts(const std::vector<rs::id_type>& offsets) {
-  return {offsets.begin(), offsets.end() - 1};
-}
-inline void alltoallv_floats(MPI_Comm comm, const std::vector<float>& send, const std::vector<rs::id_type>& send_off,
-                             std::vector<float>& recv, const std::vector<rs::id_type>& recv_off) {
-  recv.assign(sz(recv_off.back()), 0.0f);
-  const std::vector<int> sc = block_counts(send_off), sd = block_starts(send_off);
-  const std::vector<int> rc = block_counts(recv_off), rd = block_starts(recv_off);
-  float no_send = 0.0f, no_recv = 0.0f;  // MPI wants real (and distinct) addresses even for empty buffers
-  MPI_Alltoallv(send.empty() ? &no_send : send.data(), sc.data(), sd.data(), MPI_FLOAT,
-                recv.empty() ? &no_recv : recv.data(), rc.data(), rd.data(), MPI_FLOAT, comm);
-}
-}  // namespace detail
-
-// Per assignment of this rank's plan (token-major) -> per slot of d.expert_in() on the experts' rank
-// (0 in padding slots).
-inline std::vector<float> to_expert_slots(MPI_Comm comm, const rs::dist::dispatched<float>& d,
-                                          std::span<const float> per_assignment) {
-  const rs::dist::exchange_plan& xp = d.send();
-  const rs::dist::receive_plan& rp = d.receive();
-  std::vector<float> send(sz(xp.num_returns()), 0.0f), recv;
-  for (std::size_t i = 0; i < per_assignment.size(); ++i) send[sz(xp.return_row[i])] = per_assignment[i];
-  detail::alltoallv_floats(comm, send, xp.return_offsets, recv, rp.return_offsets);
-  std::vector<float> per_slot(sz(rp.num_slots()), 0.0f);
-  for (std::size_t k = 0; k < recv.size(); ++k) per_slot[sz(rp.return_slot[k])] = recv[k];
-  return per_slot;
-}
-
-// Per slot of d.expert_in() -> per assignment of the source's plan (token-major).
-inline std::vector<float> to_source_assignments(MPI_Comm comm, const rs::dist::dispatched<float>& d,
-                                                std::span<const float> per_slot) {
-  const rs::dist::exchange_plan& xp = d.send();
-  const rs::dist::receive_plan& rp = d.receive();
-  std::vector<float> send(sz(rp.num_returns())), recv;
-  for (std::size_t k = 0; k < send.size(); ++k) send[k] = per_slot[sz(rp.return_slot[k])];
-  detail::alltoallv_floats(comm, send, rp.return_offsets, recv, xp.return_offsets);
-  std::vector<float> per_assignment(xp.return_row.size());
-  for (std::size_t i = 0; i < per_assignment.size(); ++i) per_assignment[i] = recv[sz(xp.return_row[i])];
-  return per_assignment;
 }
 
 }  // namespace ep

@@ -221,7 +221,7 @@ run_result run_policy(const setup& su, const policy& pol, index steps, MakeRoute
 
     // ---- backward through the experts, where they live -------------------------------------------
     // dy goes the way h went (a second dispatch: the same plan gives the same slots); the combine
-    // weights follow along the return layout (a padded dispatch carries none).
+    // weights follow by send_rows, one per kept assignment (a padded dispatch carries none).
     const dispatched<float> dy_in = ex.dispatch(be, plan.view(), su.placement, cmat{dy.data(), T, d}, pol.mode);
     {
       const receive_plan &a = h_in.receive(), &c = dy_in.receive();
@@ -229,10 +229,11 @@ run_result run_policy(const setup& su, const policy& pol, index steps, MakeRoute
           a.return_slot != c.return_slot)
         failed |= same_slots;
     }
-    const std::vector<float> w_slot = to_expert_slots(su.comm, dy_in, plan.token_weight());
+    const index S = dy_in.receive().num_slots(), A = plan.num_assignments();
+    std::vector<float> w_slot(sz(S));
+    ex.send_rows(be, dy_in, cmat{plan.token_weight().data(), A, 1}, mat{w_slot.data(), S, 1});
     if (pol.mode == exchange_mode::dropless && !detail::same_bits(w_slot, dy_in.receive().slot_weight))
       failed |= weights_moved;
-    const index S = dy_in.receive().num_slots();
     std::vector<float> dw_slot(sz(S)), dh_slot(sz(S * d));
     std::vector<float> dW(sz(static_cast<index>(owned.size()) * d * d), 0.0f);
     const auto hin = h_in.expert_in();
@@ -250,7 +251,9 @@ run_result run_policy(const setup& su, const policy& pol, index steps, MakeRoute
         }
       }
     }
-    const std::vector<float> dweight = to_source_assignments(su.comm, dy_in, dw_slot);
+    // dweight back to each assignment's source, un-summed (combine would add a token's rows).
+    std::vector<float> dweight(sz(A));
+    ex.return_rows(be, dy_in, cmat{dw_slot.data(), S, 1}, mat{dweight.data(), A, 1});
     // Σ_i w_i·W_iᵀ dy_t is a combine of the rows Wᵀ·dy: the gradient of h through the experts.
     std::vector<float> dh(sz(T * d));
     ex.combine(be, dy_in, cmat{dh_slot.data(), S, d}, mat{dh.data(), T, d});

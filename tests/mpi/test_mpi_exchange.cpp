@@ -5,14 +5,18 @@
 //     process (resonance::dispatch, then the same rowwise expert function), compared bit for bit;
 //   * every received row against the source's token row, regenerated from (source, token, column);
 //   * the receive order against the peers' plans, which every rank routes again itself;
-//   * the count matrix against an MPI_Allgather of each rank's own brute-force counts.
+//   * the count matrix against an MPI_Allgather of each rank's own brute-force counts;
+//   * return_rows / send_rows: values tagged by (expert, source, token) on one side against the peers'
+//     plans and this rank's own on the other, bit for bit.
 
 #include <algorithm>
+#include <bit>
 #include <climits>
 #include <cstdint>
 #include <cstring>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -296,6 +300,87 @@ std::vector<rs::index> ranks_per_node_options(rs::index R) {
   return out;
 }
 
+// A per-assignment or per-slot value for return_rows / send_rows: the bits of a hash of (salt, a, b,
+// c, column), finite (sign, mantissa and 16 exponents), so that a row moved to the wrong assignment
+// or slot, or a column to the wrong place, differs in its bits. Zero never comes out of it.
+template <class U>
+U tag(std::uint64_t salt, rs::index a, rs::index b, rs::index c, rs::index col) {
+  std::uint64_t h = mix(salt);
+  for (rs::index v : {a, b, c, col}) h = mix(h ^ static_cast<std::uint64_t>(v));
+  if constexpr (std::is_same_v<U, float>) {
+    return std::bit_cast<float>(static_cast<std::uint32_t>((h & 0x807FFFFFu) | ((120u + ((h >> 40) & 15u)) << 23)));
+  } else if constexpr (std::is_same_v<U, double>) {
+    return std::bit_cast<double>((h & 0x800FFFFFFFFFFFFFull) | ((1020ull + ((h >> 20) & 15u)) << 52));
+  } else {
+    return rs::bfloat16{static_cast<std::uint16_t>((h & 0x8000u) | ((120u + ((h >> 8) & 15u)) << 7) | (h & 0x7Fu))};
+  }
+}
+// return_rows carries f(global expert, source rank, token) from each slot; send_rows g(source rank,
+// token, expert) from each assignment.
+template <class U>
+U f_slot(rs::index expert, rs::index source, rs::index token, rs::index col) {
+  return tag<U>(1, expert, source, token, col);
+}
+template <class U>
+U g_assignment(rs::index source, rs::index token, rs::index expert, rs::index col) {
+  return tag<U>(2, source, token, expert, col);
+}
+template <class U>
+bool same_value(const U& a, const U& b) {
+  return std::memcmp(&a, &b, sizeof(U)) == 0;
+}
+
+// return_rows and send_rows of width w on a dispatch of this rank's plan, against the slots the peers'
+// plans say this rank holds (expected_slots) and this rank's own plan: returns mismatches (0 = pass).
+template <class U, class T>
+int check_row_moves(dist::mpi_exchange& ex, const dist::dispatched<T>& d, const rs::routing_plan& plan,
+                    const std::vector<rs::routing_plan>& peers, const dist::expert_placement& p, int me,
+                    exchange_mode mode, rs::index w) {
+  std::vector<rs::id_type> eoff;
+  const std::vector<slot_ref> want = expected_slots(peers, p, me, mode, eoff);
+  const rs::index S = d.expert_in().rows, A = plan.num_assignments();
+  if (static_cast<rs::index>(want.size()) != S) return 1000000;
+  std::vector<rs::id_type> slot_expert(want.size());  // the global expert of each slot, from the placement
+  {
+    std::size_t j = 0;
+    for (std::size_t e = 0; e < p.rank_of_expert.size(); ++e)
+      if (p.rank_of_expert[e] == me) {
+        for (rs::id_type q = eoff[j]; q < eoff[j + 1]; ++q) slot_expert[usz(q)] = static_cast<rs::id_type>(e);
+        ++j;
+      }
+  }
+  const auto toff = plan.token_offsets();
+  const auto tex = plan.token_expert();
+  std::vector<rs::index> token_of(usz(A));
+  for (rs::index t = 0; t < plan.num_tokens(); ++t)
+    for (rs::id_type i = toff[usz(t)]; i < toff[usz(t + 1)]; ++i) token_of[usz(i)] = t;
+  int bad = 0;
+
+  // return_rows: slot q holds f(its expert, its source, its token); assignment i must get exactly that.
+  std::vector<U> per_slot(usz(S * w)), per_assignment(usz(A * w));
+  for (std::size_t q = 0; q < want.size(); ++q)
+    for (rs::index c = 0; c < w; ++c)
+      per_slot[q * usz(w) + usz(c)] = f_slot<U>(slot_expert[q], want[q].source, want[q].token, c);
+  ex.return_rows(d, rs::matrix_view<const U>{per_slot.data(), S, w}, rs::matrix_view<U>{per_assignment.data(), A, w});
+  for (rs::index i = 0; i < A; ++i)
+    for (rs::index c = 0; c < w; ++c)
+      bad += !same_value(per_assignment[usz(i * w + c)], f_slot<U>(tex[usz(i)], me, token_of[usz(i)], c));
+
+  // send_rows: assignment i holds g(me, its token, its expert); slot q must get g of its own (source,
+  // token, expert), padding slots zero.
+  for (rs::index i = 0; i < A; ++i)
+    for (rs::index c = 0; c < w; ++c)
+      per_assignment[usz(i * w + c)] = g_assignment<U>(me, token_of[usz(i)], tex[usz(i)], c);
+  std::fill(per_slot.begin(), per_slot.end(), tag<U>(3, 0, 0, 0, 0));  // stale values must not survive
+  ex.send_rows(d, rs::matrix_view<const U>{per_assignment.data(), A, w}, rs::matrix_view<U>{per_slot.data(), S, w});
+  for (std::size_t q = 0; q < want.size(); ++q)
+    for (rs::index c = 0; c < w; ++c) {
+      const U expect = want[q].token >= 0 ? g_assignment<U>(want[q].source, want[q].token, slot_expert[q], c) : U{};
+      bad += !same_value(per_slot[q * usz(w) + usz(c)], expect);
+    }
+  return bad;
+}
+
 }  // namespace
 
 TEST_SUITE("mpi") {
@@ -335,6 +420,76 @@ TEST_SUITE("mpi") {
           }
   }
 
+  TEST_CASE_TEMPLATE("return_rows and send_rows: each kept assignment's row to and from exactly its slot, un-summed", U,
+                     float, rs::bfloat16, double) {
+    const int R = world_size(), me = world_rank();
+    CAPTURE(me);
+    dist::mpi_exchange ex(MPI_COMM_WORLD);
+    // The rows moved are independent of the rows dispatched: dispatch the other type.
+    using X = std::conditional_t<std::is_same_v<U, rs::bfloat16>, float, rs::bfloat16>;
+    std::uint64_t seed = 40;
+    for (const auto& [E, k] : {std::pair<rs::index, rs::index>{16, 2}, {12, 3}})
+      for (bool round_robin : {false, true})
+        for (exchange_mode mode : {exchange_mode::dropless, exchange_mode::padded})
+          for (rs::index P : ranks_per_node_options(R)) {
+            const setting s{E, k, round_robin, P, mode, 8, ++seed};
+            INFO(s.name());
+            const dist::expert_placement placement = placement_of(s, R);
+            const rs::index T_ = tokens_of(s, me);
+            const rs::routing_plan plan = route_rank(s, me, T_);
+            const std::vector<X> x = rows_of<X>(me, T_, s.d);
+            std::vector<rs::routing_plan> peers;
+            for (int r = 0; r < R; ++r) peers.push_back(route_rank(s, r, tokens_of(s, r)));
+            for (exchange_topology topology : {exchange_topology::flat, exchange_topology::two_level}) {
+              CAPTURE(static_cast<int>(topology));
+              const dist::dispatched<X> d =
+                  ex.dispatch(plan, placement, rs::matrix_view<const X>{x.data(), T_, s.d}, mode, topology);
+              for (rs::index w : {1, 20}) {
+                CAPTURE(w);
+                CHECK(check_row_moves<U>(ex, d, plan, peers, placement, me, mode, w) == 0);
+              }
+            }
+          }
+  }
+
+  TEST_CASE("return_rows of the expert outputs hands each source exactly the rows resonance::combine sums") {
+    // combine is return_rows plus the source's weighted sum: with width d and the expert outputs,
+    // return_rows hands the source exactly the rows resonance::combine sums (the one-process slots).
+    const int R = world_size(), me = world_rank();
+    CAPTURE(me);
+    dist::mpi_exchange ex(MPI_COMM_WORLD);
+    for (exchange_mode mode : {exchange_mode::dropless, exchange_mode::padded})
+      for (exchange_topology topology : {exchange_topology::flat, exchange_topology::two_level}) {
+        const setting s{16, 2, true, R % 2 == 0 ? 2 : 1, mode, 12, 61};
+        const dist::expert_placement placement = placement_of(s, R);
+        const rs::routing_plan plan = route_rank(s, me, tokens_of(s, me));
+        const rs::index T_ = plan.num_tokens(), d = s.d, S1 = plan.num_slots();
+        const std::vector<float> x = rows_of<float>(me, T_, d);
+        const run_result<float> r = run(ex, plan, placement, x, d, mode, topology);
+        CHECK(bytes_equal(r.y, reference_y(plan, x, d)));
+        // The expert outputs again, on this rank's slots, and returned un-summed.
+        const auto in = r.d.expert_in();
+        std::vector<float> out(usz(in.rows * d)), back(usz(plan.num_assignments() * d));
+        const auto eo = r.d.expert_offsets();
+        const auto le = r.d.local_experts();
+        for (std::size_t j = 0; j < le.size(); ++j)
+          for (rs::id_type i = eo[j]; i < eo[j + 1]; ++i) expert<float>(le[j], in.row(i), out.data() + usz(i * d), d);
+        ex.return_rows(r.d, rs::matrix_view<const float>{out.data(), in.rows, d},
+                       rs::matrix_view<float>{back.data(), plan.num_assignments(), d});
+        // One process: slot token_slot[i] of the plan's own dispatch, through the same expert.
+        std::vector<float> one(usz(S1 * d)), one_out(usz(S1 * d));
+        rs::dispatch(rs::backend::serial{}, plan, rs::matrix_view<const float>{x.data(), T_, d},
+                     rs::matrix_view<float>{one.data(), S1, d});
+        int bad = 0;
+        for (rs::index i = 0; i < plan.num_assignments(); ++i) {
+          const rs::id_type slot = plan.token_slot()[usz(i)];
+          expert<float>(plan.token_expert()[usz(i)], one.data() + usz(slot * d), one_out.data() + usz(slot * d), d);
+          bad += std::memcmp(back.data() + usz(i * d), one_out.data() + usz(slot * d), usz(d) * sizeof(float)) != 0;
+        }
+        CHECK(bad == 0);
+      }
+  }
+
   TEST_CASE("a rank with no tokens, and experts nobody routes to") {
     const int R = world_size(), me = world_rank();
     CAPTURE(me);
@@ -349,6 +504,12 @@ TEST_SUITE("mpi") {
     CHECK(bytes_equal(two.y, reference_y(plan, x, s.d)));
     CHECK(bytes_equal(flat.y, two.y));
     CHECK(same_receive_plan(two.d.receive(), flat.d.receive()));
+    std::vector<rs::routing_plan> peers;
+    for (int r = 0; r < R; ++r) peers.push_back(route_rank(s, r, r == R - 1 ? 0 : 5));
+    for (rs::index w : {1, 3}) {
+      CHECK(check_row_moves<float>(ex, two.d, plan, peers, placement, me, s.mode, w) == 0);
+      CHECK(check_row_moves<rs::bfloat16>(ex, flat.d, plan, peers, placement, me, s.mode, w) == 0);
+    }
   }
 
   TEST_CASE("20 reruns of dispatch and combine give identical bytes") {
@@ -408,6 +569,56 @@ TEST_SUITE("mpi") {
         });
         CHECK(contains(m, me == R - 1 ? "expert_out: expected" : "rank " + std::to_string(R - 1) + " failed"));
       }
+    }
+    SUBCASE("return_rows and send_rows with the wrong number of rows on one rank") {
+      for (exchange_topology topology : {exchange_topology::flat, exchange_topology::two_level}) {
+        const dist::dispatched<float> h =
+            ex.dispatch(plan, placement, rs::matrix_view<const float>{x.data(), T_, d}, s.mode, topology);
+        const rs::index S = h.expert_in().rows, A = plan.num_assignments();
+        std::vector<float> slots(usz((S + 1) * 2)), assignments(usz((A + 1) * 2));
+        const std::string m1 = error_of([&] {
+          ex.return_rows(h, rs::matrix_view<const float>{slots.data(), me == R - 1 ? S + 1 : S, 2},
+                         rs::matrix_view<float>{assignments.data(), A, 2});
+        });
+        CHECK(contains(m1, me == R - 1 ? "per_slot: expected " + std::to_string(S) + " rows"
+                                       : "rank " + std::to_string(R - 1) + " failed a precondition"));
+        CHECK(contains(m1, "mpi_exchange::return_rows"));
+        CHECK(contains(m1, "every rank"));
+        const std::string m2 = error_of([&] {
+          ex.send_rows(h, rs::matrix_view<const float>{assignments.data(), me == 0 ? A + 1 : A, 2},
+                       rs::matrix_view<float>{slots.data(), S, 2});
+        });
+        CHECK(contains(
+            m2, me == 0 ? "per_assignment: expected " + std::to_string(A) + " rows" : "rank 0 failed a precondition"));
+        CHECK(contains(m2, "mpi_exchange::send_rows"));
+        // The output of another width than the input, on rank 0.
+        const std::string m3 = error_of([&] {
+          ex.return_rows(h, rs::matrix_view<const float>{slots.data(), S, 2},
+                         rs::matrix_view<float>{assignments.data(), A, me == 0 ? 1 : 2});
+        });
+        CHECK(contains(m3, me == 0 ? "per_assignment: expected shape " + std::to_string(A) + "x2"
+                                   : "rank 0 failed a precondition"));
+        // No columns.
+        const std::string m4 = error_of([&] {
+          ex.send_rows(h, rs::matrix_view<const float>{assignments.data(), A, 0},
+                       rs::matrix_view<float>{slots.data(), S, 0});
+        });
+        CHECK(contains(m4, "per_assignment: expected between 1 and INT_MAX columns"));
+      }
+    }
+    SUBCASE("return_rows and send_rows with a result that no dispatch of this exchange made") {
+      const dist::dispatched<float> none;
+      std::vector<float> a(usz(plan.num_assignments()));
+      const std::string m1 = error_of([&] {
+        ex.return_rows(none, rs::matrix_view<const float>{nullptr, 0, 1},
+                       rs::matrix_view<float>{a.data(), plan.num_assignments(), 1});
+      });
+      const std::string m2 = error_of([&] {
+        ex.send_rows(none, rs::matrix_view<const float>{a.data(), plan.num_assignments(), 1},
+                     rs::matrix_view<float>{nullptr, 0, 1});
+      });
+      CHECK(contains(m1, "dispatched: expected the result of a dispatch on this mpi_exchange"));
+      CHECK(contains(m2, "dispatched: expected the result of a dispatch on this mpi_exchange"));
     }
     SUBCASE("padded mode with a plan that is not padded") {
       const std::string m = error_of([&] {
@@ -585,5 +796,77 @@ TEST_SUITE("mismatch") {
                  rs::matrix_view<float>{y.data(), 30, w});
     });
     CHECK(contains(m, "configuration differs across ranks: expert_out width (this rank: " + std::to_string(w)));
+  }
+
+  TEST_CASE(
+      "return_rows and send_rows with a width, a row type or a call that differs on one rank throw on every "
+      "rank") {
+    const int R = world_size(), me = world_rank();
+    CAPTURE(me);
+    if (R < 2) {
+      MESSAGE("one rank: nothing can differ");
+      return;
+    }
+    dist::mpi_exchange ex(MPI_COMM_WORLD);
+    const setting s{16, 2, false, R % 2 == 0 ? 2 : 1, exchange_mode::dropless, 16, 35};
+    const dist::expert_placement placement = placement_of(s, R);
+    const rs::routing_plan plan = route_rank(s, me, 30);
+    const std::vector<float> x = rows_of<float>(me, 30, s.d);
+    std::vector<rs::routing_plan> peers;
+    for (int r = 0; r < R; ++r) peers.push_back(route_rank(s, r, 30));
+    const bool odd_one = me == 1;
+    for (exchange_topology topology : {exchange_topology::flat, exchange_topology::two_level}) {
+      const dist::dispatched<float> h =
+          ex.dispatch(plan, placement, rs::matrix_view<const float>{x.data(), 30, s.d}, s.mode, topology);
+      const rs::index S = h.expert_in().rows, A = plan.num_assignments();
+      const rs::index w = odd_one ? 1 : 20;
+      std::vector<float> slots(usz(S * 20)), assignments(usz(A * 20)), y(usz(30 * 20));
+      std::vector<rs::bfloat16> slots16(usz(S * 20)), assignments16(usz(A * 20));
+      const std::string m1 = error_of([&] {
+        ex.return_rows(h, rs::matrix_view<const float>{slots.data(), S, w},
+                       rs::matrix_view<float>{assignments.data(), A, w});
+      });
+      CHECK(contains(m1, "configuration differs across ranks: per_slot width (this rank: " + std::to_string(w)));
+      CHECK(contains(m1, "no data was moved"));
+      const std::string m2 = error_of([&] {
+        ex.send_rows(h, rs::matrix_view<const float>{assignments.data(), A, w},
+                     rs::matrix_view<float>{slots.data(), S, w});
+      });
+      CHECK(contains(m2, "configuration differs across ranks: per_assignment width (this rank: " + std::to_string(w)));
+      // bfloat16 rows on the odd rank, float elsewhere.
+      const std::string m3 = error_of([&] {
+        if (odd_one)
+          ex.return_rows(h, rs::matrix_view<const rs::bfloat16>{slots16.data(), S, 4},
+                         rs::matrix_view<rs::bfloat16>{assignments16.data(), A, 4});
+        else
+          ex.return_rows(h, rs::matrix_view<const float>{slots.data(), S, 4},
+                         rs::matrix_view<float>{assignments.data(), A, 4});
+      });
+      CHECK(contains(m3, "configuration differs across ranks: row type (this rank: "));
+      // combine on the odd rank, return_rows elsewhere (same width and type).
+      const std::string m4 = error_of([&] {
+        if (odd_one)
+          ex.combine(h, rs::matrix_view<const float>{slots.data(), S, s.d}, rs::matrix_view<float>{y.data(), 30, s.d});
+        else
+          ex.return_rows(h, rs::matrix_view<const float>{slots.data(), S, s.d},
+                         rs::matrix_view<float>{assignments.data(), A, s.d});
+      });
+      CHECK(contains(m4, "configuration differs across ranks: the call (this rank: mpi_exchange::"));
+      // A dispatch on the odd rank against combine elsewhere: the settlements have one length, so
+      // they meet in one MPI_Allreduce and every rank throws; the failed dispatch counts on no rank.
+      const std::string m5 = error_of([&] {
+        if (odd_one)
+          (void)ex.dispatch(plan, placement, rs::matrix_view<const float>{x.data(), 30, s.d}, s.mode, topology);
+        else
+          ex.combine(h, rs::matrix_view<const float>{slots.data(), S, s.d}, rs::matrix_view<float>{y.data(), 30, s.d});
+      });
+      CHECK(contains(m5, "configuration differs across ranks: the call (this rank: mpi_exchange::"));
+      // A later dispatch still agrees on its sequence number.
+      const auto again =
+          ex.dispatch(plan, placement, rs::matrix_view<const float>{x.data(), 30, s.d}, s.mode, topology);
+      CHECK(again.expert_in().rows == h.expert_in().rows);
+      // The exchange is still usable by every rank.
+      CHECK(check_row_moves<float>(ex, h, plan, peers, placement, me, s.mode, 3) == 0);
+    }
   }
 }

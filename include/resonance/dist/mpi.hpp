@@ -8,6 +8,8 @@
 //   auto d = ex.dispatch(plan, placement, x);                     // rows of float or bfloat16
 //   for (j : local experts) expert_out rows [d.expert_offsets()[j], [j+1]) = expert_j(d.expert_in() rows)
 //   ex.combine(d, expert_out, y);                                  // y bitwise resonance::combine's
+//   ex.return_rows(d, per_slot, per_assignment);   // combine's way back, un-summed (training: dweight)
+//   ex.send_rows(d, per_assignment, per_slot);     // the reverse (training: the weights to the experts)
 //
 // Every call is collective over the communicator, and every rank must make the same sequence of
 // calls. Before any data moves, one MPI_Allreduce settles that every rank has the same configuration
@@ -25,7 +27,9 @@
 // (node_comm). The receiver rebuilds the flat exchange's input from the forwarded metadata, so its
 // receive_plan and expert-major rows are the flat ones, and combine returns every expert row along the
 // reverse path (no partial sums on the way: those would change the summation order), so y is bitwise
-// the flat y. Open MPI 4.1's coll/han has no alltoallv, hence the two stages here.
+// the flat y. Open MPI 4.1's coll/han has no alltoallv, hence the two stages here. return_rows is that
+// way back without the sum (one row per kept assignment, in the plan's token-major order), send_rows
+// the same stages run backwards; both settle like combine and take rows of any type and width.
 
 #include <algorithm>
 #include <atomic>
@@ -202,26 +206,46 @@ inline agreement_field numeric_field(std::string_view name, std::int64_t v) {
   return {name, static_cast<std::uint64_t>(v), std::to_string(v), true};
 }
 
+// A call's name as a settlement value (FNV-1a of its bytes).
+inline std::uint64_t name_code(std::string_view name) {
+  fnv1a64 f;
+  for (char c : name) f.add(static_cast<unsigned char>(c));
+  return f.h;
+}
+
 // The settlement before any data moves, in ONE MPI_Allreduce(MAX) over uint64: per field v and ~v
 // (the max of ~v is ~min v, so min == max says every rank agrees), the highest failing rank + 1 (0:
 // none), and `extras` reduced by max (what the count bound needs). Throws on every rank when a rank
 // failed a precondition (that rank with its own message) or when a field differs (naming each field
 // and this rank's value). Returns the reduced extras.
+// Every settlement sends the same number of values, whatever the call (dispatch, combine, ...), so a
+// rank that calls something else than its peers meets them in the same MPI_Allreduce and gets an
+// error naming the call, instead of a collective whose counts differ (undefined in MPI).
+inline constexpr std::size_t settle_fields = 12, settle_extras = 2;
+
 inline std::vector<std::uint64_t> settle(MPI_Comm comm, int rank, std::string_view call,
                                          const std::vector<agreement_field>& fields, const std::string& local_failure,
                                          std::vector<std::uint64_t> extras) {
   constexpr std::uint64_t flip = std::uint64_t{1} << 63;  // signed order as unsigned order
-  std::vector<std::uint64_t> buf;
-  buf.reserve(1 + 2 * fields.size() + extras.size());
-  buf.push_back(local_failure.empty() ? 0 : static_cast<std::uint64_t>(rank) + 1);
-  for (const agreement_field& f : fields) {
-    const std::uint64_t v = f.numeric ? f.value ^ flip : f.value;
-    buf.push_back(v);
-    buf.push_back(~v);
+  resonance::detail::require(fields.size() <= settle_fields && extras.size() <= settle_extras, "settle",
+                             "at most 12 fields and 2 extras", fields.size());
+  // [failing rank + 1][call, ~call][fields v, ~v, zero-padded][extras, zero-padded]
+  std::vector<std::uint64_t> buf(3 + 2 * settle_fields + settle_extras, 0);
+  buf[0] = local_failure.empty() ? 0 : static_cast<std::uint64_t>(rank) + 1;
+  const std::uint64_t call_code = name_code(call);
+  buf[1] = call_code;
+  buf[2] = ~call_code;
+  for (std::size_t i = 0; i < fields.size(); ++i) {
+    const std::uint64_t v = fields[i].numeric ? fields[i].value ^ flip : fields[i].value;
+    buf[3 + 2 * i] = v;
+    buf[4 + 2 * i] = ~v;
   }
-  buf.insert(buf.end(), extras.begin(), extras.end());
+  std::copy(extras.begin(), extras.end(), buf.begin() + 3 + 2 * settle_fields);
   mpi_check(MPI_Allreduce(MPI_IN_PLACE, buf.data(), static_cast<int>(buf.size()), MPI_UINT64_T, MPI_MAX, comm),
             "MPI_Allreduce");
+  if (buf[1] != ~buf[2])
+    throw error("resonance: " + std::string(call) + ": configuration differs across ranks: the call (this rank: " +
+                std::string(call) + "; another rank called something else on this exchange); no data was moved");
   if (!local_failure.empty())
     throw error(local_failure + " [" + std::string(call) + ": rank " + std::to_string(rank) +
                 "; every rank of the exchange throws, no data was moved]");
@@ -235,7 +259,7 @@ inline std::vector<std::uint64_t> settle(MPI_Comm comm, int rank, std::string_vi
   for (std::size_t i = 0; i < fields.size(); ++i) {
     const agreement_field& f = fields[i];
     fp.add(f.value);
-    const std::uint64_t max = buf[1 + 2 * i], min = ~buf[2 + 2 * i];
+    const std::uint64_t max = buf[3 + 2 * i], min = ~buf[4 + 2 * i];
     if (min == max) continue;
     os << (differs ? "; " : "") << f.name << " (this rank: " << f.shown;
     if (f.numeric)
@@ -247,7 +271,8 @@ inline std::vector<std::uint64_t> settle(MPI_Comm comm, int rank, std::string_vi
   if (differs)
     throw error("resonance: " + std::string(call) + ": configuration differs across ranks: " + os.str() + "; rank " +
                 std::to_string(rank) + " has configuration fingerprint " + hex64(fp.h) + "; no data was moved");
-  return std::vector<std::uint64_t>(buf.end() - static_cast<std::ptrdiff_t>(extras.size()), buf.end());
+  return std::vector<std::uint64_t>(buf.begin() + 3 + 2 * settle_fields,
+                                    buf.begin() + 3 + 2 * settle_fields + static_cast<std::ptrdiff_t>(extras.size()));
 }
 
 // Whether any rank failed (one MPI_Allreduce of the highest failing rank + 1): a count one rank
@@ -347,6 +372,19 @@ struct return_stage {
   std::vector<int> send_counts, recv_counts;
 };
 
+// The inverse of a one-to-one row map into [0, rows): inverse[map[i]] = i, and -1 (a zero row for
+// gather_rows) where no i maps. The way back run backwards (send_rows) is gather_rows on these.
+inline std::vector<id_type> inverse_rows(std::span<const id_type> map, index rows) {
+  std::vector<id_type> inverse(mpi_usz(rows), -1);
+  for (std::size_t i = 0; i < map.size(); ++i) {
+    if (map[i] < 0 || map[i] >= rows)
+      resonance::detail::fail("return stage", "rows in [0, " + std::to_string(rows) + ")", "row ", i, " maps to ",
+                              map[i]);
+    inverse[mpi_usz(map[i])] = static_cast<id_type>(i);
+  }
+  return inverse;
+}
+
 inline std::uint64_t next_exchange_id() {
   static std::atomic<std::uint64_t> id{0};
   return ++id;
@@ -390,7 +428,7 @@ class dispatched {
   std::vector<T> rows_;
   std::vector<id_type> token_offsets_;  // the plan's, for combine_returns
   std::vector<float> token_weight_;
-  std::vector<detail::return_stage> returns_;  // combine's stages, in order
+  std::vector<detail::return_stage> returns_;  // combine's (and return_rows') stages, in order
   exchange_plan back_;                         // two-level: return_row into the stage-A return buffer
 };
 
@@ -480,6 +518,35 @@ class mpi_exchange {
     combine_impl(backend::serial{}, d, matrix_view<const T>(expert_out), y);
   }
 
+  // combine's way back without its sum: one row per row of d.expert_in() (per_slot) goes back to its
+  // source, where per_assignment row i is the row of the slot of kept assignment i of the plan
+  // dispatched (token-major, plan.token_expert() order). Rows of float, double or bfloat16, of any
+  // width (1: a scalar per assignment) the same on every rank, whatever d's row type. Collective.
+  template <execution_backend Backend, class T, class V, class U>
+  requires std::is_same_v<std::remove_const_t<V>, U>
+  void return_rows(const Backend& be, const dispatched<T>& d, matrix_view<V> per_slot, matrix_view<U> per_assignment) {
+    return_rows_impl(be, d, matrix_view<const U>(per_slot), per_assignment);
+  }
+  template <class T, class V, class U>
+  requires std::is_same_v<std::remove_const_t<V>, U>
+  void return_rows(const dispatched<T>& d, matrix_view<V> per_slot, matrix_view<U> per_assignment) {
+    return_rows_impl(backend::serial{}, d, matrix_view<const U>(per_slot), per_assignment);
+  }
+
+  // The reverse of return_rows: row i of per_assignment (one per kept assignment of the plan
+  // dispatched, token-major) goes to the slot of assignment i on its expert's rank; per_slot has one
+  // row per row of d.expert_in(), zeros in the padding slots of a padded exchange. Collective.
+  template <execution_backend Backend, class T, class V, class U>
+  requires std::is_same_v<std::remove_const_t<V>, U>
+  void send_rows(const Backend& be, const dispatched<T>& d, matrix_view<V> per_assignment, matrix_view<U> per_slot) {
+    send_rows_impl(be, d, matrix_view<const U>(per_assignment), per_slot);
+  }
+  template <class T, class V, class U>
+  requires std::is_same_v<std::remove_const_t<V>, U>
+  void send_rows(const dispatched<T>& d, matrix_view<V> per_assignment, matrix_view<U> per_slot) {
+    send_rows_impl(backend::serial{}, d, matrix_view<const U>(per_assignment), per_slot);
+  }
+
  private:
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;
@@ -555,7 +622,9 @@ class mpi_exchange {
     static_assert(host_accessible_v<memory_space_t<Backend>>, "the MPI exchange moves host memory");
     constexpr std::string_view call = "mpi_exchange::dispatch";
     require_live(call);
-    const std::uint64_t sequence = ++sequence_;
+    // Counted only once the settlement passed, so a dispatch that throws (on every rank) leaves every
+    // rank's count where it was.
+    const std::uint64_t sequence = sequence_ + 1;
 
     // Local preconditions: a failure is reported through the settlement, so that every rank throws.
     std::string failure;
@@ -592,6 +661,7 @@ class mpi_exchange {
         detail::settle(comm_, rank_, call, fields, failure,
                        {failure.empty() ? static_cast<std::uint64_t>(xp.num_rows()) : 0,
                         failure.empty() ? static_cast<std::uint64_t>(xp.num_returns()) : 0});
+    sequence_ = sequence;
 
     // No count of any stage, flat or two-level, exceeds R times the most any rank sends in all (a
     // rank receives from R sources at most; a relay forwards at most what its N rail peers sent, N <=
@@ -968,52 +1038,113 @@ class mpi_exchange {
     out.send_ = std::move(xp);
   }
 
-  // --- combine ----------------------------------------------------------------------------------
+  // --- the way back: combine, return_rows, send_rows ---------------------------------------------
 
-  template <class Backend, class T>
-  void combine_impl(const Backend& be, const dispatched<T>& d, matrix_view<const T> expert_out, matrix_view<T> y) {
-    using resonance::detail::require;
-    static_assert(resonance::detail::row_scalar_v<T>, "rows of float, double or bfloat16");
-    static_assert(host_accessible_v<memory_space_t<Backend>>, "the MPI exchange moves host memory");
-    constexpr std::string_view call = "mpi_exchange::combine";
-    require_live(call);
-    std::string failure;
-    try {
-      require(d.exchange_id_ != 0 && d.exchange_id_ == id_, "dispatched",
-              "the result of a dispatch on this mpi_exchange");
-      resonance::detail::check_matrix(expert_out, "expert_out");
-      require(expert_out.rows == d.receive_.num_slots(), "expert_out",
-              std::to_string(d.receive_.num_slots()) + " rows (one per row of expert_in)", expert_out.rows);
-      require(expert_out.cols >= 1 && expert_out.cols <= INT_MAX, "expert_out", "between 1 and INT_MAX columns",
-              expert_out.cols);
-      resonance::detail::check_matrix(y, "y", d.send_.num_tokens, expert_out.cols);
-    } catch (const error& e) {
-      failure = e.what();
-    }
+  // The settlement of a call on the way back: the dispatch, the width and the row type, and which call
+  // (so that ranks making different calls on one dispatch throw rather than move different rows).
+  template <class T, class U>
+  void settle_return(std::string_view call, const dispatched<T>& d, std::string_view width_name, index width,
+                     const std::string& failure) {
     const std::vector<detail::agreement_field> fields = {
         detail::numeric_field("dispatch sequence number", static_cast<std::int64_t>(d.sequence_)),
-        detail::numeric_field("expert_out width", expert_out.cols),
-        {"row type", detail::row_type_code<T>(), detail::row_type_name(detail::row_type_code<T>())},
+        detail::numeric_field(width_name, width),
+        {"row type", detail::row_type_code<U>(), detail::row_type_name(detail::row_type_code<U>())},
         {"exchange mode", static_cast<std::uint64_t>(d.send_.mode),
          d.send_.mode == exchange_mode::padded ? "padded" : "dropless"},
         {"topology", static_cast<std::uint64_t>(d.topology_),
          d.topology_ == exchange_topology::flat ? "flat" : "two_level"}};
     detail::settle(comm_, rank_, call, fields, failure, {});
+  }
 
-    const index dc = expert_out.cols;
-    const detail::mpi_datatype row_type(static_cast<int>(dc), detail::mpi_scalar<T>());
-    std::vector<T> send, recv;
-    matrix_view<const T> current = expert_out;
+  // The local preconditions of the way back: d made here, m with `expected` rows and a width MPI can
+  // count, `other` with other_rows rows of that width. "" when they hold, else the first failure.
+  template <class T, class A, class B>
+  std::string check_return(const dispatched<T>& d, matrix_view<A> m, std::string_view m_name, index expected,
+                           std::string_view expected_words, matrix_view<B> other, std::string_view other_name,
+                           index other_rows) const {
+    using resonance::detail::require;
+    try {
+      require(d.exchange_id_ != 0 && d.exchange_id_ == id_, "dispatched",
+              "the result of a dispatch on this mpi_exchange");
+      resonance::detail::check_matrix(m, m_name);
+      require(m.rows == expected, m_name, std::to_string(expected) + " rows (" + std::string(expected_words) + ")",
+              m.rows);
+      require(m.cols >= 1 && m.cols <= INT_MAX, m_name, "between 1 and INT_MAX columns", m.cols);
+      resonance::detail::check_matrix(other, other_name, other_rows, m.cols);
+    } catch (const error& e) {
+      return e.what();
+    }
+    return {};
+  }
+
+  // The source's return buffer (one row per row of the plan's return_row targets: d.send_ flat, d.back_
+  // two-level) from one row per slot, along the return stages; `send` and `recv` hold the buffers.
+  template <class Backend, class T, class U>
+  matrix_view<const U> run_returns(const Backend& be, const dispatched<T>& d, matrix_view<const U> per_slot,
+                                   std::vector<U>& send, std::vector<U>& recv) {
+    const index w = per_slot.cols;
+    const detail::mpi_datatype row_type(static_cast<int>(w), detail::mpi_scalar<U>());
+    matrix_view<const U> current = per_slot;
     for (const detail::return_stage& stage : d.returns_) {
       const index n_send = static_cast<index>(stage.gather.size()), n_recv = detail::sum_of(stage.recv_counts);
-      send.resize(detail::mpi_usz(n_send * dc));
-      detail::gather_rows(be, std::span<const id_type>(stage.gather), current, matrix_view<T>{send.data(), n_send, dc},
+      send.resize(detail::mpi_usz(n_send * w));
+      detail::gather_rows(be, std::span<const id_type>(stage.gather), current, matrix_view<U>{send.data(), n_send, w},
                           "expert_out", "returns");
-      recv.resize(detail::mpi_usz(n_recv * dc));
+      recv.resize(detail::mpi_usz(n_recv * w));
       detail::alltoallv(comm_of(stage.level, d.ranks_per_node_), row_type.get(), send.data(), stage.send_counts,
                         recv.data(), stage.recv_counts);
-      current = matrix_view<const T>{recv.data(), n_recv, dc};
+      current = matrix_view<const U>{recv.data(), n_recv, w};
     }
+    return current;
+  }
+
+  // The return stages backwards: `returned` (the source's return buffer) to one row per slot. Each
+  // stage's gather is one-to-one, so its inverse puts every row back; a row no stage reaches (a
+  // padding slot) is zero.
+  template <class Backend, class T, class U>
+  void run_returns_backwards(const Backend& be, const dispatched<T>& d, std::vector<U> current,
+                             matrix_view<U> per_slot) {
+    const index w = per_slot.cols;
+    const detail::mpi_datatype row_type(static_cast<int>(w), detail::mpi_scalar<U>());
+    std::vector<U> recv, previous;
+    for (std::size_t k = d.returns_.size(); k-- > 0;) {
+      const detail::return_stage& stage = d.returns_[k];
+      const index n_out = static_cast<index>(stage.gather.size());
+      recv.resize(detail::mpi_usz(n_out * w));
+      detail::alltoallv(comm_of(stage.level, d.ranks_per_node_), row_type.get(), current.data(), stage.recv_counts,
+                        recv.data(), stage.send_counts);
+      const matrix_view<const U> in{recv.data(), n_out, w};
+      const index n_prev = k == 0 ? per_slot.rows : detail::sum_of(d.returns_[k - 1].recv_counts);
+      const std::vector<id_type> inverse = detail::inverse_rows(stage.gather, n_prev);
+      if (k == 0) {
+        detail::gather_rows(be, std::span<const id_type>(inverse), in, per_slot, "returns", "per_slot");
+      } else {
+        previous.resize(detail::mpi_usz(n_prev * w));
+        detail::gather_rows(be, std::span<const id_type>(inverse), in, matrix_view<U>{previous.data(), n_prev, w},
+                            "returns", "returns");
+        std::swap(current, previous);
+      }
+    }
+  }
+
+  // The source's side of the way back: return_row indexes its return buffer.
+  template <class T>
+  static const exchange_plan& source_side(const dispatched<T>& d) {
+    return d.topology_ == exchange_topology::flat ? d.send_ : d.back_;
+  }
+
+  template <class Backend, class T>
+  void combine_impl(const Backend& be, const dispatched<T>& d, matrix_view<const T> expert_out, matrix_view<T> y) {
+    static_assert(resonance::detail::row_scalar_v<T>, "rows of float, double or bfloat16");
+    static_assert(host_accessible_v<memory_space_t<Backend>>, "the MPI exchange moves host memory");
+    constexpr std::string_view call = "mpi_exchange::combine";
+    require_live(call);
+    const std::string failure = check_return(d, expert_out, "expert_out", d.receive_.num_slots(),
+                                             "one per row of expert_in", y, "y", d.send_.num_tokens);
+    settle_return<T, T>(call, d, "expert_out width", expert_out.cols, failure);
+
+    std::vector<T> send, recv;
+    const matrix_view<const T> returned = run_returns(be, d, expert_out, send, recv);
     // The source's sum, over copies of the plan's token-major arrays (all combine_returns reads).
     plan_view<> pv;
     pv.num_tokens_ = d.send_.num_tokens;
@@ -1022,8 +1153,49 @@ class mpi_exchange {
     pv.num_assignments_ = static_cast<index>(d.token_weight_.size());
     pv.token_offsets_ = d.token_offsets_.data();
     pv.token_weight_ = d.token_weight_.data();
-    const exchange_plan& back = d.topology_ == exchange_topology::flat ? d.send_ : d.back_;
-    combine_returns(be, pv, back, current, y);
+    combine_returns(be, pv, source_side(d), returned, y);
+  }
+
+  template <class Backend, class T, class U>
+  void return_rows_impl(const Backend& be, const dispatched<T>& d, matrix_view<const U> per_slot,
+                        matrix_view<U> per_assignment) {
+    static_assert(resonance::detail::row_scalar_v<U>, "rows of float, double or bfloat16");
+    static_assert(host_accessible_v<memory_space_t<Backend>>, "the MPI exchange moves host memory");
+    constexpr std::string_view call = "mpi_exchange::return_rows";
+    require_live(call);
+    const exchange_plan& back = source_side(d);
+    const std::string failure =
+        check_return(d, per_slot, "per_slot", d.receive_.num_slots(), "one per row of expert_in", per_assignment,
+                     "per_assignment", static_cast<index>(back.return_row.size()));
+    settle_return<T, U>(call, d, "per_slot width", per_slot.cols, failure);
+
+    std::vector<U> send, recv;
+    const matrix_view<const U> returned = run_returns(be, d, per_slot, send, recv);
+    detail::gather_rows(be, std::span<const id_type>(back.return_row), returned, per_assignment, "returns",
+                        "per_assignment");
+  }
+
+  template <class Backend, class T, class U>
+  void send_rows_impl(const Backend& be, const dispatched<T>& d, matrix_view<const U> per_assignment,
+                      matrix_view<U> per_slot) {
+    static_assert(resonance::detail::row_scalar_v<U>, "rows of float, double or bfloat16");
+    static_assert(host_accessible_v<memory_space_t<Backend>>, "the MPI exchange moves host memory");
+    constexpr std::string_view call = "mpi_exchange::send_rows";
+    require_live(call);
+    const exchange_plan& back = source_side(d);
+    const std::string failure =
+        check_return(d, per_assignment, "per_assignment", static_cast<index>(back.return_row.size()),
+                     "one per kept assignment of the plan dispatched", per_slot, "per_slot", d.receive_.num_slots());
+    settle_return<T, U>(call, d, "per_assignment width", per_assignment.cols, failure);
+
+    // The source's return buffer, filled backwards: row return_row[i] = per_assignment row i (rows no
+    // assignment returns through, padding, are zero).
+    const index w = per_assignment.cols, n = back.num_returns();
+    std::vector<U> returned(detail::mpi_usz(n * w));
+    const std::vector<id_type> inverse = detail::inverse_rows(back.return_row, n);
+    detail::gather_rows(be, std::span<const id_type>(inverse), per_assignment, matrix_view<U>{returned.data(), n, w},
+                        "per_assignment", "returns");
+    run_returns_backwards(be, d, std::move(returned), per_slot);
   }
 };
 
