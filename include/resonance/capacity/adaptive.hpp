@@ -81,6 +81,8 @@ struct adaptive {
 
   // The raw capacity estimate for one batch (before clamps and monotonicity).
   double estimate_capacity(const capacity_context& ctx) const {
+    validate();
+    detail::check_capacity_shape(ctx);
     const index T = ctx.num_tokens, E = ctx.num_experts, d = hidden_size > 0 ? hidden_size : ctx.hidden_size;
     const tcr_assignments tcr = tcr_pairs(ctx);
     if (estimate == capacity_estimate::resonance) {
@@ -119,6 +121,8 @@ struct adaptive {
   }
 
   capacity_limits limits(const capacity_context& ctx, state_type& state) const {
+    validate();
+    detail::check_capacity_shape(ctx);
     const double per_expert =
         static_cast<double>(ctx.num_tokens) * static_cast<double>(ctx.top_k) / static_cast<double>(ctx.num_experts);
     const double raw = estimate_capacity(ctx);

@@ -44,6 +44,20 @@ struct capacity_context {
   const candidate_view<host_space>* candidates = nullptr;  // the direction's proposals, or null (expert choice)
 };
 
+namespace detail {
+// The shape a capacity policy's public functions accept: each checks it itself, so a direct call
+// with a bad shape throws instead of dividing by zero or converting a non-finite value (UB).
+inline void check_capacity_shape(index tokens, index experts, index k) {
+  require(tokens >= 0, "num_tokens", "num_tokens >= 0", tokens);
+  require(experts >= 1, "num_experts", "num_experts >= 1", experts);
+  require(k >= 1, "top_k", "top_k >= 1", k);
+}
+inline void check_capacity_shape(const capacity_context& ctx) {
+  check_capacity_shape(ctx.num_tokens, ctx.num_experts, ctx.top_k);
+  require(ctx.hidden_size >= 0, "hidden_size", "hidden_size >= 0", ctx.hidden_size);
+}
+}  // namespace detail
+
 // A stateless capacity policy maps (tokens, experts, candidates per token) to limits.
 template <class C>
 concept stateless_capacity_policy = policy_struct<C> && requires(const C& c, index tokens, index experts, index k) {

@@ -12,7 +12,11 @@ struct dropless {
 
   void validate() const { detail::require(align >= 1, "align", "align >= 1", align); }
 
-  capacity_limits limits(index, index, index) const { return {.capacity = -1, .align = align}; }
+  capacity_limits limits(index tokens, index experts, index k) const {
+    validate();
+    detail::check_capacity_shape(tokens, experts, k);
+    return {.capacity = -1, .align = align};
+  }
 
   friend constexpr bool operator==(const dropless&, const dropless&) = default;
 };

@@ -31,6 +31,8 @@ struct factor {
   }
 
   index capacity(index tokens, index experts, index k) const {
+    validate();
+    detail::check_capacity_shape(tokens, experts, k);
     const double c =
         std::ceil((static_cast<double>(tokens) * static_cast<double>(k) / static_cast<double>(experts)) * factor);
     detail::require(c <= static_cast<double>(std::numeric_limits<id_type>::max()), "capacity factor",

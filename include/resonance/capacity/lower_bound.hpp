@@ -44,6 +44,8 @@ struct lower_bound {
   }
 
   capacity_limits limits(const capacity_context& ctx, state_type& state) const {
+    validate();
+    detail::check_capacity_shape(ctx);
     // An empty batch says nothing about δ: it routes nothing and leaves the bound to the next batch.
     if (ctx.num_tokens == 0 && state.capacity < 0)
       return {.capacity = 0, .drop = drop, .pad_to_capacity = pad_to_capacity, .align = align, .seed = seed};

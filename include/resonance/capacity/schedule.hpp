@@ -67,6 +67,7 @@ struct schedule {
   }
 
   capacity_limits limits(const capacity_context& ctx, state_type& state) const {
+    validate();
     const capacity_limits lim = as_factor(factor_at(state.step)).limits(ctx.num_tokens, ctx.num_experts, ctx.top_k);
     state.step += 1;
     return lim;

@@ -16,6 +16,20 @@
 #include "../routing/routing.hpp"
 #include "capacity.hpp"
 
+namespace resonance::detail {
+inline void check_cosine_statistic(double delta, const char* argument) {
+  // fp32 cosines can exceed 1 by rounding; anything beyond that is not a cosine.
+  require(std::isfinite(delta) && std::abs(delta) <= 1.0 + 1e-6, argument,
+          "a cosine affinity |δ| <= 1 (these estimates assume cosine or GrAP-cosine affinities)", delta);
+}
+// The arguments of the closed-form bounds: a cosine δ, d >= 1, n >= 1.
+inline void check_bound_arguments(double delta, index hidden_size, index num_experts) {
+  check_cosine_statistic(delta, "delta");
+  require(hidden_size >= 1, "hidden_size", "d >= 1", hidden_size);
+  require(num_experts >= 1, "num_experts", "num_experts >= 1", num_experts);
+}
+}  // namespace resonance::detail
+
 namespace resonance::capacity {
 
 // The affinities of the TCR-assigned pairs, token-major: the direction's proposals when the router
@@ -52,6 +66,7 @@ inline tcr_assignments tcr_pairs(const capacity_context& ctx) {
 // statistics are host data (E- or T·k-sized, read by the capacity policies before the plan is built),
 // so they run on backend::serial.
 inline double quantile(const std::vector<float>& values, double q) {
+  detail::require(q >= 0.0 && q <= 1.0, "quantile", "a value in [0, 1]", q);  // NaN fails too
   if (values.empty()) return 0.0;
   const auto n = static_cast<index>(values.size());
   detail::require(n < std::numeric_limits<id_type>::max(), "values", "fewer than 2^31 - 1 values", n);
@@ -67,6 +82,7 @@ inline double quantile(const std::vector<float>& values, double q) {
 // LocMoE Theorem 1, Eq. 9 (large-d form): ec_min = 1 / (n · erfc(sqrt(δ²d / (2 − δ²)))), tokens per
 // expert per sample that make at least one class-discriminative token (cosine >= δ) reach an expert.
 inline double locmoe_bound(double delta, index hidden_size, index num_experts) {
+  detail::check_bound_arguments(delta, hidden_size, num_experts);
   const double d2 = delta * delta;
   const double tail = std::erfc(std::sqrt(d2 * static_cast<double>(hidden_size) / (2.0 - d2)));
   return tail > 0.0 ? 1.0 / (static_cast<double>(num_experts) * tail) : std::numeric_limits<double>::infinity();
@@ -74,16 +90,9 @@ inline double locmoe_bound(double delta, index hidden_size, index num_experts) {
 
 // ETR Remark 7 (the exp form of the same bound): C_min = (1/n) · exp(d·δ² / (2 − δ²)).
 inline double etr_bound(double delta, index hidden_size, index num_experts) {
+  detail::check_bound_arguments(delta, hidden_size, num_experts);
   const double d2 = delta * delta;
   return std::exp(static_cast<double>(hidden_size) * d2 / (2.0 - d2)) / static_cast<double>(num_experts);
 }
 
 }  // namespace resonance::capacity
-
-namespace resonance::detail {
-inline void check_cosine_statistic(double delta, const char* argument) {
-  // fp32 cosines can exceed 1 by rounding; anything beyond that is not a cosine.
-  require(std::isfinite(delta) && std::abs(delta) <= 1.0 + 1e-6, argument,
-          "a cosine affinity |δ| <= 1 (these estimates assume cosine or GrAP-cosine affinities)", delta);
-}
-}  // namespace resonance::detail
