@@ -21,6 +21,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <limits>
 #include <numeric>
@@ -54,6 +55,26 @@ using rs::index;
 
 inline constexpr std::uint64_t conformance_seed = 0x5EED'C0F0'2025ull;
 inline constexpr int conformance_cases = 400;
+
+// The cases check_conformance routes: conformance_cases from 0, or, for a soak (scripts/soak.sh),
+// RESONANCE_CONFORMANCE_CASES cases from RESONANCE_CONFORMANCE_FIRST (each at most 10^8; a bad value
+// fails the test rather than silently running the default).
+struct case_range {
+  int first = 0;
+  int count = conformance_cases;
+};
+inline int env_count(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  const std::string why = std::string(name) + " must be an integer in [0, 1e8], got " + v;
+  REQUIRE_MESSAGE((*end == '\0' && n >= 0 && n <= 100'000'000), why);
+  return static_cast<int>(n);
+}
+inline case_range soak_range() {
+  return {env_count("RESONANCE_CONFORMANCE_FIRST", 0), env_count("RESONANCE_CONFORMANCE_CASES", conformance_cases)};
+}
 // DESIGN §3: weights of a backend that is not bitwise agree to 1e-6 relative.
 inline constexpr double weight_tolerance = 1e-6;
 
@@ -842,15 +863,17 @@ template <class Backend>
 void check_conformance(const Backend& be, const std::string& name) {
   using namespace conformance;
   tally n;
-  for (int id = 0; id < conformance_cases; ++id) check_case(be, name, make_case(id), n);
+  const case_range range = soak_range();
+  for (int id = range.first; id < range.first + range.count; ++id) check_case(be, name, make_case(id), n);
   // The draws must reach every kind of case (guards against a generator that silently stopped).
-  CHECK(n.cases == conformance_cases);
-  CHECK(n.routed >= conformance_cases * 3 / 4);
-  CHECK(n.errors >= conformance_cases / 20);
-  CHECK(n.with_drops >= conformance_cases / 5);
-  CHECK(n.padded >= conformance_cases / 10);
-  CHECK(n.referenced >= conformance_cases / 10);
-  for (int count : n.directions) CHECK(count >= conformance_cases / 10);
+  const int cases = range.count;
+  CHECK(n.cases == cases);
+  CHECK(n.routed >= cases * 3 / 4);
+  CHECK(n.errors >= cases / 20);
+  CHECK(n.with_drops >= cases / 5);
+  CHECK(n.padded >= cases / 10);
+  CHECK(n.referenced >= cases / 10);
+  for (int count : n.directions) CHECK(count >= cases / 10);
   check_build_plan(be, name);
   check_stateful(be, name);
 }
