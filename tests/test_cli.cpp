@@ -7,9 +7,11 @@
 // exit 2 with one line on stderr and no output.
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -18,6 +20,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <vector>
 
@@ -59,8 +62,11 @@ fs::path scratch(const std::string& name) {
   return d;
 }
 
-run_result run_tool(const fs::path& dir, const std::vector<std::string>& args) {
-  std::string cmd = quote(RESONANCE_ROUTE_EXE);
+// `shell_prefix` runs first in the same shell, e.g. "timeout 20" (a regression cannot hang the test) or
+// "ulimit -f 1;" (a file-size limit the tool inherits).
+run_result run_tool(const fs::path& dir, const std::vector<std::string>& args, const std::string& shell_prefix = "") {
+  std::string cmd = shell_prefix.empty() ? std::string() : shell_prefix + " ";
+  cmd += quote(RESONANCE_ROUTE_EXE);
   for (const auto& a : args) cmd += " " + quote(a);
   const fs::path out = dir / "stdout.txt", err = dir / "stderr.txt";
   cmd += " >" + quote(out.string()) + " 2>" + quote(err.string());
@@ -326,9 +332,25 @@ json_object check_outputs(const fs::path& out, const run_result& r, const refere
 }
 
 bool has_temp_leftovers(const fs::path& dir) {
-  for (const auto& entry : fs::directory_iterator(dir))
-    if (entry.path().filename().string().find(".tmp-") != std::string::npos) return true;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    const std::string name = entry.path().filename().string();
+    if (name.find(".tmp-") != std::string::npos || name.rfind(".resonance-tmp-", 0) == 0) return true;
+  }
   return false;
+}
+
+// A failed run as the contract says: exit 2, nothing on stdout, one "resonance-route: " line on stderr
+// holding `expect`, nothing at `out` and no temporary directory in `dir`.
+void check_rejected(const run_result& r, const std::string& expect, const fs::path& out, const fs::path& dir) {
+  CHECK(r.status == 2);
+  CHECK(r.out.empty());
+  CHECK(r.err.rfind("resonance-route: ", 0) == 0);
+  CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+  CHECK((!r.err.empty() && r.err.back() == '\n'));
+  CHECK_MESSAGE(r.err.find(expect) != std::string::npos, "stderr: " << r.err);
+  std::error_code ec;  // (an over-long name is "not there", not an exception)
+  CHECK(!fs::exists(out, ec));
+  CHECK(!has_temp_leftovers(dir));
 }
 
 // S: the softmax over all E of each row of the fp32-rounded logits (expert choice's score, and the
@@ -888,7 +910,7 @@ TEST_CASE("cli: bad input exits 2 with one line on stderr and no output director
       {{"--logits", good, "--out", out, "--capacity-factor", "1", "--seed", "-1"},
        "--seed: expected a non-negative integer"},
       {{"--logits", good, "--out", out, "--align", "0"}, "--align: expected"},
-      {{"--logits", good, "--out", out, "--ranks", "0"}, "--ranks: expected a value in [1, 65536]"},
+      {{"--logits", good, "--out", out, "--ranks", "0"}, "--ranks: expected a value in [1, 512]"},
       {{"--logits", good, "--out", out, "--ranks", "3"}, "--ranks: the contiguous placement needs"},
       {{"--logits", good, "--out", out, "--ranks-per-node", "2"}, "--ranks-per-node: needs --ranks"},
       {{"--logits", good, "--out", out, "--ranks", "4", "--ranks-per-node", "3"},
@@ -926,4 +948,174 @@ TEST_CASE("cli: bad input exits 2 with one line on stderr and no output director
     CHECK(!has_temp_leftovers(d));
   }
   CHECK(read_text(d / "a_file") == "x");
+}
+
+TEST_CASE("cli: inputs that are not regular files, or that declare more than they hold") {
+  const fs::path d = scratch("input_kinds");
+  const std::size_t T = 10, E = 4;
+  const std::string good = (d / "logits.npy").string();
+  save_matrix(d / "logits.npy", to_float(random_logits(T * E, 8)), T, E);
+  const fs::path fifo = d / "fifo";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);  // no writer: a blocking open or read would hang
+  // A hand-written header declaring 10^6 x 10^6 float32 (4 TB), with a 100-byte body.
+  {
+    std::string h = "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000, 1000000), }";
+    while ((10 + h.size() + 1) % 64 != 0) h += ' ';
+    h += '\n';
+    std::string f = "\x93NUMPY\x01";
+    f += '\0';
+    f += static_cast<char>(h.size() & 0xff);
+    f += static_cast<char>(h.size() >> 8);
+    std::ofstream(d / "huge.npy", std::ios::binary) << f << h << std::string(100, '\0');
+  }
+  const std::string out = (d / "out").string();
+  struct bad_case {
+    std::vector<std::string> args;
+    std::string expect;
+  };
+  std::vector<bad_case> cases = {
+      {{"--logits", (d / "huge.npy").string()},
+       "--logits '" + (d / "huge.npy").string() +
+           "': truncated data: shape (1000000, 1000000) of '<f4' needs 4000000000000 bytes, the file has 100"},
+      {{"--logits", d.string()}, "--logits '" + d.string() + "': not a regular file: it is a directory"},
+      {{"--logits", fifo.string()}, "--logits '" + fifo.string() + "': not a regular file: it is a FIFO"},
+      {{"--logits", good, "--expert-bias", fifo.string()},
+       "--expert-bias '" + fifo.string() + "': not a regular file: it is a FIFO"},
+      {{"--logits", good, "--expert-bias", d.string()}, "--expert-bias '" + d.string() + "': not a regular file"},
+  };
+  if (fs::exists("/dev/zero")) {  // an endless stream
+    cases.push_back({{"--logits", "/dev/zero"}, "--logits '/dev/zero': not a regular file: it is a character device"});
+    cases.push_back({{"--logits", good, "--expert-bias", "/dev/zero"},
+                     "--expert-bias '/dev/zero': not a regular file: it is a character device"});
+  }
+  for (auto& c : cases) {
+    c.args.insert(c.args.end(), {"--out", out});
+    std::string cmd;
+    for (const auto& a : c.args) cmd += a + " ";
+    CAPTURE(cmd);
+    check_rejected(run_tool(d, c.args, "timeout 20"), c.expect, out, d);  // 124 if it hung
+  }
+}
+
+TEST_CASE("cli: numeric options at and past their documented maxima") {
+  const fs::path d = scratch("maxima");
+  const std::size_t T = 10, E = 4;
+  const std::string good = (d / "logits.npy").string();
+  save_matrix(d / "logits.npy", to_float(random_logits(T * E, 9)), T, E);
+  // 2048 experts: 2048 x 2^20 aligned slots would not fit in 32-bit slot ids.
+  const std::string wide = (d / "wide.npy").string();
+  save_matrix(d / "wide.npy", to_float(random_logits(2048, 10)), 1, 2048);
+  const std::string out = (d / "out").string();
+
+  SUBCASE("past the maxima: exit 2 with a clear message, without looping or allocating") {
+    const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+        {{"--direction", "sinkhorn", "--sinkhorn-iterations", "1000001"},
+         "--sinkhorn-iterations: expected a value in [1, 1000000], got 1000001"},
+        {{"--capacity-factor", "1", "--drop", "random", "--seed", "18446744073709551616"},
+         "--seed: integer out of range: '18446744073709551616'"},
+        {{"--capacity-factor", "1", "--drop", "random", "--seed", "0x10"}, "--seed: expected a non-negative integer"},
+        {{"--align", "1048577"}, "--align: expected a value in [1, 1048576], got 1048577"},
+        {{"--align", "9223372036854775807"}, "--align: expected a value in [1, 1048576]"},
+        {{"--capacity-factor", "1", "--min-capacity", "2147483648"},
+         "--min-capacity: expected a value in [0, 2147483647], got 2147483648"},
+        {{"--capacity-factor", "1", "--min-capacity", "2147483647", "--pad-to-capacity"},
+         "slot count fits in 32-bit ids"},
+        {{"--top-k", "2147483648"}, "--top-k: expected a value in [1, 2147483647], got 2147483648"},
+        {{"--top-k", "2147483647"}, "--top-k: expected 1 <= top_k <= num_experts (4)"},
+        {{"--num-groups", "2147483648", "--group-topk", "1"}, "--num-groups: expected a value in [0, 2147483647]"},
+        {{"--num-groups", "2147483647", "--group-topk", "1"}, "--num-groups: expected a divisor of num_experts"},
+        {{"--num-groups", "2", "--group-topk", "2147483648"}, "--group-topk: expected a value in [0, 2147483647]"},
+        {{"--num-groups", "2", "--group-topk", "2147483647"}, "--group-topk: expected 1 <= group_topk <= num_groups"},
+        {{"--capacity", "lower-bound", "--tokens-per-sample", "2147483648"},
+         "--tokens-per-sample: expected a value in [0, 2147483647], got 2147483648"},
+        {{"--capacity", "lower-bound", "--hidden-size", "2147483648"},
+         "--hidden-size: expected a value in [1, 2147483647], got 2147483648"},
+        {{"--ranks", "513"}, "--ranks: expected a value in [1, 512], got 513"},
+        {{"--ranks", "2", "--ranks-per-node", "513"}, "--ranks-per-node: expected a value in [1, 512]"},
+        {{"--ranks", "2", "--node-limit", "513"}, "--node-limit: expected a value in [1, 512]"},
+        {{"--ranks", "2", "--row-bytes", "1073741825"}, "--row-bytes: expected a value in [1, 1073741824]"},
+        {{"--capacity-factor", "1e300"}, "--capacity-factor: expected a capacity that fits in 32 bits"},
+    };
+    for (const auto& [extra, expect] : cases) {
+      std::vector<std::string> args = {"--logits", good, "--out", out};
+      args.insert(args.end(), extra.begin(), extra.end());
+      std::string cmd;
+      for (const auto& a : args) cmd += a + " ";
+      CAPTURE(cmd);
+      check_rejected(run_tool(d, args, "timeout 20"), expect, out, d);
+    }
+    check_rejected(run_tool(d, {"--logits", wide, "--out", out, "--align", "1048576"}, "timeout 20"),
+                   "slot count fits in 32-bit ids", out, d);
+  }
+
+  SUBCASE("at the maxima: routed") {
+    const std::vector<std::vector<std::string>> cases = {
+        {"--direction", "sinkhorn", "--sinkhorn-iterations", "1000000"},
+        {"--capacity-factor", "1", "--drop", "random", "--seed", "18446744073709551615"},
+        {"--align", "1048576"},
+        {"--capacity-factor", "1", "--min-capacity", "2147483647"},
+        {"--capacity", "lower-bound", "--delta", "0.1", "--hidden-size", "2147483647", "--tokens-per-sample",
+         "2147483647"},
+        {"--ranks", "512", "--placement", "round-robin", "--row-bytes", "1073741824"},
+    };
+    for (const auto& extra : cases) {
+      fs::remove_all(out);
+      std::vector<std::string> args = {"--logits", good, "--out", out};
+      args.insert(args.end(), extra.begin(), extra.end());
+      std::string cmd;
+      for (const auto& a : args) cmd += a + " ";
+      CAPTURE(cmd);
+      const run_result r = run_tool(d, args, "timeout 60");
+      CHECK_MESSAGE(r.status == 0, r.err);
+      CHECK(fs::exists(fs::path(out) / "stats.json"));
+      CHECK(!has_temp_leftovers(d));
+    }
+  }
+}
+
+TEST_CASE("cli: an output that cannot be written in full exits 2 and leaves nothing at --out") {
+  const fs::path d = scratch("write_fail");
+  const std::size_t T = 200, E = 4;  // probs.npy alone is over 3 KB
+  const std::string in = (d / "logits.npy").string();
+  save_matrix(d / "logits.npy", to_float(random_logits(T * E, 11)), T, E);
+  // A 1-block (512-byte) file-size limit, SIGXFSZ ignored: writes past it fail with EFBIG, as a full
+  // disk fails with ENOSPC. stderr's single line stays under the limit.
+  const std::string limit = "trap '' XFSZ; ulimit -f 1;";
+  const fs::path out = d / "out";
+  const run_result r = run_tool(d, {"--logits", in, "--out", out.string()}, limit);
+  check_rejected(r, "--out '" + out.string() + "': cannot write '", out, d);
+  CHECK(r.err.find(std::strerror(EFBIG)) != std::string::npos);
+
+  // An existing --out directory receives nothing.
+  fs::create_directories(out);
+  const run_result into = run_tool(d, {"--logits", in, "--out", out.string()}, limit);
+  CHECK(into.status == 2);
+  CHECK(into.out.empty());
+  CHECK(std::count(into.err.begin(), into.err.end(), '\n') == 1);
+  CHECK(fs::is_empty(out));
+  CHECK(!has_temp_leftovers(d));
+
+  // Without the limit the same run succeeds.
+  fs::remove_all(out);
+  CHECK(run_tool(d, {"--logits", in, "--out", out.string()}).status == 0);
+  CHECK(fs::exists(out / "stats.json"));
+}
+
+TEST_CASE("cli: --out names up to NAME_MAX bytes") {
+  const fs::path d = scratch("long_name");
+  const std::size_t T = 10, E = 4;
+  const std::string in = (d / "logits.npy").string();
+  save_matrix(d / "logits.npy", to_float(random_logits(T * E, 12)), T, E);
+  for (std::size_t n : {std::size_t{250}, std::size_t{255}}) {
+    CAPTURE(n);
+    const fs::path out = d / std::string(n, 'o');
+    const run_result r = run_tool(d, {"--logits", in, "--out", out.string()});
+    CHECK_MESSAGE(r.status == 0, r.err);
+    CHECK(fs::exists(out / "stats.json"));
+    CHECK(!has_temp_leftovers(d));
+    fs::remove_all(out);
+  }
+  const fs::path too_long = d / std::string(256, 'o');
+  const run_result r = run_tool(d, {"--logits", in, "--out", too_long.string()});
+  check_rejected(r, "--out '" + too_long.string() + "': " + std::strerror(ENAMETOOLONG), too_long, d);
 }

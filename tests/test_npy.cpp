@@ -1,10 +1,13 @@
 // The .npy reader and writer of tools/npy.hpp. Reader inputs are byte strings built by hand here from
 // the format's definition (numpy.lib.format), so the reader is not only checked against its own writer.
 
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <string>
+#include <sys/stat.h>
 #include <vector>
 
 #include <doctest/doctest.h>
@@ -273,4 +276,89 @@ TEST_CASE("npy: files") {
   CHECK_THROWS_WITH_AS(npy::load((dir / "missing.npy").string()), "cannot open: No such file or directory", npy::error);
   CHECK_THROWS_AS(npy::load(dir.string()), npy::error);  // a directory is not a file
   CHECK_THROWS_AS(npy::save<float>((dir / "no" / "such" / "dir.npy").string(), v, shape), npy::error);
+}
+
+namespace {
+
+// The message of the npy::error that f() throws; "" when it does not throw.
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const npy::error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+void write_bytes(const std::filesystem::path& p, const std::string& bytes) {
+  std::ofstream(p, std::ios::binary) << bytes;
+}
+
+}  // namespace
+
+TEST_CASE("npy: load compares the declared size with the file size before it allocates") {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::path(RESONANCE_TEST_TMPDIR) / "npy_size";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const auto load_error = [&](const std::string& name, const std::string& bytes) {
+    write_bytes(dir / name, bytes);
+    return error_of([&] { (void)npy::load((dir / name).string()); });
+  };
+  // 10^6 x 10^6 float32 (4 TB) declared, a 100-byte body: rejected from the header and the file size.
+  CHECK(load_error("huge.npy", npy_file(1, 0,
+                                        padded("{'descr': '<f4', 'fortran_order': False, 'shape': (1000000, "
+                                               "1000000), }"),
+                                        std::string(100, '\0'))) ==
+        "truncated data: shape (1000000, 1000000) of '<f4' needs 4000000000000 bytes, the file has 100");
+  // A shape whose byte count overflows size_t.
+  CHECK(load_error("overflow.npy",
+                   npy_file(1, 0, padded("{'descr': '<f8', 'fortran_order': False, 'shape': (4294967296, 4294967296)}"),
+                            std::string(64, '\0'))) == "shape too large");
+  CHECK(load_error("overflow3.npy", npy_file(1, 0,
+                                             padded("{'descr': '<u1', 'fortran_order': False, 'shape': (65536, "
+                                                    "65536, 65536, 65536, 65536)}"),
+                                             "")) == "shape too large");
+  // A format 2.0 header length of 4 GiB in a small file.
+  CHECK(load_error("header.npy", "\x93NUMPY" + bytes({2, 0, 0xff, 0xff, 0xff, 0xff}) + "{}")
+            .find("truncated header (4294967295 header bytes announced, 2 present)") != std::string::npos);
+  CHECK(load_error("short.npy", "\x93NUMPY" + bytes({1, 0, 0x40})) ==
+        "truncated header (file ends inside the header length)");
+  CHECK(load_error("empty.npy", "") == "not a .npy file (bad magic string)");
+  CHECK(load_error("extra.npy", npy_file(1, 0, padded(f4_2x3), raw(std::vector<float>(7, 1.0f)))) ==
+        "4 unexpected bytes after the data of shape (2, 3)");
+  // load and parse agree on a good file.
+  const std::string good = npy_file(1, 0, padded(f4_2x3), raw(std::vector<float>{1, 2, 3, 4, 5, 6}));
+  CHECK(load_error("good.npy", good).empty());
+  CHECK(npy::load((dir / "good.npy").string()).values<float>() == npy::parse(good).values<float>());
+  CHECK(npy::read_file((dir / "good.npy").string()) == good);
+}
+
+TEST_CASE("npy: only regular files are read, without blocking on a FIFO") {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::path(RESONANCE_TEST_TMPDIR) / "npy_kind";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const auto load_error = [](const fs::path& p) { return error_of([&] { (void)npy::load(p.string()); }); };
+  const auto read_error = [](const fs::path& p) { return error_of([&] { (void)npy::read_file(p.string()); }); };
+  CHECK(load_error(dir) == "not a regular file: it is a directory");
+  CHECK(read_error(dir) == "not a regular file: it is a directory");
+  if (fs::exists("/dev/zero")) {  // an endless stream
+    CHECK(load_error("/dev/zero") == "not a regular file: it is a character device");
+    CHECK(read_error("/dev/zero") == "not a regular file: it is a character device");
+  }
+  const fs::path fifo = dir / "fifo";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);  // no writer: a blocking open would hang here
+  CHECK(load_error(fifo) == "not a regular file: it is a FIFO (named pipe)");
+  CHECK(read_error(fifo) == "not a regular file: it is a FIFO (named pipe)");
+}
+
+TEST_CASE("npy: write_file reports a write that fails") {
+  namespace fs = std::filesystem;
+  if (!fs::exists("/dev/full")) return;  // every write fails with ENOSPC there
+  const std::string msg = error_of([] { npy::write_file("/dev/full", std::string(100000, 'x')); });
+  CHECK(msg.rfind("cannot write '/dev/full': ", 0) == 0);
+  CHECK(msg.find(std::strerror(ENOSPC)) != std::string::npos);
+  CHECK(fs::exists("/dev/full"));  // a device is never unlinked
 }

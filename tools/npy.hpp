@@ -9,18 +9,27 @@
 // header length (2 bytes little-endian in 1.0, 4 bytes in 2.0), then an ASCII Python dict literal
 // {'descr': ..., 'fortran_order': ..., 'shape': (...), } padded with spaces and ending in '\n', then
 // the raw elements.
+//
+// load() reads only regular files (a directory, device, FIFO or socket is refused without blocking on
+// it), and checks the byte count the header declares against the file size before it allocates for
+// the data: a header that claims more than the file holds costs nothing.
 
+#include <algorithm>
 #include <bit>
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <fcntl.h>
 #include <limits>
 #include <span>
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <utility>
 #include <vector>
 
 namespace resonance::tools::npy {
@@ -240,22 +249,42 @@ inline std::uint32_t read_le(const unsigned char* p, std::size_t n) {
 
 inline constexpr std::string_view magic = "\x93NUMPY";
 
-// Decodes the full contents of a .npy file.
-inline array parse(std::string_view file) {
-  const auto* u = reinterpret_cast<const unsigned char*>(file.data());
-  if (file.size() < 8 || file.substr(0, 6) != magic) throw error("not a .npy file (bad magic string)");
+namespace detail {
+
+// The length of the prefix (magic, version, header length, header) that `head`, the first bytes of a
+// file of `file_size` bytes, announces; `head` needs at most 12 bytes for this.
+inline std::size_t data_start(std::string_view head, std::size_t file_size) {
+  const auto* u = reinterpret_cast<const unsigned char*>(head.data());
+  if (head.size() < 8 || head.substr(0, 6) != magic) throw error("not a .npy file (bad magic string)");
   const unsigned major = u[6], minor = u[7];
   if ((major != 1 && major != 2) || minor != 0)
     throw error("unsupported .npy format version " + std::to_string(major) + "." + std::to_string(minor) +
                 " (expected 1.0 or 2.0)");
   const std::size_t len_bytes = major == 1 ? 2 : 4;
-  if (file.size() < 8 + len_bytes) throw error("truncated header (file ends inside the header length)");
+  if (head.size() < 8 + len_bytes) throw error("truncated header (file ends inside the header length)");
   const std::size_t header_len = detail::read_le(u + 8, len_bytes);
-  const std::size_t data_start = 8 + len_bytes + header_len;
-  if (file.size() < data_start)
+  const std::size_t start = 8 + len_bytes + header_len;
+  if (file_size < start)
     throw error("truncated header (" + std::to_string(header_len) + " header bytes announced, " +
-                std::to_string(file.size() - 8 - len_bytes) + " present)");
-  const std::string_view header = file.substr(8 + len_bytes, header_len);
+                std::to_string(file_size - 8 - len_bytes) + " present)");
+  return start;
+}
+
+// A decoded header: the array without its bytes, where its data starts and how many bytes it has.
+struct header_info {
+  array a;
+  std::size_t data_start = 0;
+  std::size_t nbytes = 0;
+};
+
+// Decodes the header at the start of `head` (which holds at least data_start() bytes) of a file of
+// `file_size` bytes, and checks that the file holds exactly the data the shape declares: nothing is
+// allocated for the data before this passes.
+inline header_info parse_header(std::string_view head, std::size_t file_size) {
+  const std::size_t start = data_start(head, file_size);
+  const std::size_t len_bytes = static_cast<unsigned char>(head[6]) == 1 ? 2 : 4;
+  if (head.size() < start) throw error("truncated header");
+  const std::string_view header = head.substr(8 + len_bytes, start - 8 - len_bytes);
   for (char c : header)
     if (static_cast<unsigned char>(c) >= 0x7f ||
         (static_cast<unsigned char>(c) < 0x20 && c != '\n' && c != '\t' && c != '\r'))
@@ -305,32 +334,111 @@ inline array parse(std::string_view file) {
   const std::size_t item = item_size(a.type);
   if (count > std::numeric_limits<std::size_t>::max() / item) throw error("shape too large");
   const std::size_t nbytes = count * item;
-  const std::size_t present = file.size() - data_start;
+  const std::size_t present = file_size - start;
   if (present < nbytes)
     throw error("truncated data: shape " + shape_string(a.shape) + " of '" + std::string(descr(a.type)) + "' needs " +
                 std::to_string(nbytes) + " bytes, the file has " + std::to_string(present));
   if (present > nbytes)
     throw error(std::to_string(present - nbytes) + " unexpected bytes after the data of shape " +
                 shape_string(a.shape));
-  a.bytes.assign(u + data_start, u + data_start + nbytes);
-  return a;
+  return {std::move(a), start, nbytes};
 }
 
-// Reads a whole file. The error message does not repeat the path; the caller names the file.
+// An open file descriptor, closed on scope exit.
+class file_descriptor {
+ public:
+  explicit file_descriptor(int fd) : fd_(fd) {}
+  file_descriptor(const file_descriptor&) = delete;
+  file_descriptor& operator=(const file_descriptor&) = delete;
+  ~file_descriptor() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  int get() const { return fd_; }
+  int release() { return std::exchange(fd_, -1); }
+  // Closes now and reports the result (close can report a delayed write error).
+  bool close() {
+    const int fd = fd_;
+    fd_ = -1;
+    return ::close(fd) == 0;
+  }
+
+ private:
+  int fd_;
+};
+
+inline std::string errno_text() { return std::strerror(errno); }
+
+// Opens `path` for reading if it is a regular file. O_NONBLOCK keeps the open of a FIFO without a
+// writer from blocking; it is cleared again before reading. Sets `size` to the file size.
+inline int open_regular(const std::string& path, std::size_t& size) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+  if (fd < 0) throw error("cannot open: " + errno_text());
+  file_descriptor guard(fd);
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) throw error("cannot stat: " + errno_text());
+  const char* kind = S_ISDIR(st.st_mode)    ? "a directory"
+                     : S_ISCHR(st.st_mode)  ? "a character device"
+                     : S_ISBLK(st.st_mode)  ? "a block device"
+                     : S_ISFIFO(st.st_mode) ? "a FIFO (named pipe)"
+                     : S_ISSOCK(st.st_mode) ? "a socket"
+                     : S_ISREG(st.st_mode)  ? nullptr
+                                            : "not a plain file";
+  if (kind != nullptr) throw error(std::string("not a regular file: it is ") + kind);
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0 || ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0) throw error("cannot open: " + errno_text());
+  size = static_cast<std::size_t>(st.st_size);
+  return guard.release();
+}
+
+// Reads exactly n bytes into p; a file that is shorter than its size said is an error.
+inline void read_exact(int fd, unsigned char* p, std::size_t n) {
+  while (n > 0) {
+    const ::ssize_t got = ::read(fd, p, n);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) throw error("read error: " + errno_text());
+    if (got == 0) throw error("the file shrank while it was read");
+    p += got;
+    n -= static_cast<std::size_t>(got);
+  }
+}
+
+}  // namespace detail
+
+// Decodes the full contents of a .npy file.
+inline array parse(std::string_view file) {
+  detail::header_info h = detail::parse_header(file, file.size());
+  const auto* u = reinterpret_cast<const unsigned char*>(file.data());
+  h.a.bytes.assign(u + h.data_start, u + h.data_start + h.nbytes);
+  return std::move(h.a);
+}
+
+// Reads a whole regular file (see load). The error message does not repeat the path; the caller
+// names the file.
 inline std::string read_file(const std::string& path) {
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (f == nullptr) throw error(std::string("cannot open: ") + std::strerror(errno));
-  std::string data;
-  char buf[1 << 16];
-  std::size_t n = 0;
-  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) data.append(buf, n);
-  const bool failed = std::ferror(f) != 0;
-  std::fclose(f);
-  if (failed) throw error("read error");
+  std::size_t size = 0;
+  detail::file_descriptor fd(detail::open_regular(path, size));
+  std::string data(size, '\0');
+  detail::read_exact(fd.get(), reinterpret_cast<unsigned char*>(data.data()), size);
   return data;
 }
 
-inline array load(const std::string& path) { return parse(read_file(path)); }
+// Reads a .npy file: the header first, then, once the shape is known to match the file size, the data
+// straight into the array. Only regular files are read.
+inline array load(const std::string& path) {
+  std::size_t size = 0;
+  detail::file_descriptor fd(detail::open_regular(path, size));
+  // The magic, version and header length (at most 12 bytes), then the header they announce.
+  std::string head(std::min<std::size_t>(size, 12), '\0');
+  detail::read_exact(fd.get(), reinterpret_cast<unsigned char*>(head.data()), head.size());
+  const std::size_t start = detail::data_start(head, size);
+  const std::size_t prefix = head.size();
+  head.resize(start);
+  detail::read_exact(fd.get(), reinterpret_cast<unsigned char*>(head.data()) + prefix, start - prefix);
+  detail::header_info h = detail::parse_header(head, size);
+  h.a.bytes.resize(h.nbytes);
+  detail::read_exact(fd.get(), h.a.bytes.data(), h.nbytes);
+  return std::move(h.a);
+}
 
 // A floating-point (float32 or float64) array of exactly `ndim` dimensions, or an error saying why not.
 // `what` describes the expected shape in the message, e.g. "a 2-D array (tokens x experts)".
@@ -374,13 +482,33 @@ std::string encode(std::span<const T> values, std::span<const std::size_t> shape
   return encode(dtype_of<T>, shape, values.data());
 }
 
-// Writes `bytes` to `path`, checking every step (a full disk must not leave a silently short file).
+// Writes `bytes` to `path` and fsyncs it, checking every write, the fsync and the close: a full disk
+// or an I/O error throws (and removes the short file) instead of leaving a silently truncated one.
 inline void write_file(const std::string& path, std::string_view bytes) {
-  std::FILE* f = std::fopen(path.c_str(), "wb");
-  if (f == nullptr) throw error("cannot create '" + path + "': " + std::strerror(errno));
-  const bool ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
-  const bool closed = std::fclose(f) == 0;
-  if (!ok || !closed) throw error("cannot write '" + path + "'");
+  const int raw = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOCTTY, 0666);
+  if (raw < 0) throw error("cannot create '" + path + "': " + detail::errno_text());
+  detail::file_descriptor fd(raw);
+  struct stat st {};
+  const bool regular = ::fstat(raw, &st) == 0 && S_ISREG(st.st_mode);
+  const auto failed = [&](const char* what) {
+    const std::string reason = detail::errno_text();
+    if (regular) ::unlink(path.c_str());  // the short file; never a device such as /dev/full
+    throw error(std::string(what) + " '" + path + "': " + reason);
+  };
+  const char* p = bytes.data();
+  std::size_t left = bytes.size();
+  while (left > 0) {
+    const ::ssize_t n = ::write(fd.get(), p, left);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (n == 0) errno = EIO;
+      failed("cannot write");
+    }
+    p += n;
+    left -= static_cast<std::size_t>(n);
+  }
+  if (::fsync(fd.get()) != 0 && errno != EINVAL && errno != EROFS) failed("cannot write");
+  if (!fd.close()) failed("cannot write");
 }
 
 template <class T>

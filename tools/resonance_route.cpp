@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fcntl.h>
 #include <filesystem>
 #include <functional>
 #include <limits>
@@ -23,6 +24,7 @@
 #include <sys/stat.h>
 #include <system_error>
 #include <type_traits>
+#include <unistd.h>
 #include <utility>
 #include <vector>
 
@@ -89,46 +91,49 @@ constexpr const char* usage_text =
     "  --direction D               token (default), expert, bidirectional or sinkhorn\n"
     "  --causal                    expert/bidirectional: a token's fate depends only on earlier tokens\n"
     "                              (each expert keeps its earliest candidates)\n"
-    "  --sinkhorn-iterations N     sinkhorn: at most N iterations (default 100)\n"
+    "  --sinkhorn-iterations N     sinkhorn: at most N iterations (default 100; N <= 10^6)\n"
     "  --sinkhorn-tolerance F      sinkhorn: stop when mean |d1 - d1_old| < F (default 1e-4)\n"
-    "  --top-k K                   experts per token (default 1)\n"
+    "  --top-k K                   experts per token (default 1; at most the number of experts)\n"
     "  --score F                   softmax (default), sigmoid or sqrt_softplus\n"
     "  --pre-softmax               softmax over all experts before the top-k (softmax only)\n"
     "  --scaling-factor F          multiplies the routing weights (default 1)\n"
-    "  --num-groups G              group-limited top-k: G groups of experts ...\n"
-    "  --group-topk M              ... of which each token uses the best M\n"
+    "  --num-groups G              group-limited top-k: G groups of experts (G divides E) ...\n"
+    "  --group-topk M              ... of which each token uses the best M (M <= G)\n"
     "  --expert-bias B.npy         E selection-only biases (float32 or float64, 1-D)\n"
     "  --capacity-factor F         C = max(ceil(T*K/E*F), min-capacity) slots per expert; omitted: dropless\n"
     "  --capacity S                instead of --capacity-factor, a scheduler's first step:\n"
     "                              lower-bound (LocMoE Eq. 9) or adaptive (ETR); both read cosine logits\n"
-    "  --hidden-size D             d of the bounds (default: the number of experts)\n"
-    "  --tokens-per-sample S       samples = ceil(T / S) in the bounds (default: one sample)\n"
+    "  --hidden-size D             d of the bounds (default: the number of experts; D < 2^31)\n"
+    "  --tokens-per-sample S       samples = ceil(T / S) in the bounds (default: one sample; S < 2^31)\n"
     "  --delta F                   lower-bound: the cosine threshold (default: median TCR affinity)\n"
     "  --estimate E                adaptive: resonance (default), etr_bound or locmoe_bound\n"
     "  --capacity-floor F          adaptive: C >= F*T*K/E (default 0.5)\n"
     "  --capacity-ceiling F        adaptive: C <= F*T*K/E (default 2)\n"
     "  --drop P                    score (default), position or random: who stays when an expert is full\n"
-    "  --seed S                    seed of --drop random (default 0)\n"
+    "  --seed S                    seed of --drop random (default 0; any 64-bit unsigned integer)\n"
     "  --pad-to-capacity           every expert gets exactly C slots (padding: token -1)\n"
-    "  --min-capacity N            lower bound on C (default 0)\n"
-    "  --align N                   round every expert's slot count up to a multiple of N (default 1)\n"
+    "  --min-capacity N            lower bound on C (default 0; N < 2^31)\n"
+    "  --align N                   round every expert's slot count up to a multiple of N (default 1;\n"
+    "                              N <= 2^20); the total slot count must stay below 2^31\n"
     "  --backend B                 serial (default), simd, tbb or kokkos when this build has them;\n"
     "                              every backend gives the same plan\n"
     "  --group-score S             how a group (or node) is scored: top-m-sum (default: the sum of its\n"
     "                              top K/M experts), top2-sum or max\n"
     "expert parallelism (adds \"traffic\" to stats.json):\n"
-    "  --ranks R                   experts on R ranks; the T tokens are R shards of T/R, each routed as\n"
-    "                              its rank would route it (capacity per rank), and the All-to-All\n"
-    "                              traffic of the shards is reported\n"
+    "  --ranks R                   experts on R ranks (R <= 512); the T tokens are R shards of T/R,\n"
+    "                              each routed as its rank would route it (capacity per rank), and the\n"
+    "                              All-to-All traffic of the shards is reported\n"
     "  --ranks-per-node N          N ranks per node (default 1): what crosses nodes\n"
     "  --placement P               contiguous (default: E/R experts per rank) or round-robin\n"
-    "  --row-bytes B               bytes of one token row (default 14336: d = 7168 in bf16)\n"
+    "  --row-bytes B               bytes of one token row (default 14336: d = 7168 in bf16; B <= 2^30)\n"
     "  --node-limit M              node-limited routing: each token's experts on at most M nodes,\n"
     "                              nodes scored by --group-score (token and bidirectional only)\n"
     "  --help                      this text\n"
     "  --version                   the library version\n"
     "\n"
-    "Bad input: exit status 2, one line on stderr, and DIR is not created.\n";
+    "Integer options not bounded above are at most 2^31 - 1. Inputs must be regular files.\n"
+    "Bad input (or an output that cannot be written in full): exit status 2, one line on stderr,\n"
+    "and DIR is not created.\n";
 
 // Every user-facing failure: the message becomes the single stderr line.
 struct usage_error : std::runtime_error {
@@ -149,6 +154,22 @@ Int parse_int(std::string_view option, std::string_view text) {
          ", got '" + std::string(text) + "'");
   if (ec == std::errc::result_out_of_range)
     fail(std::string(option) + ": integer out of range: '" + std::string(text) + "'");
+  return v;
+}
+
+// The largest value of the integer options without a tighter bound: ids and slot offsets are 32-bit.
+constexpr rs::index max_int32 = std::numeric_limits<std::int32_t>::max();
+constexpr rs::index max_sinkhorn_iterations = 1'000'000;
+constexpr rs::index max_align = rs::index{1} << 20;
+// The traffic report holds R x R matrices, one more per shard routed: R^3 work in all.
+constexpr rs::index max_ranks = 512;
+
+// An integer in [lo, hi], or a message naming the option and the range.
+rs::index parse_index(std::string_view option, std::string_view text, rs::index lo, rs::index hi) {
+  const auto v = parse_int<rs::index>(option, text);
+  if (v < lo || v > hi)
+    fail(std::string(option) + ": expected a value in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " +
+         std::to_string(v));
   return v;
 }
 
@@ -258,7 +279,7 @@ action parse_args(int argc, char** argv, options& o) {
     } else if (name == "--causal") {
       flag(o.causal);
     } else if (name == "--sinkhorn-iterations") {
-      o.sinkhorn_iterations = parse_int<rs::index>(name, value());
+      o.sinkhorn_iterations = parse_index(name, value(), 1, max_sinkhorn_iterations);
       o.sinkhorn_only.push_back(name);
     } else if (name == "--sinkhorn-tolerance") {
       o.sinkhorn_tolerance = parse_double(name, value());
@@ -269,11 +290,10 @@ action parse_args(int argc, char** argv, options& o) {
         fail("--capacity: expected lower-bound or adaptive, got '" + std::string(v) + "'");
       o.scheduler = v;
     } else if (name == "--hidden-size") {
-      o.hidden_size = parse_int<rs::index>(name, value());
-      if (o.hidden_size < 1) fail("--hidden-size: expected a value >= 1, got " + std::to_string(o.hidden_size));
+      o.hidden_size = parse_index(name, value(), 1, max_int32);
       o.scheduler_only.push_back(name);
     } else if (name == "--tokens-per-sample") {
-      o.tokens_per_sample = parse_int<rs::index>(name, value());
+      o.tokens_per_sample = parse_index(name, value(), 0, max_int32);
       o.scheduler_only.push_back(name);
     } else if (name == "--delta") {
       o.delta = parse_double(name, value());
@@ -297,7 +317,7 @@ action parse_args(int argc, char** argv, options& o) {
       o.capacity_ceiling = parse_double(name, value());
       o.adaptive_only.push_back(name);
     } else if (name == "--top-k") {
-      o.top_k = parse_int<rs::index>(name, value());
+      o.top_k = parse_index(name, value(), 1, max_int32);
     } else if (name == "--score") {
       const std::string_view v = value();
       if (v == "softmax") {
@@ -317,10 +337,10 @@ action parse_args(int argc, char** argv, options& o) {
       o.scaling_factor = parse_double(name, value());
       o.proposal_only.push_back(name);
     } else if (name == "--num-groups") {
-      o.num_groups = parse_int<rs::index>(name, value());
+      o.num_groups = parse_index(name, value(), 0, max_int32);
       o.proposal_only.push_back(name);
     } else if (name == "--group-topk") {
-      o.group_topk = parse_int<rs::index>(name, value());
+      o.group_topk = parse_index(name, value(), 0, max_int32);
       o.proposal_only.push_back(name);
     } else if (name == "--group-score") {
       const std::string_view v = value();
@@ -335,13 +355,9 @@ action parse_args(int argc, char** argv, options& o) {
       }
       o.proposal_only.push_back(name);
     } else if (name == "--ranks") {
-      o.ranks = parse_int<rs::index>(name, value());
-      if (o.ranks < 1 || o.ranks > 65536)
-        fail("--ranks: expected a value in [1, 65536], got " + std::to_string(o.ranks));
+      o.ranks = parse_index(name, value(), 1, max_ranks);
     } else if (name == "--ranks-per-node") {
-      o.ranks_per_node = parse_int<rs::index>(name, value());
-      if (o.ranks_per_node < 1)
-        fail("--ranks-per-node: expected a value >= 1, got " + std::to_string(o.ranks_per_node));
+      o.ranks_per_node = parse_index(name, value(), 1, max_ranks);
       o.ranks_only.push_back(name);
     } else if (name == "--placement") {
       o.placement = value();
@@ -349,13 +365,10 @@ action parse_args(int argc, char** argv, options& o) {
         fail("--placement: expected contiguous or round-robin, got '" + o.placement + "'");
       o.ranks_only.push_back(name);
     } else if (name == "--row-bytes") {
-      o.row_bytes = parse_int<rs::index>(name, value());
-      if (o.row_bytes < 1 || o.row_bytes > (rs::index{1} << 30))
-        fail("--row-bytes: expected a value in [1, 2^30], got " + std::to_string(o.row_bytes));
+      o.row_bytes = parse_index(name, value(), 1, rs::index{1} << 30);
       o.ranks_only.push_back(name);
     } else if (name == "--node-limit") {
-      o.node_limit = parse_int<rs::index>(name, value());
-      if (o.node_limit < 1) fail("--node-limit: expected a value >= 1, got " + std::to_string(o.node_limit));
+      o.node_limit = parse_index(name, value(), 1, max_ranks);
       o.ranks_only.push_back(name);
       o.proposal_only.push_back(name);
     } else if (name == "--expert-bias") {
@@ -389,10 +402,10 @@ action parse_args(int argc, char** argv, options& o) {
       flag(o.pad_to_capacity);
       o.capacity_only.push_back(name);
     } else if (name == "--min-capacity") {
-      o.min_capacity = parse_int<rs::index>(name, value());
+      o.min_capacity = parse_index(name, value(), 0, max_int32);
       o.factor_only.push_back(name);
     } else if (name == "--align") {
-      o.align = parse_int<rs::index>(name, value());
+      o.align = parse_index(name, value(), 1, max_align);
     } else if (name == "--backend") {
       const std::string_view v = value();
       if (v != "serial" && v != "simd" && v != "tbb" && v != "cuda" && v != "kokkos")
@@ -629,11 +642,27 @@ constexpr const char* output_names[] = {"probs.npy",         "routing_map.npy", 
                                         "expert_demand.npy", "expert_offsets.npy", "slot_token.npy",
                                         "stats.json"};
 
+// The directory that holds `out` ("." for a bare name).
+fs::path parent_of(const fs::path& out) {
+  const fs::path parent = out.parent_path();
+  return parent.empty() ? fs::path(".") : parent;
+}
+
+// fsyncs a directory, so that the entries created or renamed in it are on disk; false on failure.
+bool sync_directory(const fs::path& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return false;
+  const bool synced = ::fsync(fd) == 0 || errno == EINVAL || errno == EROFS;
+  return ::close(fd) == 0 && synced;
+}
+
 // The temporary directory next to --out; removed unless release()d, so an error leaves nothing behind.
+// Its name is short and fixed-length (not derived from --out), so that an --out whose last component
+// is as long as the file system allows still gets a temporary sibling.
 class temp_dir {
  public:
   explicit temp_dir(const fs::path& target) {
-    std::string pattern = target.string() + ".tmp-XXXXXX";
+    std::string pattern = (parent_of(target) / ".resonance-tmp-XXXXXX").string();
     if (::mkdtemp(pattern.data()) == nullptr)
       fail("--out '" + target.string() + "': cannot create a directory next to it: " + std::strerror(errno));
     path_ = pattern;
@@ -659,19 +688,26 @@ class temp_dir {
 
 // Writes every output into a fresh temporary directory, then moves it to `out`: by a rename of the
 // whole directory when `out` does not exist, file by file when it is an existing directory.
+// Every file is written and fsynced (npy::write_file checks each write, the fsync and the close), and
+// the temporary directory is fsynced before the rename: a full disk or an I/O error fails here, while
+// the temporary directory is still removed on the way out.
 void publish(const fs::path& out, const results& r, const std::string& json) {
   temp_dir tmp(out);
   try {
     write_outputs(tmp.path(), r, json);
   } catch (const npy::error& e) {
-    fail(std::string("--out: ") + e.what());
+    fail("--out '" + out.string() + "': " + e.what());
   }
+  if (!sync_directory(tmp.path()))
+    fail("--out '" + out.string() + "': cannot sync the temporary directory: " + std::strerror(errno));
   std::error_code ec;
   const fs::file_status st = fs::status(out, ec);
   if (!fs::exists(st)) {
     fs::rename(tmp.path(), out, ec);
     if (ec) fail("--out '" + out.string() + "': cannot rename the temporary directory: " + ec.message());
     tmp.release();
+    // Best effort: the outputs are complete and in place; a failed fsync of the parent cannot undo that.
+    (void)sync_directory(parent_of(out));
     return;
   }
   if (!fs::is_directory(st)) fail("--out '" + out.string() + "': exists and is not a directory");
@@ -682,6 +718,7 @@ void publish(const fs::path& out, const results& r, const std::string& json) {
     fs::rename(tmp.path() / name, out / name, ec);
     if (ec) fail("--out '" + out.string() + "': cannot move " + name + " into it: " + ec.message());
   }
+  (void)sync_directory(out);
 }
 
 // ---- routing --------------------------------------------------------------------------------------
@@ -832,6 +869,9 @@ int run(const options& o) {
   {
     std::error_code ec;
     const fs::file_status st = fs::status(out, ec);
+    // A name too long for the file system (ENAMETOOLONG), or a parent that cannot be searched, fails
+    // here, before any input is read.
+    if (st.type() == fs::file_type::none) fail("--out '" + o.out + "': " + ec.message());
     if (fs::exists(st) && !fs::is_directory(st)) fail("--out '" + o.out + "': exists and is not a directory");
   }
 
