@@ -308,7 +308,7 @@ TEST_CASE("traffic: the four accountings equal counts read from the plans") {
     for (const std::string kind : {"contiguous", "round robin", "uneven"}) {
       CAPTURE(kind);
       const auto placement = make_placement(kind, E, R, 2);
-      rd::traffic_report total = rd::empty_traffic(placement, d * 4);
+      rd::traffic_report total = rd::empty_traffic(placement, d * 4), summed = total;
       std::int64_t inter_expert = 0, inter_token = 0, inter_node = 0, self_token = 0, intra_token = 0;
       std::int64_t padding = 0, dropped = 0;
       for (rs::index s = 0; s < R; ++s) {
@@ -319,7 +319,8 @@ TEST_CASE("traffic: the four accountings equal counts read from the plans") {
           CHECK(one.token_rows[usz(s * R + r)] == xp.rows_to(r));
           CHECK(one.expert_rows[usz(s * R + r)] == xp.returns_from(r));
         }
-        total += one;
+        rd::add_traffic(total, plan, placement, s);
+        summed += one;
         // Brute force over tokens: distinct ranks and nodes by locality.
         for (rs::index t = 0; t < plan.num_tokens(); ++t) {
           std::vector<int> ranks(usz(R), 0), nodes(usz(R / 2), 0);
@@ -340,6 +341,11 @@ TEST_CASE("traffic: the four accountings equal counts read from the plans") {
           for (rs::index e = 0; e < E; ++e) dropped += plan.expert_demand()[usz(e)] - plan.expert_counts()[usz(e)];
         }
       }
+      // Adding each rank's plan into one report equals summing the ranks' own reports.
+      CHECK(total.token_rows == summed.token_rows);
+      CHECK(total.expert_rows == summed.expert_rows);
+      CHECK(total.node_rows == summed.node_rows);
+      CHECK(total.padding_rows == summed.padding_rows);
       const rd::traffic_split tok = total.split(total.token_rows);
       CHECK(tok.self == self_token);
       CHECK(tok.intra_node == intra_token);
@@ -481,6 +487,9 @@ TEST_CASE("exchange: bad input is a resonance::error and writes nothing") {
         std::string::npos);
   CHECK(error_of([&] { (void)rd::traffic(plan, placement, -1, 12); }).find("rank") != std::string::npos);
   CHECK(error_of([&] { (void)rd::empty_traffic(placement, -1); }).find("row_bytes") != std::string::npos);
+  rd::traffic_report other = rd::empty_traffic(make_placement("contiguous", E, 1, 1), 12);
+  CHECK(error_of([&] { rd::add_traffic(other, plan, placement, 0); }).find("traffic_report: expected a report of") !=
+        std::string::npos);
 }
 
 TEST_CASE("traffic: node rows of uniform top-k match the closed form G(1 - C(E-E/G, k)/C(E, k))") {

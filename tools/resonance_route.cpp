@@ -938,7 +938,7 @@ int run(const options& o) {
         using value_type = typename std::decay_t<decltype(values)>::value_type;
         const std::vector<value_type> shard(values.begin() + first * E, values.begin() + last * E);
         const results part = route_all(o, tc, shard, last - first, E);
-        *r.traffic += rs::dist::traffic(part.plan, *placement, s, o.row_bytes);
+        rs::dist::add_traffic(*r.traffic, part.plan, *placement, s);
       }
     }
     return r;

@@ -12,8 +12,9 @@
 //   padded rows   C rows per expert, padding included: drop-and-pad (Tutel, DeepSpeed); only for a
 //                 plan with a capacity
 //
-// A report covers one rank's plan (traffic(plan, placement, rank, row_bytes)); reports of different
-// ranks add up (operator+=), so an MPI run allreduces its matrices and an offline run sums the shards.
+// add_traffic(report, plan, placement, rank) adds one rank's plan to a report (an offline run adds its
+// shards); traffic() is one rank's alone, and reports of different ranks add up (operator+=), so an
+// MPI run allreduces its matrices.
 
 #include <algorithm>
 #include <cmath>
@@ -121,13 +122,20 @@ inline traffic_report empty_traffic(const expert_placement& placement, index row
   return r;
 }
 
-// The traffic of one rank's plan: rank `rank` routed `plan` (its own tokens, global experts).
-inline traffic_report traffic(const plan_view<>& plan, const expert_placement& placement, index rank, index row_bytes) {
+// Adds the traffic of one rank's plan to `report` (made by empty_traffic for the same placement):
+// rank `rank` routed `plan` (its own tokens, global experts). Only that rank's rows of the matrices
+// change, so summing R ranks costs the plans, not R reports of R×R entries.
+inline void add_traffic(traffic_report& report, const plan_view<>& plan, const expert_placement& placement,
+                        index rank) {
   const index E = plan.num_experts(), R = placement.num_ranks, N = placement.num_nodes();
   placement.validate(E);
   resonance::detail::require(rank >= 0 && rank < R, "rank", "a rank in [0, num_ranks = " + std::to_string(R) + ")",
                              rank);
-  traffic_report r = empty_traffic(placement, row_bytes);
+  resonance::detail::require(report.num_ranks == R && report.ranks_per_node == placement.ranks_per_node &&
+                                 report.token_rows.size() == static_cast<std::size_t>(R * R),
+                             "traffic_report", "a report of the same placement (empty_traffic)", report.num_ranks,
+                             " ranks");
+  traffic_report& r = report;
   const auto toff = plan.token_offsets();
   const auto tex = plan.token_expert();
   const std::size_t base = static_cast<std::size_t>(rank * R), node_base = static_cast<std::size_t>(rank * N);
@@ -147,12 +155,12 @@ inline traffic_report traffic(const plan_view<>& plan, const expert_placement& p
         ++r.node_rows[node_base + static_cast<std::size_t>(node)];
       }
     }
-  r.tokens = plan.num_tokens();
+  r.tokens += plan.num_tokens();
   std::int64_t demand = 0;
   for (const id_type v : plan.expert_demand()) demand += v;
-  r.dropped = demand - plan.num_assignments();
-  r.padded = plan.capacity() >= 0;
-  if (r.padded) {
+  r.dropped += demand - plan.num_assignments();
+  r.padded = r.padded && plan.capacity() >= 0;
+  if (plan.capacity() >= 0) {
     const auto counts = plan.expert_counts();
     for (index e = 0; e < E; ++e) {
       const auto dst = static_cast<std::size_t>(placement.rank_of_expert[static_cast<std::size_t>(e)]);
@@ -160,6 +168,12 @@ inline traffic_report traffic(const plan_view<>& plan, const expert_placement& p
       r.padding_rows[base + dst] += plan.capacity() - counts[static_cast<std::size_t>(e)];
     }
   }
+}
+
+// The traffic of one rank's plan alone.
+inline traffic_report traffic(const plan_view<>& plan, const expert_placement& placement, index rank, index row_bytes) {
+  traffic_report r = empty_traffic(placement, row_bytes);
+  add_traffic(r, plan, placement, rank);
   return r;
 }
 
