@@ -1,5 +1,6 @@
 // Benchmarks of routing (score + select + capacity + plan), the affinities, dispatch and combine, on
-// every backend this build has (serial always; simd, tbb and tbb_simd when their components are found),
+// every backend this build has (serial and native always; simd, tbb, tbb_serial and tbb_simd when their
+// components are found),
 // plus two in-process memory references. Families (registered from main, so that the backend list is
 // decided at compile time):
 //
@@ -51,6 +52,7 @@
 
 #include <benchmark/benchmark.h>
 
+#include <resonance/backend/native.hpp>
 #include <resonance/resonance.hpp>
 
 #if defined(RESONANCE_HAS_SIMD)
@@ -75,15 +77,19 @@ namespace {
 // ---------------------------------------------------------------------------------------------------
 // Backends
 
-// Calls f(backend, name, threaded) for every backend compiled in, in a fixed order.
+// Calls f(backend, name, threaded) for every backend compiled in, in a fixed order. "tbb" is tbb<>, the
+// default (backend::cpu: threads over native's rows, dispatched at run time); "tbb_serial" is threads
+// over the scalar reference rows; "simd" and "tbb_simd" use this build's compile-time architecture.
 template <class F>
 void for_each_backend(F&& f) {
   f(rs::backend::serial{}, "serial", false);
 #if defined(RESONANCE_HAS_SIMD)
   f(rs::backend::simd<>{}, "simd", false);
 #endif
+  f(rs::backend::native{}, "native", false);
 #if defined(RESONANCE_HAS_TBB)
   f(rs::backend::tbb<>{}, "tbb", true);
+  f(rs::backend::tbb<rs::backend::serial>{}, "tbb_serial", true);
 #if defined(RESONANCE_HAS_SIMD)
   f(rs::backend::tbb<rs::backend::simd<>>{}, "tbb_simd", true);
 #endif
@@ -551,6 +557,7 @@ int main(int argc, char** argv) {
                                                        std::to_string(RESONANCE_VERSION_MINOR) + "." +
                                                        std::to_string(RESONANCE_VERSION_PATCH));
   benchmark::AddCustomContext("resonance_backends", backend_names());
+  benchmark::AddCustomContext("resonance_native_isa", rs::native_isa());
 #if defined(RESONANCE_HAS_SIMD)
   benchmark::AddCustomContext("resonance_simd_arch", xsimd::default_arch::name());
 #endif

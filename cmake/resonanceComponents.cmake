@@ -4,7 +4,7 @@
 # Used by the installed resonanceConfig.cmake (for requested components only) and by the build tree.
 include_guard(GLOBAL)
 
-set(RESONANCE_KNOWN_COMPONENTS simd tbb eigen kokkos cuda mpi)
+set(RESONANCE_KNOWN_COMPONENTS native simd tbb eigen kokkos cuda mpi)
 
 macro(_resonance_component_target name)
   add_library(resonance::${name} INTERFACE IMPORTED)
@@ -18,6 +18,9 @@ macro(resonance_find_component name)
   set(resonance_${name}_FOUND FALSE)
   if(TARGET resonance::${name})
     set(resonance_${name}_FOUND TRUE)
+  elseif("${name}" STREQUAL "native")
+    # Exported with the core (resonanceTargets.cmake); nothing to find. Its absence means an old package.
+    set(resonance_native_NOT_FOUND_MESSAGE "resonance::native is missing from this package")
   elseif("${name}" STREQUAL "eigen")
     find_package(Eigen3 3.4 QUIET NO_MODULE)
     if(TARGET Eigen3::Eigen)
@@ -34,8 +37,9 @@ macro(resonance_find_component name)
     endif()
   elseif("${name}" STREQUAL "tbb")
     find_package(TBB QUIET)
-    if(TARGET TBB::tbb)
-      _resonance_component_target(tbb TBB::tbb)
+    # backend::tbb's default inner backend is backend::native, whose kernels resonance::native compiles.
+    if(TARGET TBB::tbb AND TARGET resonance::native)
+      _resonance_component_target(tbb TBB::tbb resonance::native)
     endif()
   elseif("${name}" STREQUAL "kokkos")
     # Kokkos' config forces CMAKE_CXX_EXTENSIONS OFF in the cache, with a warning, unless it is already

@@ -3,13 +3,14 @@ include(CMakePackageConfigHelpers)
 set(RESONANCE_INSTALL_CMAKEDIR "${CMAKE_INSTALL_DATADIR}/cmake/resonance"
     CACHE STRING "Where the CMake package files are installed")
 
-install(TARGETS resonance EXPORT resonanceTargets FILE_SET HEADERS FILE_SET optional_headers)
+install(TARGETS resonance resonance_native EXPORT resonanceTargets FILE_SET HEADERS FILE_SET optional_headers
+        ARCHIVE DESTINATION "${CMAKE_INSTALL_LIBDIR}")
 install(EXPORT resonanceTargets NAMESPACE resonance:: DESTINATION "${RESONANCE_INSTALL_CMAKEDIR}")
 
 configure_package_config_file(cmake/resonanceConfig.cmake.in "${PROJECT_BINARY_DIR}/resonanceConfig.cmake"
                               INSTALL_DESTINATION "${RESONANCE_INSTALL_CMAKEDIR}")
 write_basic_package_version_file("${PROJECT_BINARY_DIR}/resonanceConfigVersion.cmake"
-                                 COMPATIBILITY SameMajorVersion ARCH_INDEPENDENT)
+                                 COMPATIBILITY SameMajorVersion)
 install(FILES "${PROJECT_BINARY_DIR}/resonanceConfig.cmake" "${PROJECT_BINARY_DIR}/resonanceConfigVersion.cmake"
               cmake/resonanceComponents.cmake DESTINATION "${RESONANCE_INSTALL_CMAKEDIR}")
 install(FILES LICENSE DESTINATION "${CMAKE_INSTALL_DATADIR}/doc/resonance")

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages a task needs when any is missing (see shared research/env.md).
-#   scripts/deps.sh demo   compiler, CMake, Ninja
-#   scripts/deps.sh test   + Eigen, xsimd, oneTBB, doctest, Google Benchmark, NumPy (CLI reference test),
+#   scripts/deps.sh demo   compiler, CMake, Ninja, xsimd and oneTBB (the demo routes on backend::cpu)
+#   scripts/deps.sh test   + Eigen, doctest, Google Benchmark, NumPy (CLI reference test),
 #                          Kokkos (Trilinos 13.2: Kokkos 3.4, Serial), Open MPI 4.1 (the mpi component;
 #                          its CTest entries set OMPI_ALLOW_RUN_AS_ROOT* themselves, as CI runs as root)
 #   scripts/deps.sh MODE PACKAGE...   MODE's packages plus the Debian packages named (e.g. python3-matplotlib)
 set -euo pipefail
 
-packages=(g++ cmake ninja-build)
+packages=(g++ cmake ninja-build libxsimd-dev libtbb-dev)
 if [[ "${1:-test}" == "test" ]]; then
-  packages+=(libeigen3-dev libxsimd-dev libtbb-dev doctest-dev libbenchmark-dev python3-numpy
+  packages+=(libeigen3-dev doctest-dev libbenchmark-dev python3-numpy
               libtrilinos-kokkos-dev trilinos-dev libopenmpi-dev openmpi-bin)
 fi
 packages+=("${@:2}")

@@ -16,6 +16,9 @@
 #if RESONANCE_HAS_SIMD
 #include <resonance/backend/simd.hpp>
 #endif
+#if RESONANCE_HAS_NATIVE
+#include <resonance/backend/native.hpp>
+#endif
 #if RESONANCE_HAS_TBB
 #include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/task_arena.h>
@@ -164,7 +167,22 @@ requires(resonance::host_accessible_v<SpaceA>&& resonance::host_accessible_v<Spa
   return {};
 }
 
-// Calls f(backend, name) on every backend but serial: simd<>, then tbb<> and tbb<simd<>> inside task
+#if RESONANCE_HAS_NATIVE
+// Restores backend::native's instruction set when a test leaves the scope that changed it.
+class native_isa_guard {
+ public:
+  native_isa_guard() : saved_(resonance::native_isa()) {}
+  ~native_isa_guard() { resonance::set_native_isa(saved_); }
+  native_isa_guard(const native_isa_guard&) = delete;
+  native_isa_guard& operator=(const native_isa_guard&) = delete;
+
+ private:
+  std::string saved_;
+};
+#endif
+
+// Calls f(backend, name) on every backend but serial: simd<>, native on every instruction set this
+// build and CPU have, then tbb<> (native rows, the CPU's best), tbb<serial> and tbb<simd<>> inside task
 // arenas of 1, 2 and 3 threads. The global limit is raised to 3 so that the 3-thread arena really
 // runs 3 threads on a 2-core machine.
 template <class F>
@@ -172,12 +190,23 @@ void for_each_parallel_backend([[maybe_unused]] F&& f) {
 #if RESONANCE_HAS_SIMD
   f(resonance::backend::simd<>{}, std::string("simd<>"));
 #endif
+#if RESONANCE_HAS_NATIVE
+  {
+    const native_isa_guard guard;
+    for (const std::string& isa : resonance::native_isas()) {
+      resonance::set_native_isa(isa);
+      f(resonance::backend::native{}, "native on " + isa);
+    }
+  }
+#endif
 #if RESONANCE_HAS_TBB
   const tbb::global_control allow(tbb::global_control::max_allowed_parallelism, 3);
   for (int threads : {1, 2, 3}) {
     tbb::task_arena arena(threads);
     arena.execute([&] {
-      f(resonance::backend::tbb<>{}, "tbb<> in an arena of " + std::to_string(threads));
+      f(resonance::backend::tbb<>{},
+        "tbb<> (native on " + resonance::native_isa() + ") in an arena of " + std::to_string(threads));
+      f(resonance::backend::tbb<resonance::backend::serial>{}, "tbb<serial> in an arena of " + std::to_string(threads));
 #if RESONANCE_HAS_SIMD
       f(resonance::backend::tbb<resonance::backend::simd<>>{}, "tbb<simd<>> in an arena of " + std::to_string(threads));
 #endif

@@ -26,6 +26,8 @@
 
 #include <doctest/doctest.h>
 
+#include <resonance/backend/native.hpp>
+
 #include "npy.hpp"
 
 namespace fs = std::filesystem;
@@ -305,7 +307,15 @@ json_object check_outputs(const fs::path& out, const run_result& r, const refere
   for (const char* key : {"capacity", "drop_rate", "padding_fraction", "load_cv", "aux_loss", "z_loss", "num_tokens",
                           "num_experts", "top_k", "num_slots", "demanded", "kept", "max_load", "mean_load"})
     CHECK_MESSAGE(j.values.count(key) == 1, "stats.json lacks " << key);
-  CHECK(j.values.at("backend") == "serial");
+  // The default backend is auto: the fastest this build has, named with its instruction set.
+  CHECK(j.values.at("backend_requested") == "auto");
+#if RESONANCE_HAS_TBB
+  CHECK(j.values.at("backend") == "tbb");
+#else
+  CHECK(j.values.at("backend") == "native");
+#endif
+  CHECK(j.values.at("isa") == resonance::native_isa());
+  CHECK(j.number("threads") >= 1);
   CHECK(j.number("capacity") == static_cast<double>(ref.capacity));
   CHECK(j.number("num_tokens") == static_cast<double>(T));
   CHECK(j.number("num_experts") == static_cast<double>(E));
@@ -411,7 +421,7 @@ TEST_CASE("cli: every backend of the build writes the same files") {
   const auto logits = random_logits(T * E, 29);
   const fs::path dir = scratch("backends");
   save_matrix(dir / "l.npy", to_float(logits), T, E);
-  std::vector<std::string> backends{"serial"};
+  std::vector<std::string> backends{"serial", "native", "auto"};
 #if RESONANCE_HAS_SIMD
   backends.push_back("simd");
 #endif
@@ -433,7 +443,7 @@ TEST_CASE("cli: every backend of the build writes the same files") {
           run_tool(dir, {"--logits", (dir / "l.npy").string(), "--top-k", std::to_string(k), "--capacity-factor", "1.1",
                          "--direction", direction, "--backend", b, "--out", out.string()});
       REQUIRE_MESSAGE(r.status == 0, r.err);
-      CHECK(parse_flat_json(r.out).values.at("backend") == b);
+      CHECK(parse_flat_json(r.out).values.at("backend_requested") == b);
       for (const char* f : files) {
         CAPTURE(f);
         const std::string bytes = read_text(out / f);
@@ -884,7 +894,8 @@ TEST_CASE("cli: bad input exits 2 with one line on stderr and no output director
       {{"--logits", good, "--out", out, "--capacity-factor", "1", "--drop", "oldest"}, "--drop"},
       {{"--logits", good, "--out", out, "--drop", "position"}, "needs --capacity-factor"},
       {{"--logits", good, "--out", out, "--backend", "cuda"}, "--backend cuda: not available in this build"},
-      {{"--logits", good, "--out", out, "--backend", "gpu"}, "--backend: expected serial, simd, tbb, kokkos or cuda"},
+      {{"--logits", good, "--out", out, "--backend", "gpu"},
+       "--backend: expected auto, serial, native, simd, tbb, kokkos or cuda, got 'gpu'"},
       {{"--logits", good, "--out", out, "--score", "sigmoid", "--expert-bias", (d / "bias3.npy").string()},
        "--expert-bias"},
       {{"--logits", good, "--out", out, "--direction", "sinkhorn", "--score", "sigmoid"},

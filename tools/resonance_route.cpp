@@ -28,11 +28,14 @@
 #include <utility>
 #include <vector>
 
+#include <resonance/backend/native.hpp>
 #include <resonance/resonance.hpp>
 #if RESONANCE_HAS_SIMD
 #include <resonance/backend/simd.hpp>
 #endif
 #if RESONANCE_HAS_TBB
+#include <oneapi/tbb/task_arena.h>
+
 #include <resonance/backend/tbb.hpp>
 #endif
 #if RESONANCE_HAS_KOKKOS
@@ -49,10 +52,11 @@ namespace npy = resonance::tools::npy;
 
 namespace {
 
-// The backends this build has (xsimd, oneTBB and Kokkos are optional; tbb uses the simd rows when both
-// are; kokkos runs on Kokkos' default host execution space).
+// The backends this build has (xsimd, oneTBB and Kokkos are optional; native is always there; tbb
+// runs native's rows on threads; kokkos runs on Kokkos' default host execution space). auto, the
+// default, is the fastest: tbb when the build has it, else native.
 constexpr std::string_view available_backends =
-    "serial"
+    "auto, serial, native"
 #if RESONANCE_HAS_SIMD
     ", simd"
 #endif
@@ -65,7 +69,7 @@ constexpr std::string_view available_backends =
     ;
 
 bool backend_available(std::string_view name) {
-  if (name == "serial") return true;
+  if (name == "auto" || name == "serial" || name == "native") return true;
 #if RESONANCE_HAS_SIMD
   if (name == "simd") return true;
 #endif
@@ -76,6 +80,15 @@ bool backend_available(std::string_view name) {
   if (name == "kokkos") return true;
 #endif
   return false;
+}
+
+// The backend --backend auto picks.
+std::string_view auto_backend() {
+#if RESONANCE_HAS_TBB
+  return "tbb";
+#else
+  return "native";
+#endif
 }
 
 constexpr const char* usage_text =
@@ -115,8 +128,11 @@ constexpr const char* usage_text =
     "  --min-capacity N            lower bound on C (default 0; N < 2^31)\n"
     "  --align N                   round every expert's slot count up to a multiple of N (default 1;\n"
     "                              N <= 2^20); the total slot count must stay below 2^31\n"
-    "  --backend B                 serial (default), simd, tbb or kokkos when this build has them;\n"
-    "                              every backend gives the same plan\n"
+    "  --backend B                 auto (default: tbb when this build has it, else native), serial,\n"
+    "                              native, simd, tbb or kokkos when this build has them; every backend\n"
+    "                              gives the same plan; stats.json names the choice, its instruction\n"
+    "                              set and its threads (the environment variable RESONANCE_ISA caps\n"
+    "                              native's instruction set: avx512bw, avx2, sse2 or scalar)\n"
     "  --group-score S             how a group (or node) is scored: top-m-sum (default: the sum of its\n"
     "                              top K/M experts), top2-sum or max\n"
     "expert parallelism (adds \"traffic\" to stats.json):\n"
@@ -204,7 +220,8 @@ struct options {
   bool pad_to_capacity = false;
   rs::index min_capacity = 0;
   rs::index align = 1;
-  std::string backend = "serial";
+  std::string backend = "auto";            // the backend that routes: auto resolved after parsing
+  std::string backend_requested = "auto";  // what --backend said
   bool causal = false;
   rs::index sinkhorn_iterations = 100;
   double sinkhorn_tolerance = 1e-4;
@@ -408,15 +425,16 @@ action parse_args(int argc, char** argv, options& o) {
       o.align = parse_index(name, value(), 1, max_align);
     } else if (name == "--backend") {
       const std::string_view v = value();
-      if (v != "serial" && v != "simd" && v != "tbb" && v != "cuda" && v != "kokkos")
-        fail("--backend: expected serial, simd, tbb, kokkos or cuda, got '" + std::string(v) + "'");
+      if (v != "auto" && v != "serial" && v != "native" && v != "simd" && v != "tbb" && v != "cuda" && v != "kokkos")
+        fail("--backend: expected auto, serial, native, simd, tbb, kokkos or cuda, got '" + std::string(v) + "'");
       if (!backend_available(v))
         fail("--backend " + std::string(v) + ": not available in this build (" + std::string(available_backends) + ")");
-      o.backend = v;
+      o.backend = o.backend_requested = v;
     } else {
       fail("unknown option '" + name + "' (see --help)");
     }
   }
+  if (o.backend == "auto") o.backend = auto_backend();
   if (o.logits.empty()) fail("--logits is required (see --help)");
   if (o.out.empty()) fail("--out is required (see --help)");
   const bool scheduled = !o.scheduler.empty();
@@ -579,6 +597,25 @@ void traffic_json(const options& o, const rs::dist::traffic_report& t,
   field("traffic_dropped", std::to_string(t.dropped));
 }
 
+// The instruction set of a backend's row primitives.
+std::string backend_isa(std::string_view name) {
+  if (name == "native" || name == "tbb") return rs::native_isa();
+#if RESONANCE_HAS_SIMD
+  if (name == "simd") return xsimd::default_arch::name();
+#endif
+  return "scalar";  // serial, and kokkos (its rows are the scalar reference)
+}
+
+// Threads a backend routes on: the calling task arena's for tbb; one otherwise (Debian's Kokkos has
+// the Serial space only, and kokkos is initialised only for the route).
+int backend_threads(std::string_view name) {
+#if RESONANCE_HAS_TBB
+  if (name == "tbb") return oneapi::tbb::this_task_arena::max_concurrency();
+#endif
+  (void)name;
+  return 1;
+}
+
 std::string stats_json(const options& o, const results& r) {
   const rs::balance::routing_stats s = rs::balance::compute_stats(r.plan);
   std::string j = "{\n";
@@ -597,6 +634,9 @@ std::string stats_json(const options& o, const results& r) {
   field("score", quoted(o.score_name));
   field("pre_softmax", o.pre_softmax ? "true" : "false");
   field("backend", quoted(o.backend));
+  field("backend_requested", quoted(o.backend_requested));
+  field("isa", quoted(backend_isa(o.backend)));
+  field("threads", std::to_string(backend_threads(o.backend)));
   field("capacity", std::to_string(s.capacity));
   field("num_slots", std::to_string(s.slots));
   field("demanded", std::to_string(s.demanded));
@@ -731,12 +771,11 @@ results route_on(const Backend& be, const Direction& dir, const Capacity& cap, c
 // Calls f(backend) with the backend named by --backend (checked by backend_available when parsed).
 template <class F>
 results with_backend(std::string_view name, F&& f) {
+  if (name == "native") return f(rs::backend::native{});
 #if RESONANCE_HAS_SIMD
   if (name == "simd") return f(rs::backend::simd<>{});
 #endif
-#if RESONANCE_HAS_TBB && RESONANCE_HAS_SIMD
-  if (name == "tbb") return f(rs::backend::tbb<rs::backend::simd<>>{});
-#elif RESONANCE_HAS_TBB
+#if RESONANCE_HAS_TBB
   if (name == "tbb") return f(rs::backend::tbb<>{});
 #endif
 #if RESONANCE_HAS_KOKKOS

@@ -154,6 +154,33 @@ block_backend_t<B> block_backend_of(const B& be) {
   }
 }
 
+// route()'s temporaries on the host (the candidates and the plan builder's, O(T·k) bytes), kept per
+// thread from one route to the next: a loop of route() calls would otherwise allocate them afresh each
+// time, and fresh large blocks are page-faulted on first touch (glibc maps them anew, or trims them off
+// the heap's top once freed), which costs more than the route itself in a process whose allocator
+// nothing has warmed. Busy while a route uses it: a route that starts on the same thread meanwhile (a
+// task stolen while a threaded route waits) allocates its own.
+struct host_route_cache {
+  basic_candidate_set<host_space> candidates;
+  host_buffer<unsigned char> work;
+  bool busy = false;
+
+  static host_route_cache& of_this_thread() {
+    thread_local host_route_cache cache;
+    return cache;
+  }
+  class claim {
+   public:
+    explicit claim(host_route_cache& c) : c_(c) { c_.busy = true; }
+    ~claim() { c_.busy = false; }
+    claim(const claim&) = delete;
+    claim& operator=(const claim&) = delete;
+
+   private:
+    host_route_cache& c_;
+  };
+};
+
 // One fused block's logits. Thread-local, so each thread reuses the buffer its previous block left in
 // cache instead of allocating (a block's body never yields to the scheduler, so no other block can
 // interleave on the same thread).
@@ -189,6 +216,10 @@ class route_workspace {
   bool pending_ = false;
   matrix_view<const float, memory_space> logits_;  // the pending route's, for finish()'s error
   candidate_span<memory_space> candidates_;
+  // A host route's candidates and, on the two-step path of a computing affinity, its T×E logits: kept
+  // with their capacity from one route to the next.
+  basic_candidate_set<memory_space> host_candidates_;
+  std::vector<float> host_logits_;
 };
 
 template <affinity_policy Affinity, routing_policy Direction, capacity_policy Capacity>
@@ -276,8 +307,12 @@ struct router {
   // empty. The device path needs an affinity that computes on the device (precomputed fp32 logits, or
   // grap_cosine's hidden states), a stateless capacity policy and a direction with a fixed number of
   // candidates per token (token choice, bidirectional). A graph replays the policy as captured: its
-  // expert_bias and expert_group values are those of the capture. On a host backend route_into is
-  // route() (its errors thrown at once) and finish() does nothing.
+  // expert_bias and expert_group values are those of the capture. On a host backend route_into runs
+  // the whole route at once (every direction; errors thrown at once, the plan then left as it was) and
+  // finish() does nothing; the candidates, the builder's temporaries and the plan's arrays reuse the
+  // memory of the previous route on ws and plan, so a steady loop of routes of one shape allocates
+  // nothing (route() allocates all of them afresh, and a fresh large allocation is page-faulted on
+  // first touch: most of a route's time in a process whose allocator nothing has warmed).
   template <execution_backend Backend, affinity_input<Affinity> T, class XSpace>
   requires stateless_capacity_policy<Capacity> && accessible_from_v<XSpace, memory_space_t<Backend>>
   void route_into(const Backend& be, matrix_view<const T, XSpace> x, route_workspace<Backend>& ws,
@@ -285,7 +320,13 @@ struct router {
     using space = memory_space_t<Backend>;
     detail::require(!ws.pending_, "workspace", "a workspace whose previous route was finished (router::finish)");
     if constexpr (host_accessible_v<space>) {
-      plan = route(be, x);
+      static_assert(host_accessible_v<XSpace>, "the input must be in memory the host can read");
+      const index E = check_route_input(x);
+      const auto limits_of = [&](const capacity_context& ctx) {
+        return capacity.limits(ctx.num_tokens, ctx.num_experts, ctx.top_k);
+      };
+      route_on_host(be, matrix_view<const T>{x.data, x.rows, x.cols, x.stride}, E, direction.candidates_per_token(E),
+                    limits_of, ws.host_candidates_, ws.host_logits_, plan, &ws.device_);
     } else {
       check_device_affinity<Backend, T, XSpace>();
       static_assert(std::is_same_v<XSpace, space>, "the input must be in the backend's memory");
@@ -381,17 +422,33 @@ struct router {
       return route_on_device(be, x, E, k, limits_of);
     } else {
       static_assert(host_accessible_v<XSpace>, "the input must be in memory the host can read");
-      return route_on_host(be, matrix_view<const T>{x.data, x.rows, x.cols, x.stride}, E, k, limits_of);
+      basic_routing_plan<space> plan;
+      std::vector<float> logits;  // a computing affinity's T×E logits on the two-step path: not kept
+      const matrix_view<const T> xv{x.data, x.rows, x.cols, x.stride};
+      if constexpr (std::is_same_v<space, host_space>) {
+        detail::host_route_cache& cache = detail::host_route_cache::of_this_thread();
+        if (!cache.busy) {
+          const detail::host_route_cache::claim hold(cache);
+          route_on_host(be, xv, E, k, limits_of, cache.candidates, logits, plan, &cache.work);
+          return plan;
+        }
+      }
+      basic_candidate_set<space> cands;
+      route_on_host(be, xv, E, k, limits_of, cands, logits, plan, nullptr);
+      return plan;
     }
   }
 
-  // A route whose data the host can read: a failing stage throws at once.
-  template <execution_backend Backend, affinity_input<Affinity> T, class LimitsFn>
-  basic_routing_plan<memory_space_t<Backend>> route_on_host(const Backend& be, matrix_view<const T> x, index E, index k,
-                                                            LimitsFn& limits_of) const {
+  // A route whose data the host can read, into `plan`: a failing stage throws at once, before the plan
+  // is touched. `cands` and `logits` hold the candidates and the two-step path's logits (their capacity
+  // reused); `work`, when given, the builder's temporaries (grown when too small).
+  template <execution_backend Backend, affinity_input<Affinity> T, class LimitsFn, class Space>
+  void route_on_host(const Backend& be, matrix_view<const T> x, index E, index k, LimitsFn& limits_of,
+                     basic_candidate_set<Space>& cands, std::vector<float>& logits,
+                     basic_routing_plan<memory_space_t<Backend>>& plan,
+                     buffer_t<memory_space_t<Backend>, unsigned char>* work) const {
     const index T_ = x.rows;
     capacity_limits lim;
-    basic_candidate_set<memory_space_t<Backend>> cands;
     if constexpr (fuses_on<Backend>) {
       select_fused(be, x, E, cands);
       const candidate_view<host_space> proposals = detail::host_view(cands);
@@ -399,18 +456,24 @@ struct router {
       lim = limits_of(ctx);
       detail::check_limits(lim);
     } else {
-      unfused_select(be, x, E, k, limits_of, lim, cands);
+      unfused_select(be, x, E, k, limits_of, lim, cands, logits);
     }
     detail::check_slot_budget(E, cands.size(), lim);
-    return detail::build_plan_unchecked(be, cands, lim);
+    const candidate_view<Space> c = view_of(cands);
+    void* room = nullptr;
+    if (work != nullptr) {
+      const index bytes = detail::build_workspace(be, c.size, E, lim.capacity > 0).bytes;
+      if (static_cast<index>(work->size()) < bytes) *work = allocate<unsigned char>(be, bytes);
+      room = work->data();
+    }
+    detail::build_plan_into(be, c, lim, plan.raw(), room);
   }
 
   // The two-step path: the T×E logits, then the selection over them.
   template <execution_backend Backend, affinity_input<Affinity> T, class LimitsFn, class Space>
   void unfused_select(const Backend& be, matrix_view<const T> x, index E, index k, LimitsFn& limits_of,
-                      capacity_limits& lim, basic_candidate_set<Space>& cands) const {
+                      capacity_limits& lim, basic_candidate_set<Space>& cands, std::vector<float>& storage) const {
     const index T_ = x.rows;
-    std::vector<float> storage;
     const matrix_view<const float> l = affinity.compute(be, x, storage);
     // A direction that checks finiteness inside its selection pass saves two passes here.
     constexpr bool self_checked = detail::checks_finite_v<Direction>;

@@ -1,5 +1,6 @@
 # Overlay port: vcpkg install resonance[eigen,tbb] --overlay-ports=<repo>/ports
-# Header-only; features only add dependencies, which resonance's CMake package finds per component.
+# Headers plus one small static library (resonance::native: per-instruction-set row kernels picked at
+# run time); features only add dependencies, which resonance's CMake package finds per component.
 # For testing an unreleased checkout, set RESONANCE_SOURCE_DIR in the environment to the repository.
 if(DEFINED ENV{RESONANCE_SOURCE_DIR})
   set(SOURCE_PATH "$ENV{RESONANCE_SOURCE_DIR}")
@@ -20,7 +21,7 @@ vcpkg_cmake_configure(
           -DRESONANCE_BUILD_BENCHMARKS=OFF -DRESONANCE_INSTALL=ON)
 vcpkg_cmake_install()
 vcpkg_cmake_config_fixup(CONFIG_PATH share/cmake/resonance)
-file(REMOVE_RECURSE "${CURRENT_PACKAGES_DIR}/lib" "${CURRENT_PACKAGES_DIR}/bin")
+file(REMOVE_RECURSE "${CURRENT_PACKAGES_DIR}/bin")
 
 vcpkg_install_copyright(FILE_LIST "${SOURCE_PATH}/LICENSE")
 file(INSTALL "${CMAKE_CURRENT_LIST_DIR}/usage" DESTINATION "${CURRENT_PACKAGES_DIR}/share/${PORT}")

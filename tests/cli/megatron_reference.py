@@ -522,7 +522,7 @@ def run_case(exe, scratch, index, name, T, E, dtype, opts):
                 failures.append(f"{name}: stats {key} = {stats[key]}, expected {want}")
         elif not math.isclose(stats[key], want, rel_tol=RTOL, abs_tol=1e-9):
             failures.append(f"{name}: stats {key} = {stats[key]!r}, expected {want!r}")
-    for key, want in (("direction", opts.get("direction", "token")), ("backend", "serial"),
+    for key, want in (("direction", opts.get("direction", "token")), ("backend_requested", "auto"),
                       ("score", opts.get("score", "softmax"))):
         if stats.get(key) != want:
             failures.append(f"{name}: stats {key} = {stats.get(key)!r}, expected {want!r}")

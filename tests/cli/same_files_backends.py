@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """resonance-route writes the same files on every backend named: routes the same logits with each one, for
 several configurations, and compares every .npy file byte for byte with the first backend's, and
-stats.json too except its "backend" line (which names the backend). Standard library only.
+stats.json too except the lines that name the backend, its instruction set and threads. Standard library
+only.
 
 usage: same_files_backends.py RESONANCE_ROUTE WORKDIR BACKEND BACKEND...
 """
@@ -53,8 +54,12 @@ def save_npy(path, values, shape, dtype):
         f.write(struct.pack(code, *values))
 
 
+BACKEND_KEYS = ('"backend"', '"backend_requested"', '"isa"', '"threads"')
+
+
 def without_backend_line(text):
-    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith('"backend"'))
+    """stats.json without the lines that name the backend, its instruction set and its threads."""
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith(BACKEND_KEYS))
 
 
 def main():

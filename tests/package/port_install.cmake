@@ -18,6 +18,7 @@ file(REMOVE_RECURSE "${WORK}")
 run("${CMAKE_COMMAND}" -S "${SOURCE}" -B "${WORK}/build" -G "${GENERATOR}" -DCMAKE_BUILD_TYPE=Release
     -DRESONANCE_BUILD_TESTS=OFF -DRESONANCE_BUILD_EXAMPLES=OFF -DRESONANCE_BUILD_TOOLS=OFF
     -DRESONANCE_BUILD_BENCHMARKS=OFF -DRESONANCE_INSTALL=ON)
+run("${CMAKE_COMMAND}" --build "${WORK}/build")  # resonance::native's static library
 run("${CMAKE_COMMAND}" --install "${WORK}/build" --prefix "${WORK}/prefix")
 if(NOT EXISTS "${WORK}/prefix/share/cmake/resonance/resonanceConfig.cmake")
   message(FATAL_ERROR "port_install.cmake: the config is not at share/cmake/resonance, where the port expects it")

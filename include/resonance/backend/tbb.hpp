@@ -1,8 +1,10 @@
 #pragma once
 
 // backend::tbb<Inner>: oneTBB threads running the execution primitives (execution.hpp) in parallel,
-// with Inner's row-op group: backend::tbb<> is threads with the scalar reference rows,
-// backend::tbb<backend::simd<>> threads with vectorised rows. Every primitive's output is unique, so
+// with Inner's row-op group: backend::tbb<> (also named backend::cpu, the fastest CPU backend) is
+// threads with backend::native's rows (vectorised for the CPU it runs on, see native.hpp),
+// tbb<backend::serial> threads with the scalar reference rows, tbb<backend::simd<Arch>> threads with
+// the rows of one compile-time architecture. Every primitive's output is unique, so
 // the plan cannot depend on the thread count or on the schedule. The thread count is the calling task
 // arena's (limit it with tbb::task_arena or tbb::global_control).
 // This header is the only one that includes oneTBB.
@@ -16,11 +18,12 @@
 #include <oneapi/tbb/task_arena.h>
 
 #include "execution.hpp"
+#include "native.hpp"
 #include "serial.hpp"
 
 namespace resonance::backend {
 
-template <execution_backend Inner = serial>
+template <execution_backend Inner = native>
 struct tbb {
   using inner_type = Inner;
   static constexpr const char* name = "tbb";
@@ -162,5 +165,9 @@ void segmented_select(const B&, std::uint64_t* keys, const id_type* offsets, ind
 }
 
 static_assert(execution_backend<tbb<>>);
+
+// The fastest CPU backend, for a user who does not want to choose: oneTBB threads over rows vectorised
+// for the CPU it runs on.
+using cpu = tbb<native>;
 
 }  // namespace resonance::backend

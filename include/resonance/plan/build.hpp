@@ -307,6 +307,19 @@ void enqueue_build(const Backend& be, const candidate_view<Space>& c, const capa
   if (own.data() != nullptr) fence(be);
 }
 
+// The plan of candidates c built into d (its storage reused when large enough), then one wait for the
+// sizes. `work`: as enqueue_build's.
+template <execution_backend Backend, class Space>
+void build_plan_into(const Backend& be, const candidate_view<Space>& c, const capacity_limits& lim,
+                     plan_data<memory_space_t<Backend>>& d, void* work) {
+  size_plan(be, d, c, lim);
+  index host_sizes[3] = {0, 0, no_index};
+  enqueue_build(be, c, lim, d, nullptr, host_sizes, work);
+  fence(be);
+  d.num_slots = host_sizes[0];
+  d.num_assignments = host_sizes[1];
+}
+
 // The plan of candidates c: its storage allocated by size_plan(), the build enqueued,
 // then one wait for the sizes (and the status, into *host_status, when `status` is given).
 template <execution_backend Backend, class Space>

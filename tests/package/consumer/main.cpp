@@ -1,9 +1,11 @@
 // Built against an installed (or build-tree, or add_subdirectory) resonance: routes a small batch with
-// the core and with the Eigen component, and checks the result against a hand-computed answer.
+// the core, with the Eigen component and on backend::native (the compiled component's row kernels),
+// and checks the result against a hand-computed answer.
 #include <cstdio>
 #include <vector>
 
 #include <resonance/affinity/linear.hpp>
+#include <resonance/backend/native.hpp>
 #include <resonance/resonance.hpp>
 
 #ifndef RESONANCE_HAS_EIGEN
@@ -27,7 +29,11 @@ int main() {
   const rs::routing_plan p2 = lr.route(rs::matrix_view<const float>{logits.data(), 3, 2});
   const bool eigen_ok = p2 == plan;
 
-  std::printf("resonance %d.%d.%d consumer: core %s, eigen %s\n", RESONANCE_VERSION_MAJOR, RESONANCE_VERSION_MINOR,
-              RESONANCE_VERSION_PATCH, core_ok ? "ok" : "FAILED", eigen_ok ? "ok" : "FAILED");
-  return core_ok && eigen_ok ? 0 : 1;
+  // The same route on backend::native, whose kernels come from the installed static library.
+  const bool native_ok = r.route(rs::backend::native{}, rs::matrix_view<const float>{logits.data(), 3, 2}) == plan;
+
+  std::printf("resonance %d.%d.%d consumer: core %s, eigen %s, native (%s) %s\n", RESONANCE_VERSION_MAJOR,
+              RESONANCE_VERSION_MINOR, RESONANCE_VERSION_PATCH, core_ok ? "ok" : "FAILED", eigen_ok ? "ok" : "FAILED",
+              rs::native_isa().c_str(), native_ok ? "ok" : "FAILED");
+  return core_ok && eigen_ok && native_ok ? 0 : 1;
 }
