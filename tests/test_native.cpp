@@ -86,13 +86,15 @@ TEST_CASE("native: the instruction sets, the choice and its errors") {
 
 TEST_CASE("native: every table's rows are the scalar reference's, bit for bit, and top-k is the brute force's") {
   using scalar = rs::detail::scalar_rows;
-  using native = rs::detail::native_rows;
   const native_isa_guard guard;
   std::mt19937 g(71);
   const rs::index lengths[] = {1, 3, 7, 8, 15, 16, 17, 31, 64, 100, 128, 256, 257, 300, 1024, 1031};
   for (const std::string& isa : rs::native_isas()) {
     CAPTURE(isa);
     rs::set_native_isa(isa);
+    // The table itself (native_rows sends short rows to the scalar reference before the table sees them).
+    const rs::detail::row_kernels& native = rs::detail::native_kernels();
+    REQUIRE(std::string(native.isa) == isa);
     for (const rs::index n : lengths) {
       for (int special : {0, 1, 2}) {
         for (bool ties : {false, true}) {
@@ -100,18 +102,18 @@ TEST_CASE("native: every table's rows are the scalar reference's, bit for bit, a
           CAPTURE(special);
           CAPTURE(ties);
           const std::vector<float> x = make_row(g, n, ties, special);
-          CHECK(native::all_finite(x.data(), n) == scalar::all_finite(x.data(), n));
-          CHECK(native::all_finite(x.data(), n) == (special == 0));
+          CHECK(native.all_finite(x.data(), n) == scalar::all_finite(x.data(), n));
+          CHECK(native.all_finite(x.data(), n) == (special == 0));
           if (special != 0) continue;
           for (rs::score fn : {rs::score::softmax, rs::score::sigmoid, rs::score::sqrt_softplus, rs::score::identity}) {
             std::vector<float> a(x.size()), b(x.size());
-            native::score(fn, x.data(), a.data(), n, 0.7f);
+            native.score(fn, x.data(), a.data(), n, 0.7f);
             scalar::score(fn, x.data(), b.data(), n, 0.7f);
             CHECK(same_bits(a, b));
           }
           {
             std::vector<float> a(x.size()), b(x.size());
-            native::exp_n(x.data(), a.data(), n);
+            native.exp_n(x.data(), a.data(), n);
             scalar::exp_n(x.data(), b.data(), n);
             CHECK(same_bits(a, b));
           }
@@ -123,7 +125,7 @@ TEST_CASE("native: every table's rows are the scalar reference's, bit for bit, a
               for (float scale : {1.0f, 0.5f}) {
                 std::vector<float> vals(static_cast<std::size_t>(k)), want_vals;
                 std::vector<rs::id_type> ids(static_cast<std::size_t>(k)), want_ids;
-                REQUIRE(native::topk(x.data(), n, k, scale, b, vals.data(), ids.data()));
+                REQUIRE(native.topk(x.data(), n, k, scale, b, vals.data(), ids.data()));
                 brute_topk(x, k, scale, b, want_vals, want_ids);
                 CHECK(ids == want_ids);
                 CHECK(same_bits(vals, want_vals));
@@ -139,15 +141,50 @@ TEST_CASE("native: every table's rows are the scalar reference's, bit for bit, a
       const rs::index E = 6;
       const std::vector<float> row = make_row(g, E * group, false, 0);
       std::vector<double> a(static_cast<std::size_t>(E)), b(static_cast<std::size_t>(E));
-      native::group_sums(row.data(), E, group, a.data());
+      native.group_sums(row.data(), E, group, a.data());
       scalar::group_sums(row.data(), E, group, b.data());
       CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(double)) == 0);
-      const double qa = native::group_sums_squares(row.data(), E, group, a.data());
+      const double qa = native.group_sums_squares(row.data(), E, group, a.data());
       const double qb = scalar::group_sums_squares(row.data(), E, group, b.data());
       CHECK(std::memcmp(&qa, &qb, sizeof qa) == 0);
       CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(double)) == 0);
     }
   }
+}
+
+TEST_CASE("native: the row group sends short rows to the scalar reference and long ones to the table") {
+  using rows = rs::detail::native_rows;
+  const native_isa_guard guard;
+  std::mt19937 g(3);
+  for (const std::string& isa : rs::native_isas()) {
+    CAPTURE(isa);
+    rs::set_native_isa(isa);
+    for (const rs::index n : {rs::index{1}, rows::short_row - 1, rows::short_row, rows::short_top_row - 1,
+                              rows::short_top_row, rs::index{200}}) {
+      CAPTURE(n);
+      const std::vector<float> x = make_row(g, n, n % 2 == 0, 0);
+      std::vector<float> a(x.size()), b(x.size());
+      rows::score(rs::score::softmax, x.data(), a.data(), n, 1.0f);
+      rs::detail::scalar_rows::score(rs::score::softmax, x.data(), b.data(), n, 1.0f);
+      CHECK(same_bits(a, b));
+      const rs::index k = std::min<rs::index>(n, 4);
+      std::vector<float> vals(static_cast<std::size_t>(k)), want_vals;
+      std::vector<rs::id_type> ids(static_cast<std::size_t>(k)), want_ids;
+      REQUIRE(rows::topk(x.data(), n, k, 1.0f, nullptr, vals.data(), ids.data()));
+      brute_topk(x, k, 1.0f, nullptr, want_vals, want_ids);
+      CHECK(ids == want_ids);
+      CHECK(same_bits(vals, want_vals));
+    }
+  }
+}
+
+TEST_CASE("native: the default is the first of native_isas(), AVX2 before AVX-512") {
+  const std::vector<std::string> isas = rs::native_isas();
+  const auto at = [&](const char* name) { return std::find(isas.begin(), isas.end(), name) - isas.begin(); };
+  if (std::find(isas.begin(), isas.end(), "avx512bw") != isas.end()) CHECK(at("avx2") < at("avx512bw"));
+#if RESONANCE_HAS_SIMD
+  CHECK(isas.front() != "scalar");  // a build with xsimd vectorises on any CPU it runs on
+#endif
 }
 
 #if RESONANCE_HAS_TBB

@@ -52,16 +52,18 @@ constexpr detail::row_kernels scalar_table = {"scalar",
 constexpr detail::row_kernels baseline_table = kernels_of<xsimd::default_arch>::table(xsimd::default_arch::name());
 #endif
 
-// The tables this build has and this CPU runs, best first; the scalar reference last.
+// The tables this build has and this CPU runs, in the order of preference; the scalar reference last.
+// AVX2 comes before AVX-512: simd_rows at 16 lanes routes 10-25 % slower than at 8 on the Xeons measured
+// (docs/performance.md), so AVX-512 is there to be chosen (RESONANCE_ISA, set_native_isa), not by default.
 std::vector<const detail::row_kernels*> usable_tables() {
   std::vector<const detail::row_kernels*> t;
+#if RESONANCE_NATIVE_AVX2
+  if (__builtin_cpu_supports("avx2")) t.push_back(&avx2_kernels);
+#endif
 #if RESONANCE_NATIVE_AVX512BW
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("avx512bw"))
     t.push_back(&avx512bw_kernels);
-#endif
-#if RESONANCE_NATIVE_AVX2
-  if (__builtin_cpu_supports("avx2")) t.push_back(&avx2_kernels);
 #endif
 #if RESONANCE_NATIVE_XSIMD
   t.push_back(&baseline_table);

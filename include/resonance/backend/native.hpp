@@ -1,6 +1,6 @@
 #pragma once
 
-// backend::native: one thread, with the row primitives (rows.hpp) of the best instruction set of the
+// backend::native: one thread, with the row primitives (rows.hpp) of the fastest instruction set of the
 // CPU it runs on, picked once at run time; no compiler flag needed. The kernels live in the compiled
 // component resonance::native (src/native/): one translation unit per instruction set (sse2, avx2,
 // avx512bw on x86-64), each compiled with its own flags from the same simd_rows algorithm, so every
@@ -44,15 +44,33 @@ inline const row_kernels& native_kernels() {
 }
 
 // backend::native's row group: the float primitives through the table, the others (double rows of
-// GrAP's group sums) on the scalar reference, as simd_rows does.
+// GrAP's group sums) on the scalar reference, as simd_rows does. Short rows (a top-k of a few experts,
+// the score of the k selected) take the scalar reference inline: vector set-up and the indirect call
+// cost more than such a row (the results are the same bits either way).
 struct native_rows {
-  static bool all_finite(const float* x, index n) { return native_kernels().all_finite(x, n); }
-  static void score(resonance::score fn, const float* in, float* out, index n, float scale) {
-    native_kernels().score(fn, in, out, n, scale);
+  static constexpr index short_row = 16;      // below: scalar score, exp and finiteness scan
+  static constexpr index short_top_row = 32;  // below: scalar top-k (simd_rows' own cut-off for AVX2)
+
+  static bool all_finite(const float* x, index n) {
+    return n < short_row ? scalar_rows::all_finite(x, n) : native_kernels().all_finite(x, n);
   }
-  static void exp_n(const float* in, float* out, index n) { native_kernels().exp_n(in, out, n); }
+  static void score(resonance::score fn, const float* in, float* out, index n, float scale) {
+    if (n < short_row) {
+      scalar_rows::score(fn, in, out, n, scale);
+    } else {
+      native_kernels().score(fn, in, out, n, scale);
+    }
+  }
+  static void exp_n(const float* in, float* out, index n) {
+    if (n < short_row) {
+      scalar_rows::exp_n(in, out, n);
+    } else {
+      native_kernels().exp_n(in, out, n);
+    }
+  }
   static bool topk(const float* x, index n, index k, float scale, const float* bias, float* vals, id_type* ids) {
-    return native_kernels().topk(x, n, k, scale, bias, vals, ids);
+    return n < short_top_row ? scalar_rows::topk(x, n, k, scale, bias, vals, ids)
+                             : native_kernels().topk(x, n, k, scale, bias, vals, ids);
   }
   template <class T>
   static void group_sums(const T* row, index E, index g, double* s) {
@@ -73,9 +91,11 @@ struct native_rows {
 };
 }  // namespace detail
 
-// The instruction set backend::native uses now ("avx512bw", "avx2", "sse2", ... or "scalar").
+// The instruction set backend::native uses now ("avx2", "avx512bw", "sse2", ... or "scalar").
 std::string native_isa();
-// The instruction sets this build compiled and this CPU runs, best first; "scalar" is always last.
+// The instruction sets this build compiled and this CPU runs, in the order of preference (measured:
+// AVX2 before AVX-512, whose tables are slower on the Xeons we measured, docs/performance.md);
+// "scalar" is always last. The first is the default.
 std::vector<std::string> native_isas();
 // Makes backend::native use `isa` (one of native_isas()) from now on; throws resonance::error naming
 // the choices otherwise. Not meant to be called while another thread routes (that route may use either).
