@@ -166,9 +166,10 @@ struct scalar_rows {
 
   // Top-k of key(i) = x[i] * scale + bias[i] (bias may be null; scale 1 and no bias rank x itself):
   // vals descending, ids ascending among equal keys. Returns all_finite(x, n); when it is false the
-  // selection is unspecified.
-  RESONANCE_INLINE_FUNCTION static bool topk(const float* x, index n, index k, float scale, const float* bias,
-                                             float* vals, id_type* ids) {
+  // selection is unspecified. Forced inline: once backend::native also calls it (short rows), GCC 12
+  // stopped inlining it into token choice's row, and serial routed 20 % slower at E 8, k 1.
+  RESONANCE_HOST_DEVICE RESONANCE_FORCEINLINE static bool topk(const float* x, index n, index k, float scale,
+                                                               const float* bias, float* vals, id_type* ids) {
     if (bias == nullptr) {
       topk_row(
           n, k, [&](index i) { return x[i] * scale; }, vals, ids);
