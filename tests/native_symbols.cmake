@@ -24,6 +24,9 @@ foreach(_object IN LISTS OBJECTS)
     if(_symbol MATCHES "^DW\\.ref\\.__gxx_personality_v0$")
       continue()  # the unwinder's personality reference: data, the same in every object
     endif()
+    if(_symbol MATCHES "^__odr_asan\\.")
+      continue()  # AddressSanitizer's one-byte marker of a global defined here: no code to link against
+    endif()
     math(EXPR _checked "${_checked} + 1")
     if(NOT _symbol MATCHES "xsimd::${_isa}[>,]" AND NOT _symbol MATCHES "native_impl::${_isa}_kernels")
       message(FATAL_ERROR "${_name} defines '${_symbol}', which is not ${_isa}'s own: a baseline caller could "
