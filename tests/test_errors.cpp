@@ -412,6 +412,11 @@ TEST_CASE("test_errors: build_plan candidate sets and limits") {
   CHECK_RS_ERROR(rs::build_plan(be, valid(), {.capacity = -2}), "capacity");
   CHECK_RS_ERROR(rs::build_plan(be, valid(), {.align = 0}), "align");
   CHECK_RS_ERROR(rs::build_plan(be, valid(), {.drop = static_cast<rs::drop_policy>(3)}), "drop");
+  c = valid();
+  c.forced_drop = static_cast<rs::drop_policy>(4);  // a direction's own drop order, out of range
+  CHECK_RS_ERROR(rs::build_plan(be, c, {}), "candidates.forced_drop");
+  c.forced_drop = rs::drop_policy::position;
+  CHECK_NOTHROW((void)rs::build_plan(be, c, {}));
 }
 
 }  // namespace

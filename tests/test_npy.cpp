@@ -326,6 +326,12 @@ TEST_CASE("npy: load compares the declared size with the file size before it all
   CHECK(load_error("short.npy", "\x93NUMPY" + bytes({1, 0, 0x40})) ==
         "truncated header (file ends inside the header length)");
   CHECK(load_error("empty.npy", "") == "not a .npy file (bad magic string)");
+  // A header of 0 or 1 bytes ends inside the 12 bytes load() reads first: the same error as parse().
+  for (const std::string& b : {"\x93NUMPY" + bytes({1, 0, 0, 0}) + "a", "\x93NUMPY" + bytes({1, 0, 1, 0}) + "{}"}) {
+    const std::string want = error_of([&] { (void)npy::parse(b); });
+    CHECK_FALSE(want.empty());
+    CHECK(load_error("tiny_header.npy", b) == want);
+  }
   CHECK(load_error("extra.npy", npy_file(1, 0, padded(f4_2x3), raw(std::vector<float>(7, 1.0f)))) ==
         "4 unexpected bytes after the data of shape (2, 3)");
   // load and parse agree on a good file.

@@ -432,8 +432,12 @@ inline array load(const std::string& path) {
   detail::read_exact(fd.get(), reinterpret_cast<unsigned char*>(head.data()), head.size());
   const std::size_t start = detail::data_start(head, size);
   const std::size_t prefix = head.size();
+  // A header shorter than the bytes already read (0 or 1 bytes: parse_header rejects it) needs no read.
   head.resize(start);
-  detail::read_exact(fd.get(), reinterpret_cast<unsigned char*>(head.data()) + prefix, start - prefix);
+  if (start > prefix)
+    detail::read_exact(fd.get(), reinterpret_cast<unsigned char*>(head.data()) + prefix, start - prefix);
+  else if (::lseek(fd.get(), static_cast<::off_t>(start), SEEK_SET) < 0)
+    throw error("seek error: " + detail::errno_text());
   detail::header_info h = detail::parse_header(head, size);
   h.a.bytes.resize(h.nbytes);
   detail::read_exact(fd.get(), h.a.bytes.data(), h.nbytes);

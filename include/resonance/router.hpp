@@ -494,7 +494,7 @@ struct router {
     // Finite logits can still overflow fp32 once divided by a tiny temperature or scaled by a huge
     // scaling factor: a NaN or Inf weight must not reach the plan.
     if constexpr (!self_checked) {
-      const index bad = reduce_min(be, cands.num_tokens, detail::nonfinite_candidates(view_of(cands)));
+      const index bad = reduce_min(be, cands.num_tokens, detail::nonfinite_candidates{view_of(cands)});
       if (bad < cands.num_tokens) fail_weights(be, view_of(cands), bad);
     }
   }
@@ -592,7 +592,7 @@ struct router {
       select(be, detail::with_policy_ids(detail::with_policy_array(direction, array.data()), ids.data()), l, lim,
              cands);
       auto status = allocate<index>(be, 1);
-      reduce_min_into(be, T_, detail::nonfinite_candidates(view_of(cands)), status.data());
+      reduce_min_into(be, T_, detail::nonfinite_candidates{view_of(cands)}, status.data());
       index* const st = status.data();
       for_each(be, 1, detail::weight_status{st, T_});
       detail::check_slot_budget(E, cands.size(), lim);
@@ -709,7 +709,7 @@ struct router {
       reduce_min_into(be, T_, detail::nonfinite_rows<XSpace>{l}, st);
     }
     select_unchecked(be, dir, l, lim, cands);
-    reduce_min_into(be, T_, detail::nonfinite_candidates(view_of(cands)), st + 1);
+    reduce_min_into(be, T_, detail::nonfinite_candidates{view_of(cands)}, st + 1);
     for_each(be, 1, detail::merge_status{st, T_});
     detail::enqueue_build(be, view_of(cands), lim, d, st + 2, readback, detail::at_offset<void>(base, layout.build));
     return cands;

@@ -345,11 +345,14 @@ basic_routing_plan<memory_space_t<Backend>> build_plan_unchecked(const Backend& 
   return build_plan_unchecked(be, view_of(c), lim);
 }
 
+inline bool known_drop_policy(drop_policy d) {
+  return d == drop_policy::score || d == drop_policy::position || d == drop_policy::random;
+}
+
 inline void check_limits(const capacity_limits& lim) {
   require(lim.capacity >= -1, "capacity", "-1 (dropless) or a capacity >= 0", lim.capacity);
   require(lim.align >= 1, "align", "align >= 1", lim.align);
-  require(lim.drop == drop_policy::score || lim.drop == drop_policy::position || lim.drop == drop_policy::random,
-          "drop", "one of score, position, random", static_cast<int>(lim.drop));
+  require(known_drop_policy(lim.drop), "drop", "one of score, position, random", static_cast<int>(lim.drop));
 }
 
 // Total slot count a plan will need, checked to fit 32-bit ids before anything is allocated.
@@ -396,6 +399,8 @@ basic_routing_plan<memory_space_t<Backend>> build_plan(const Backend& be, const 
     }
   }
   detail::check_limits(lim);
+  require(!c.forced_drop || detail::known_drop_policy(*c.forced_drop), "candidates.forced_drop",
+          "empty or one of score, position, random", static_cast<int>(c.forced_drop.value_or(drop_policy::score)));
   detail::check_slot_budget(c.num_experts, c.size(), lim);
   return detail::build_plan_unchecked(be, c, lim);
 }
