@@ -183,8 +183,12 @@ class native_isa_guard {
 
 // Calls f(backend, name) on every backend but serial: simd<>, native on every instruction set this
 // build and CPU have, then tbb<> (native rows, the CPU's best), tbb<serial> and tbb<simd<>> inside task
-// arenas of 1, 2 and 3 threads. The global limit is raised to 3 so that the 3-thread arena really
-// runs 3 threads on a 2-core machine.
+// arenas of 1, 2 and 3 threads (1 to RESONANCE_TEST_THREADS where a build sets it: the tsan tests run 1
+// to 4). The global limit is raised to the largest arena so that it really runs that many threads on a
+// 2-core machine.
+#ifndef RESONANCE_TEST_THREADS
+#define RESONANCE_TEST_THREADS 3
+#endif
 template <class F>
 void for_each_parallel_backend([[maybe_unused]] F&& f) {
 #if RESONANCE_HAS_SIMD
@@ -200,8 +204,8 @@ void for_each_parallel_backend([[maybe_unused]] F&& f) {
   }
 #endif
 #if RESONANCE_HAS_TBB
-  const tbb::global_control allow(tbb::global_control::max_allowed_parallelism, 3);
-  for (int threads : {1, 2, 3}) {
+  const tbb::global_control allow(tbb::global_control::max_allowed_parallelism, RESONANCE_TEST_THREADS);
+  for (int threads = 1; threads <= RESONANCE_TEST_THREADS; ++threads) {
     tbb::task_arena arena(threads);
     arena.execute([&] {
       f(resonance::backend::tbb<>{},
