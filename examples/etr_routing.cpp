@@ -24,8 +24,10 @@ int main() {
   std::bernoulli_distribution is_class_token(1.0 / 3.0);
 
   rs::router<rs::affinity::grap_cosine, rs::routing::bidirectional, rs::capacity::adaptive> etr{
-      {.num_experts = E}, {.top_k = 1}, {.ceiling = 1.25}};
-  rs::capacity::adaptive::state_type state;  // the scheduler's state: ours, carried between steps
+      {.num_experts = E},
+      {.top_k = 1},
+      {.ceiling = 1.25, .half_life = 2.0, .warmup = 3}};  // a short run: a short memory
+  rs::capacity::adaptive::state_type state;               // the scheduler's state: ours, carried between steps
 
   std::printf("ETR routing: %td tokens, d = %td, %td experts, top-1, grap_cosine + bidirectional + adaptive\n\n", T, d,
               E);

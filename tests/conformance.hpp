@@ -838,11 +838,14 @@ void check_stateful(const Backend& be, const std::string& name) {
   for (index T : {2500, 300, 2049}) hidden.push_back(normal_values(rng, T * d));
   const rt::token_choice tc{.top_k = 2};
   run("grap_cosine, token choice, adaptive",
-      rs::router<ra::grap_cosine, rt::token_choice, cap::adaptive>{{.num_experts = E}, tc, {.max_step = 0.5}}, hidden,
-      d);
+      rs::router<ra::grap_cosine, rt::token_choice, cap::adaptive>{
+          {.num_experts = E}, tc, {.max_step = 0.5, .warmup = 1}},  // step 0 at the ceiling, then the estimate
+      hidden, d);
   run("grap_cosine, token choice, adaptive etr_bound pad",
       rs::router<ra::grap_cosine, rt::token_choice, cap::adaptive>{
-          {.num_experts = E}, tc, {.estimate = cap::capacity_estimate::etr_bound, .pad_to_capacity = true}},
+          {.num_experts = E},
+          tc,
+          {.estimate = cap::capacity_estimate::etr_bound, .warmup = 1, .pad_to_capacity = true}},
       hidden, d);
   run("grap, token choice, schedule (fused)",
       rs::router<ra::grap, rt::token_choice, cap::schedule>{
@@ -852,8 +855,9 @@ void check_stateful(const Backend& be, const std::string& name) {
   std::vector<std::vector<float>> logits;
   for (index T : {2500, 700}) logits.push_back(grid_values(rng, T * E, 8, 0.1f));
   run("precomputed, bidirectional, lower_bound",
-      rs::router<ra::precomputed, rt::bidirectional, cap::lower_bound>{{}, {.top_k = 2}, {.hidden_size = d}}, logits,
-      E);
+      rs::router<ra::precomputed, rt::bidirectional, cap::lower_bound>{
+          {.cosines = true}, {.top_k = 2}, {.hidden_size = d}},
+      logits, E);
 }
 
 }  // namespace conformance

@@ -33,9 +33,11 @@ using resonance_test::sz;
 
 // Router logits carried in the first `experts` columns of a wider input: the schedulers read the
 // input's column count as the hidden size d, so this lets a test choose d and the logits separately.
+// The tests put cosine-like values there, and say so (the schedulers refuse logits that are not cosines).
 struct wide_logits {
   rs::index experts = 1;
 
+  double cosine_scale() const { return 1.0; }
   rs::index experts_for(rs::index) const { return experts; }
   void validate(rs::index cols) const {
     rs::detail::require(cols >= experts, "wide_logits", "at least `experts` columns", cols);
@@ -330,11 +332,12 @@ double ref_quantile(const std::vector<tcr_pair>& pairs, double q) {
   return v[static_cast<std::size_t>(std::min(n - 1.0, std::floor(q * n)))];
 }
 
-// The resonance estimate: per expert, demand d_e (TCR pairs) and resonating candidates n_e (affinity
-// >= threshold, default 3/sqrt(d)); C_e = d_e when n_e <= 2 mu0 + 3 with mu0 = d_e (1 - Phi(z)^E), z =
-// threshold sqrt(d), else min(d_e, margin n_e); the estimate is max_e C_e.
+// The resonance estimate of one batch: per expert, demand d_e (TCR pairs) and resonating candidates n_e
+// (affinity >= threshold, default 3/sqrt(d)); when n_e <= 2 mu0 + 3 with mu0 = d_e (1 - Phi(z)^E), z =
+// threshold sqrt(d), C_e is unbounded if d_e exceeds the floor capacity and d_e otherwise, else
+// C_e = min(d_e, margin n_e); the estimate is max_e C_e.
 double ref_resonance_estimate(const std::vector<tcr_pair>& pairs, rs::index E, rs::index d, double threshold,
-                              double margin) {
+                              double margin, double floor_capacity) {
   const double thr = threshold > 0.0 ? threshold : 3.0 / std::sqrt(static_cast<double>(d));
   const double null_rate = 1.0 - std::pow(phi(thr * std::sqrt(static_cast<double>(d))), static_cast<double>(E));
   std::vector<double> demand(sz(E), 0.0), resonating(sz(E), 0.0);
@@ -342,12 +345,14 @@ double ref_resonance_estimate(const std::vector<tcr_pair>& pairs, rs::index E, r
     demand[sz(p.expert)] += 1.0;
     if (static_cast<double>(p.logit) >= thr) resonating[sz(p.expert)] += 1.0;
   }
-  // An expert with candidates but no resonance beyond the null keeps everything: unbounded (TCR).
+  // An expert without resonance beyond the null keeps all its candidates: unbounded (TCR) when they
+  // may not fit under the floor.
   double c = 0.0;
   for (rs::index e = 0; e < E; ++e) {
     const double mu0 = demand[sz(e)] * null_rate;
     if (resonating[sz(e)] <= 2.0 * mu0 + 3.0) {
-      if (demand[sz(e)] > 0.0) return std::numeric_limits<double>::infinity();
+      if (demand[sz(e)] > floor_capacity) return std::numeric_limits<double>::infinity();
+      c = std::max(c, demand[sz(e)]);
       continue;
     }
     c = std::max(c, std::min(demand[sz(e)], margin * resonating[sz(e)]));
@@ -760,12 +765,12 @@ TEST_CASE("test_bidirectional_capacity: lower_bound estimates delta as a quantil
 }
 
 TEST_CASE("test_bidirectional_capacity: lower_bound rejects an estimated delta that is not a cosine") {
-  // Precomputed logits of magnitude 5: the median top-1 logit is no cosine.
+  // Precomputed logits of magnitude 5, declared as cosines: the median top-1 logit is no cosine.
   std::mt19937_64 rng(406);
   const rs::index T = 30, E = 4;
   std::vector<float> x = resonance_test::normal_values(rng, T * E, 0.1);
   for (float& v : x) v += 5.0f;
-  const precomputed_router<rt::bidirectional, cap::lower_bound> r{};
+  const precomputed_router<rt::bidirectional, cap::lower_bound> r{{.cosines = true}, {}, {}};
   cap::lower_bound::state_type state;
   const std::string msg = error_of([&] { (void)r.route(rs::backend::serial{}, view(x, T, E), state); });
   CHECK(msg.find("resonance: lower_bound (estimated delta): expected a cosine") == 0);
@@ -789,18 +794,18 @@ TEST_CASE("test_bidirectional_capacity: hidden_size overrides the input width as
   for (float& v : x) v = static_cast<float>(uniform(rng, -0.12, 0.12));
   const double delta_hat = ref_quantile(ref_tcr_pairs(x, T, E, E, 1), 0.5);
   cap::lower_bound::state_type lb;
-  const precomputed_router<rt::bidirectional, cap::lower_bound> wide{{}, {}, {.hidden_size = d}};
+  const precomputed_router<rt::bidirectional, cap::lower_bound> wide{{.cosines = true}, {}, {.hidden_size = d}};
   CHECK(wide.route(rs::backend::serial{}, view(x, T, E), lb).capacity() ==
         ref_lower_bound_capacity(std::fabs(delta_hat), d, E, T, 0));
   cap::lower_bound::state_type narrow_state;
-  CHECK(precomputed_router<rt::bidirectional, cap::lower_bound>{}
+  CHECK(precomputed_router<rt::bidirectional, cap::lower_bound>{{.cosines = true}, {}, {}}
             .route(rs::backend::serial{}, view(x, T, E), narrow_state)
             .capacity() == ref_lower_bound_capacity(std::fabs(delta_hat), E, E, T, 0));
 
   const cap::adaptive policy{.estimate = cap::capacity_estimate::etr_bound, .hidden_size = d};
   cap::adaptive::state_type st;
-  (void)precomputed_router<rt::bidirectional, cap::adaptive>{{}, {}, policy}.route(rs::backend::serial{}, view(x, T, E),
-                                                                                   st);
+  (void)precomputed_router<rt::bidirectional, cap::adaptive>{{.cosines = true}, {}, policy}.route(rs::backend::serial{},
+                                                                                                  view(x, T, E), st);
   CHECK(resonance_test::close_rel(st.estimate, ref_etr(delta_hat, d, E), 1e-12));
   // The resonance threshold follows it too: 3 / sqrt(512) = 0.133, where 3 / sqrt(8) = 1.06 would let
   // nothing resonate. 15 candidates per expert, 6 of them resonating: 2 * 6 = 12 instead of unbounded
@@ -808,10 +813,10 @@ TEST_CASE("test_bidirectional_capacity: hidden_size overrides the input width as
   const std::vector<float> y = resonance_batch(rng, E, E, 3.0 / std::sqrt(512.0), std::vector<rs::index>(sz(E), 15),
                                                std::vector<rs::index>(sz(E), 6));
   cap::adaptive::state_type with_d, without_d;
-  (void)precomputed_router<rt::bidirectional, cap::adaptive>{{}, {}, {.hidden_size = d}}.route(
+  (void)precomputed_router<rt::bidirectional, cap::adaptive>{{.cosines = true}, {}, {.hidden_size = d}}.route(
       rs::backend::serial{}, view(y, 15 * E, E), with_d);
-  (void)precomputed_router<rt::bidirectional, cap::adaptive>{}.route(rs::backend::serial{}, view(y, 15 * E, E),
-                                                                     without_d);
+  (void)precomputed_router<rt::bidirectional, cap::adaptive>{{.cosines = true}, {}, {}}.route(
+      rs::backend::serial{}, view(y, 15 * E, E), without_d);
   CHECK(with_d.estimate == 12.0);
   CHECK(std::isinf(without_d.estimate));
 }
@@ -847,9 +852,13 @@ TEST_CASE("test_bidirectional_capacity: the resonance estimate on constructed ba
     const std::vector<float> x = resonance_batch(rng, E, d, thr, h.demand, h.resonating);
     const rs::index T = static_cast<rs::index>(x.size()) / d;
     // The brute force reproduces the hand numbers, and the scheduler agrees with both.
-    CHECK(ref_resonance_estimate(ref_tcr_pairs(x, T, E, d, 1), E, d, h.threshold, h.margin) == h.estimate);
-    const cap::adaptive policy{.threshold = h.threshold, .margin = h.margin, .floor = 0.01, .ceiling = 10.0};
-    CHECK(policy.estimate_capacity({T, E, 1, d, rs::matrix_view<const float>{x.data(), T, E, d}}) == h.estimate);
+    CHECK(ref_resonance_estimate(ref_tcr_pairs(x, T, E, d, 1), E, d, h.threshold, h.margin,
+                                 0.01 * per_expert(T, 1, E)) == h.estimate);
+    // One step from a fresh state, no warm-up: the batch's own estimate.
+    const cap::adaptive policy{
+        .threshold = h.threshold, .margin = h.margin, .floor = 0.01, .ceiling = 10.0, .warmup = 0};
+    CHECK(policy.estimate_capacity({T, E, 1, d, rs::matrix_view<const float>{x.data(), T, E, d}, nullptr, 1.0}) ==
+          h.estimate);
     cap::adaptive::state_type state;
     const rs::routing_plan plan =
         wide_router<cap::adaptive>{{.experts = E}, {}, policy}.route(rs::backend::serial{}, view(x, T, d), state);
@@ -874,7 +883,7 @@ TEST_CASE("test_bidirectional_capacity: adaptive stays in token choice while fea
     std::vector<rs::index> demand(sz(E), 0);
     for (const tcr_pair& p : pairs) ++demand[sz(p.expert)];
     const rs::index max_demand = *std::max_element(demand.begin(), demand.end());
-    CHECK(std::isinf(ref_resonance_estimate(pairs, E, d, 0.0, 2.0)));
+    CHECK(std::isinf(ref_resonance_estimate(pairs, E, d, 0.0, 2.0, 0.1 * per_expert(T, k, E))));
     // The ceiling lets C reach the largest demand: nothing is dropped, the plan is token choice's.
     const cap::adaptive policy{.floor = 0.1, .ceiling = static_cast<double>(E)};
     cap::adaptive::state_type state;
@@ -915,7 +924,8 @@ TEST_CASE("test_bidirectional_capacity: the bound estimates follow ETR Remark 7 
         .quantile = q,
         .tokens_per_sample = tps,
         .floor = 0.25,
-        .ceiling = 3.0};
+        .ceiling = 3.0,
+        .warmup = 0};  // one step: the batch's own estimate
     CAPTURE(n);
     CAPTURE(delta_hat);
     CAPTURE(want);
@@ -944,7 +954,8 @@ TEST_CASE("test_bidirectional_capacity: adaptive capacity never rises and stays 
   for (cap::capacity_estimate kind : kinds) {
     for (int stream = 0; stream < 4; ++stream) {
       const double floor = uniform(rng, 0.1, 0.9), ceiling = floor + uniform(rng, 0.0, 2.5);
-      const cap::adaptive policy{.estimate = kind, .floor = floor, .ceiling = ceiling};
+      // Batch by batch (no smoothing, no warm-up): the reference below reads each batch alone.
+      const cap::adaptive policy{.estimate = kind, .floor = floor, .ceiling = ceiling, .half_life = 0.0, .warmup = 0};
       const wide_router<cap::adaptive> r{{.experts = E}, {}, policy};
       cap::adaptive::state_type state;
       double factor = std::numeric_limits<double>::infinity(), prev_factor = factor;
@@ -954,10 +965,11 @@ TEST_CASE("test_bidirectional_capacity: adaptive capacity never rises and stays 
       for (rs::index step = 0; step < 10; ++step) {
         std::vector<rs::index> demand(sz(E), T / E), resonating(sz(E), shares[sz(step)]);
         std::vector<float> x = resonance_batch(rng, E, d, thr, demand, resonating);
-        const double est = kind == cap::capacity_estimate::resonance
-                               ? ref_resonance_estimate(ref_tcr_pairs(x, T, E, d, 1), E, d, 0.0, 2.0)
-                               : (kind == cap::capacity_estimate::etr_bound ? ref_etr : ref_locmoe)(
-                                     ref_quantile(ref_tcr_pairs(x, T, E, d, 1), 0.5), d, E);
+        const double est =
+            kind == cap::capacity_estimate::resonance
+                ? ref_resonance_estimate(ref_tcr_pairs(x, T, E, d, 1), E, d, 0.0, 2.0, floor * per_expert(T, 1, E))
+                : (kind == cap::capacity_estimate::etr_bound ? ref_etr : ref_locmoe)(
+                      ref_quantile(ref_tcr_pairs(x, T, E, d, 1), 0.5), d, E);
         // Clamped, then at most max_step (0.1) below the previous factor and never above it.
         const double raw_cf = std::isfinite(est) ? est / per_expert(T, 1, E) : ceiling;
         double next = std::clamp(raw_cf, floor, ceiling);
@@ -980,7 +992,7 @@ TEST_CASE("test_bidirectional_capacity: adaptive capacity never rises and stays 
   }
 
   // With T changing between steps the factor stays monotone, and C follows ceil(T k / E * cf).
-  const cap::adaptive policy{.floor = 0.2};
+  const cap::adaptive policy{.floor = 0.2, .warmup = 0};
   cap::adaptive::state_type state;
   double prev = state.factor;
   for (rs::index T2 : {64, 400, 96, 512, 40}) {
@@ -1003,7 +1015,9 @@ TEST_CASE("test_bidirectional_capacity: the TCR -> ECR transition end to end") {
   const rs::index T = 512, E = 8, d = 64, resonant = 12;
   const double thr = 0.375;
   // max_step = 1: no rate limit, so the transition happens within one step (tested separately below).
-  const wide_router<cap::adaptive> etr{{.experts = E}, {}, {.floor = 0.25, .max_step = 1.0}};
+  // Batch by batch (no smoothing, no warm-up), as the reference below.
+  const wide_router<cap::adaptive> etr{
+      {.experts = E}, {}, {.floor = 0.25, .max_step = 1.0, .half_life = 0.0, .warmup = 0}};
   const rs::router<wide_logits, rt::token_choice, cap::dropless> tcr{{.experts = E}, {}, {}};
   cap::adaptive::state_type state;
   const bool is_resonant[] = {false, false, false, true, true, false, true};
@@ -1031,7 +1045,7 @@ TEST_CASE("test_bidirectional_capacity: the TCR -> ECR transition end to end") {
       }
     }
     const auto pairs = ref_tcr_pairs(x, T, E, d, 1);
-    const double est = ref_resonance_estimate(pairs, E, d, 0.0, 2.0);
+    const double est = ref_resonance_estimate(pairs, E, d, 0.0, 2.0, 0.25 * 64.0);
     std::vector<rs::index> demand(sz(E), 0);
     for (const tcr_pair& p : pairs) ++demand[sz(p.expert)];
     const rs::index max_demand = *std::max_element(demand.begin(), demand.end());
@@ -1073,7 +1087,8 @@ TEST_CASE("test_bidirectional_capacity: while isotropic, C stays at the ceiling,
   // whatever the demands, and nothing is dropped while the largest demand fits.
   std::mt19937_64 rng(511);
   const rs::index T = 512, E = 8, d = 64;  // T k / E = 64
-  const wide_router<cap::adaptive> r{{.experts = E}, {}, {}};
+  // Batch by batch (no smoothing, no warm-up): each estimate below is its batch's own.
+  const wide_router<cap::adaptive> r{{.experts = E}, {}, {.half_life = 0.0, .warmup = 0}};
   cap::adaptive::state_type state;
   for (int step = 0; step < 10; ++step) {
     std::vector<float> x(sz(T * d), 0.0f);

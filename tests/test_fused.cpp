@@ -100,7 +100,9 @@ void check_against_two_step(const std::string& what, const Affinity& a, const rt
                             const Capacity& capacity, rs::matrix_view<const float> x) {
   const std::vector<float> l = explicit_logits(a, x);
   const rs::matrix_view<const float> lv{l.data(), x.rows, E};
-  const rs::router<ra::precomputed, rt::token_choice, Capacity> reference{{}, dir, capacity};
+  // Declared cosines: adaptive and lower_bound run here only for cosine-valued affinities at temperature
+  // 1 (check_affinity), and the flag changes nothing for the other capacities.
+  const rs::router<ra::precomputed, rt::token_choice, Capacity> reference{{.cosines = true}, dir, capacity};
   const rs::router<Affinity, rt::token_choice, Capacity> r{a, dir, capacity};
   const auto route = [](const auto& router, const auto& be, rs::matrix_view<const float> in) {
     if constexpr (rs::stateful_capacity_policy<Capacity>) {
@@ -119,8 +121,8 @@ void check_against_two_step(const std::string& what, const Affinity& a, const rt
 }
 
 // Every direction × capacity for one affinity, at token counts around and across the block size.
-// adaptive and lower_bound (which take the unfused path) only for cosine-valued affinities (|δ| <= 1),
-// the only ones they accept.
+// adaptive and lower_bound (which take the unfused path) only for cosine-valued affinities at
+// temperature 1, whose logits the precomputed reference can declare as cosines.
 template <class Affinity>
 void check_affinity(const std::string& name, const Affinity& a, bool cosine_valued, std::mt19937_64& rng) {
   const std::vector<float> bias = resonance_test::normal_values(rng, E, 0.3);

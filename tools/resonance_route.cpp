@@ -809,7 +809,9 @@ rs::routing_plan host_plan(const Backend& be, rs::basic_routing_plan<Space>&& pl
 template <class Backend, class Direction, class Capacity, class Scalar>
 results route_on(const Backend& be, const Direction& dir, const Capacity& cap, const options& o,
                  const std::vector<Scalar>& logits, rs::index T, rs::index E) {
-  const rs::router<rs::affinity::precomputed, Direction, Capacity> r{{}, dir, cap};
+  // --capacity lower-bound|adaptive read the logits as cosines (--help says so): choosing them states it.
+  const rs::router<rs::affinity::precomputed, Direction, Capacity> r{
+      {.cosines = rs::stateful_capacity_policy<Capacity>}, dir, cap};
   const rs::matrix_view<const Scalar> x{logits.data(), T, E};
   // fp32 logits (validated, finite): routed, and the losses are computed on the same values.
   std::vector<float> storage;
@@ -860,6 +862,7 @@ results route_capacity(const Direction& dir, const options& o, const std::vector
                                      .hidden_size = o.hidden_size,
                                      .floor = o.capacity_floor,
                                      .ceiling = o.capacity_ceiling,
+                                     .warmup = 0,  // one batch is the whole stream: no warm-up
                                      .drop = o.drop,
                                      .pad_to_capacity = o.pad_to_capacity,
                                      .align = o.align,

@@ -452,7 +452,7 @@ struct router {
     if constexpr (fuses_on<Backend>) {
       select_fused(be, x, E, cands);
       const candidate_view<host_space> proposals = detail::host_view(cands);
-      const capacity_context ctx{T_, E, k, x.cols, {}, &proposals};
+      const capacity_context ctx{T_, E, k, x.cols, {}, &proposals, cosine_scale_of(affinity)};
       lim = limits_of(ctx);
       detail::check_limits(lim);
     } else {
@@ -478,7 +478,7 @@ struct router {
     // A direction that checks finiteness inside its selection pass saves two passes here.
     constexpr bool self_checked = detail::checks_finite_v<Direction>;
     if constexpr (!self_checked) detail::check_finite(l, "logits");
-    capacity_context ctx{T_, E, k, x.cols, l, nullptr};
+    capacity_context ctx{T_, E, k, x.cols, l, nullptr, cosine_scale_of(affinity)};
     if (detail::selects_with_capacity(direction)) {
       lim = limits_of(ctx);
       detail::check_limits(lim);
@@ -543,7 +543,8 @@ struct router {
                   "on a backend whose memory the host cannot read, the capacity policy must be stateless (a "
                   "scheduler reads the logits and the proposals on the host)");
     const index T_ = x.rows;
-    const capacity_context ctx{T_, E, k, x.cols, {}, nullptr};  // a stateless policy reads the shape only
+    // A stateless policy reads the shape only.
+    const capacity_context ctx{T_, E, k, x.cols, {}, nullptr, cosine_scale_of(affinity)};
     const capacity_limits lim = limits_of(ctx);
     detail::check_limits(lim);
     constexpr bool self_checked = detail::checks_finite_v<Direction>;

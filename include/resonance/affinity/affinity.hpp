@@ -30,6 +30,24 @@ template <class T, class A>
 concept affinity_input = input_scalar<T> ||
     (std::same_as<std::remove_cv_t<T>, bfloat16>&& requires { requires A::accepts_bfloat16; });
 
+// What a logit is to the capacity schedulers that read logits as cosines (capacity::lower_bound when
+// it estimates δ, capacity::adaptive): the factor that turns a logit into cos(x_t, w_e) — 1 for
+// grap_cosine, the temperature τ for cosine's cos/τ, 1 for precomputed logits declared as cosines —
+// or 0 when the logits are not cosines (linear, grap, undeclared precomputed logits, any affinity
+// that does not say). An affinity says it with a member `double cosine_scale() const`; the router
+// passes it to the schedulers in capacity_context::cosine_scale.
+template <class A>
+double cosine_scale_of(const A& a) {
+  if constexpr (requires {
+                  { a.cosine_scale() } -> std::convertible_to<double>;
+                }) {
+    return static_cast<double>(a.cosine_scale());
+  } else {
+    (void)a;
+    return 0.0;
+  }
+}
+
 namespace detail {
 
 // Converts (or views) an input matrix as fp32. A float input is returned as is, without a copy.

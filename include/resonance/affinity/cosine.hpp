@@ -100,6 +100,9 @@ struct basic_cosine {
 
   index experts_for(index) const { return weight.rows; }
 
+  // A logit is cos / τ, so τ · logit is the cosine (see cosine_scale_of).
+  double cosine_scale() const { return static_cast<double>(temperature); }
+
   void validate(index cols) const {
     detail::check_matrix(weight, "cosine.weight");
     detail::require(weight.rows >= 1, "cosine.weight", "at least 1 row (expert)", weight.rows);

@@ -26,6 +26,9 @@ struct grap_cosine {
 
   static constexpr index block_tokens = 64;  // tokens per parallel block (results do not depend on it)
 
+  // The logits are the cosines δ_te themselves (see cosine_scale_of).
+  constexpr double cosine_scale() const { return 1.0; }
+
   void validate(index cols) const {
     detail::check_channel_groups(num_experts, cols, "grap_cosine.num_experts");
     detail::require(std::isfinite(epsilon) && epsilon >= 0.0, "grap_cosine.epsilon", "a finite value >= 0", epsilon);

@@ -6,6 +6,13 @@ namespace resonance::affinity {
 
 // The caller's gate logits (T×E) are routed as given; a double input is converted to fp32 first.
 struct precomputed {
+  // Opt-in: the caller states that the logits are cosines in [-1, 1] (GrAP-cosine or cosine-gate
+  // affinities computed elsewhere, at temperature 1). Nothing in the values can tell, so the capacity
+  // schedulers that read logits as cosines (capacity::lower_bound estimating δ, capacity::adaptive)
+  // refuse precomputed logits unless this is set. Routing itself does not depend on it.
+  bool cosines = false;
+
+  double cosine_scale() const { return cosines ? 1.0 : 0.0; }
   index experts_for(index cols) const { return cols; }
   void validate(index cols) const { detail::require(cols >= 1, "logits", "at least 1 column (expert)", cols); }
 

@@ -2,11 +2,15 @@
 
 // The capacity axis: how many slots each expert has, and which candidates an overfull expert keeps.
 
+#include <cmath>
 #include <concepts>
 #include <cstdint>
+#include <string>
+#include <string_view>
 
 #include "../core/concepts.hpp"
 #include "../core/config.hpp"
+#include "../core/error.hpp"
 #include "../core/view.hpp"
 
 namespace resonance {
@@ -33,8 +37,9 @@ template <class Space>
 struct candidate_view;
 
 // What a capacity scheduler may look at: the batch's shape, its fp32 router logits (the affinities,
-// for GrAP-cosine routing) and, when the direction proposes before the capacity is known (token
-// choice, bidirectional, Sinkhorn), its proposals: bias and group limits change who proposes where.
+// for GrAP-cosine routing), when the direction proposes before the capacity is known (token choice,
+// bidirectional, Sinkhorn) its proposals — bias and group limits change who proposes where — and
+// whether the logits are cosines.
 struct capacity_context {
   index num_tokens = 0;
   index num_experts = 0;
@@ -42,6 +47,9 @@ struct capacity_context {
   index hidden_size = 0;  // columns of the router input (d for hidden states, E for precomputed logits)
   matrix_view<const float> logits = {};
   const candidate_view<host_space>* candidates = nullptr;  // the direction's proposals, or null (expert choice)
+  // cosine = logit · cosine_scale; 0 when the logits are not cosines. The router sets it from its
+  // affinity (resonance::cosine_scale_of); a context built by hand states it, or is taken as not cosine.
+  double cosine_scale = 0.0;
 };
 
 namespace detail {
@@ -55,6 +63,18 @@ inline void check_capacity_shape(index tokens, index experts, index k) {
 inline void check_capacity_shape(const capacity_context& ctx) {
   check_capacity_shape(ctx.num_tokens, ctx.num_experts, ctx.top_k);
   require(ctx.hidden_size >= 0, "hidden_size", "hidden_size >= 0", ctx.hidden_size);
+  require(std::isfinite(ctx.cosine_scale) && ctx.cosine_scale >= 0.0, "cosine_scale",
+          "a finite value >= 0 (0: the logits are not cosines)", ctx.cosine_scale);
+}
+// A scheduler that reads the logits as cosines refuses logits that are not: it would size C from
+// numbers its formulas do not apply to. `argument` names what needs them, `fix` how to avoid it.
+inline void require_cosine_logits(const capacity_context& ctx, std::string_view argument, std::string_view fix) {
+  if (ctx.cosine_scale > 0.0) return;
+  fail(argument,
+       std::string("the router's logits to be cosines (affinity::cosine, affinity::grap_cosine, or "
+                   "affinity::precomputed{.cosines = true}); ") +
+           std::string(fix),
+       "an affinity whose logits are not cosines");
 }
 }  // namespace detail
 

@@ -8,6 +8,12 @@
 // affinities of its token-choice assignments. The batch capacity is C = ⌈samples · ec_min⌉ with
 // samples = ⌈T / tokens_per_sample⌉, clamped to [1, T]: never below one slot, never above dropless
 // (no expert can be proposed by more than T tokens).
+//
+// The estimate is a cosine statistic, so it needs a router whose logits are cosines
+// (capacity_context::cosine_scale: affinity::cosine, whose logits it scales back by τ,
+// affinity::grap_cosine, or affinity::precomputed{.cosines = true}). With any other affinity —
+// LocMoE's own affinity::grap gives channel means, affinity::linear unbounded scores — estimating δ
+// is an error naming lower_bound.delta; a given δ works with every affinity.
 
 #include <cmath>
 #include <cstdint>
@@ -19,7 +25,7 @@
 namespace resonance::capacity {
 
 struct lower_bound {
-  double delta = 0.0;           // δ; 0 = estimate it from the first batch
+  double delta = 0.0;           // δ; 0 = estimate it from the first batch (needs cosine logits)
   double quantile = 0.5;        // which quantile of the TCR affinities estimates δ
   index tokens_per_sample = 0;  // s; 0 = the whole batch is one sample
   index hidden_size = 0;        // d of the bound; 0 = the router input's width (set it for precomputed logits)
@@ -46,6 +52,10 @@ struct lower_bound {
   capacity_limits limits(const capacity_context& ctx, state_type& state) const {
     validate();
     detail::check_capacity_shape(ctx);
+    // Refused before the empty-batch shortcut: the configuration cannot work, whatever the batch.
+    if (delta == 0.0 && state.capacity < 0)
+      detail::require_cosine_logits(ctx, "lower_bound.delta",
+                                    "otherwise set lower_bound.delta (LocMoE's cosine threshold, about 0.03)");
     // An empty batch says nothing about δ: it routes nothing and leaves the bound to the next batch.
     if (ctx.num_tokens == 0 && state.capacity < 0)
       return {.capacity = 0, .drop = drop, .pad_to_capacity = pad_to_capacity, .align = align, .seed = seed};

@@ -33,7 +33,9 @@ inline void check_bound_arguments(double delta, index hidden_size, index num_exp
 namespace resonance::capacity {
 
 // The affinities of the TCR-assigned pairs, token-major: the direction's proposals when the router
-// passes them (their affinity is the logit of the pair), else each token's top-k logits.
+// passes them (their affinity is the logit of the pair), else each token's top-k logits. With a
+// cosine_scale in the context the affinities are the cosines (logit · scale; the ranking is the
+// logits' since the scale is positive), else the logits as they are.
 struct tcr_assignments {
   std::vector<float> affinity;
   std::vector<id_type> expert;
@@ -49,15 +51,18 @@ inline tcr_assignments tcr_pairs(const capacity_context& ctx) {
     for (index t = 0; t < c.num_tokens; ++t)
       for (id_type i = c.offsets[t]; i < c.offsets[t + 1]; ++i)
         out.affinity[static_cast<std::size_t>(i)] = ctx.logits(t, c.expert[i]);
-    return out;
+  } else {
+    out.affinity.resize(static_cast<std::size_t>(T * k));
+    out.expert.resize(static_cast<std::size_t>(T * k));
+    for (index t = 0; t < T; ++t) {
+      const float* row = ctx.logits.row(t);
+      detail::topk_row(
+          E, k, [row](index e) { return row[e]; }, out.affinity.data() + t * k, out.expert.data() + t * k);
+    }
   }
-  out.affinity.resize(static_cast<std::size_t>(T * k));
-  out.expert.resize(static_cast<std::size_t>(T * k));
-  for (index t = 0; t < T; ++t) {
-    const float* row = ctx.logits.row(t);
-    detail::topk_row(
-        E, k, [row](index e) { return row[e]; }, out.affinity.data() + t * k, out.expert.data() + t * k);
-  }
+  // Scale 1 (GrAP-cosine, declared cosines) leaves the values exactly as they are.
+  if (ctx.cosine_scale > 0.0 && ctx.cosine_scale != 1.0)
+    for (float& a : out.affinity) a = static_cast<float>(static_cast<double>(a) * ctx.cosine_scale);
   return out;
 }
 
