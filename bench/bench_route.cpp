@@ -17,13 +17,15 @@
 //   bm_dispatch/<backend>/T:<T>                 d = 1024, plan: top-2 of 64 experts, dropless
 //   bm_combine/<backend>/T:<T>                  same plan
 //   bm_dispatch_combine/<backend>/T:<T>         both, back to back
+//   bm_dispatch_backward/<backend>/T:<T>        dispatch's gradient (dx from dbuffer), same plan
+//   bm_combine_backward/<backend>/T:<T>         combine's gradient (d_expert_out and dweight), same plan
 //   bm_memory_read, bm_memcpy                   bandwidth references (one thread)
 //   bm_peer/<name>/<backend>                    with --peer_inputs=DIR only (see load_peer_cases)
 //
 // Threaded variants (tbb, tbb_simd) use wall-clock time (UseRealTime), which Google Benchmark shows as a
 // "/real_time" suffix on the name; bm_peer names carry no suffix (see bm_peer).
 // Counters: items = tokens; bytes = logits read (route, peer), input read (affinity, route_hidden), rows read +
-// written (dispatch, combine), buffer bytes read (memory_read), read + written (memcpy).
+// written (dispatch, combine and their backward), buffer bytes read (memory_read), read + written (memcpy).
 //
 // Extra flags, removed before Google Benchmark sees the command line:
 //   --peer_inputs=DIR   register bm_peer cases from DIR/cases.txt; a bad manifest exits with status 2
@@ -277,6 +279,42 @@ void bm_dispatch_combine(benchmark::State& state, Backend be, dc_stage stage, rs
   state.SetBytesProcessed(state.iterations() * bytes);
 }
 
+// dispatch_backward reads one dbuffer row per kept assignment and writes every token row (combine's
+// bytes). combine_backward reads one dy row per kept slot and writes every slot row (d_expert_out),
+// then reads a dy and an expert-output row per kept assignment and writes its dweight.
+std::int64_t combine_backward_bytes(const rs::routing_plan& p, rs::index d) {
+  return (3 * p.num_assignments() + p.num_slots()) * d * float_bytes + p.num_assignments() * float_bytes;
+}
+
+template <class Backend>
+void bm_backward(benchmark::State& state, Backend be, bool of_combine, rs::index T) {
+  const rs::index d = dc_width;
+  const rs::routing_plan& plan = dropless_plan(T);
+  const rs::plan_view pv = plan.view();
+  const rs::index S = plan.num_slots(), A = plan.num_assignments();
+  const rs::matrix_view<const float> dbuffer = normal_view(S, d, seed_hidden);
+  const rs::matrix_view<const float> expert_out = normal_view(S, d, seed_expert_out);
+  const rs::matrix_view<const float> dy = normal_view(T, d, seed_hidden);
+  std::vector<float> dx(of_combine ? 0 : count(T, d)), d_expert_out(of_combine ? count(S, d) : 0);
+  std::vector<float> dweight(of_combine ? static_cast<std::size_t>(A) : 0);
+  try {
+    for (auto _ : state) {
+      if (of_combine) {
+        rs::combine_backward(be, pv, expert_out, dy, rs::matrix_view<float>{d_expert_out.data(), S, d},
+                             rs::vector_view<float>{dweight.data(), A});
+      } else {
+        rs::dispatch_backward(be, pv, dbuffer, rs::matrix_view<float>{dx.data(), T, d});
+      }
+      benchmark::ClobberMemory();
+    }
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+    return;
+  }
+  state.SetItemsProcessed(state.iterations() * T);
+  state.SetBytesProcessed(state.iterations() * (of_combine ? combine_backward_bytes(plan, d) : combine_bytes(plan, d)));
+}
+
 // Sixteen independent accumulators: no reassociation is needed to vectorise the loop, so it runs at
 // the vector units' speed (or the memory's) without -ffast-math. Not inlined: inlined into the
 // benchmark's loop, GCC 12 compiled it to a loop that read 6.3 GB/s where this function reads 12 (as
@@ -517,6 +555,9 @@ void register_families(const options& opt) {
           [=](benchmark::State& s) { bm_dispatch_combine<Backend>(s, be, dc_stage::combine, T); });
       add("bm_dispatch_combine" + suffix, threaded,
           [=](benchmark::State& s) { bm_dispatch_combine<Backend>(s, be, dc_stage::both, T); });
+      add("bm_dispatch_backward" + suffix, threaded,
+          [=](benchmark::State& s) { bm_backward<Backend>(s, be, false, T); });
+      add("bm_combine_backward" + suffix, threaded, [=](benchmark::State& s) { bm_backward<Backend>(s, be, true, T); });
     }
   });
 

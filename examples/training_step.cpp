@@ -55,14 +55,11 @@ int main() {
     const float z = rs::loss::z_loss(be, cmat{logits.data(), T, E}, {.coeff = 1e-3}, mat{dl_z.data(), T, E});
 
     // ---- backward -----------------------------------------------------------------------------
-    // Gradient of the task loss w.r.t. each kept assignment's combine weight: <dy_t, expert_out[slot]>.
+    // Gradient of the task loss w.r.t. each kept assignment's combine weight: <dy_t, expert_out[slot]>
+    // (combine's backward; its d_expert_out is not wanted here: the toy experts have no parameters).
     std::vector<float> dweight(plan.num_assignments());
-    for (rs::index t = 0; t < T; ++t)
-      for (rs::id_type i = plan.token_offsets()[t]; i < plan.token_offsets()[t + 1]; ++i) {
-        float g = 0.0f;
-        for (rs::index c = 0; c < d; ++c) g += dy[t * d + c] * expert_out[plan.token_slot()[i] * d + c];
-        dweight[i] = g;
-      }
+    rs::combine_backward(be, plan, cmat{expert_out.data(), S, d}, cmat{dy.data(), T, d}, mat{},
+                         rs::vector_view<float>{dweight.data(), plan.num_assignments()});
     // Through the weights (selection is fixed) to the logits, then add the losses' logit gradients and
     // chain once through the gate: dX (for the layers below), dW and db (for the optimizer).
     std::vector<float> dlogits(T * E), dx(T * d), dgate(E * d);

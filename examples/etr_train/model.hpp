@@ -221,19 +221,15 @@ inline void head_forward_backward(parameters& p, const batch& b, activations& ac
 // dweight, the experts' gradients into p.grad, and dL/dh (residual + dispatch) into dh.
 inline void experts_backward(parameters& p, const rs::routing_plan& plan, const activations& act, const rmat& dy,
                              std::vector<float>& dweight, rmat& dh) {
+  const rs::backend::serial be;
   const model_shape& s = p.shape;
   const long S = plan.num_slots(), T = act.h.rows();
-  rmat dout = rmat::Zero(S, s.width);
-  dweight.assign(sz(plan.num_assignments()), 0.0f);
-  const auto toff = plan.token_offsets();
-  const auto tslot = plan.token_slot();
-  const auto tw = plan.token_weight();
-  for (long t = 0; t < T; ++t)
-    for (rs::id_type i = toff[sz(t)]; i < toff[sz(t + 1)]; ++i) {
-      const long slot = tslot[sz(i)];
-      dout.row(slot) = tw[sz(i)] * dy.row(t);
-      dweight[sz(i)] = dy.row(t).dot(act.out.row(slot));
-    }
+  // combine's gradient: w_i·dy_t at each kept slot (zero rows at padding) and <dy_t, out_slot> per
+  // assignment (summed in double, rounded once).
+  rmat dout(S, s.width);
+  dweight.resize(sz(plan.num_assignments()));
+  rs::combine_backward(be, plan, view(act.out), view(dy), view(dout),
+                       rs::vector_view<float>{dweight.data(), plan.num_assignments()});
   rmat dbuf(S, s.width);
   const auto off = plan.expert_offsets();
   for (long e = 0; e < s.experts; ++e) {
@@ -248,10 +244,10 @@ inline void experts_backward(parameters& p, const rs::routing_plan& plan, const 
     p.gmat(p.b1[sz(e)]).row(0) += dz.colwise().sum();
     dbuf.middleRows(r0, n).noalias() = dz * p.mat(p.w1[sz(e)]);
   }
-  dh = dy;  // the residual
-  const auto stok = plan.slot_token();
-  for (long slot = 0; slot < S; ++slot)
-    if (const long t = stok[sz(slot)]; t >= 0) dh.row(t) += dbuf.row(slot);
+  // dispatch's gradient (each token's slot rows summed in ascending expert order), then the residual.
+  dh.resize(T, s.width);
+  rs::dispatch_backward(be, plan, view(std::as_const(dbuf)), view(dh));
+  dh += dy;
 }
 
 // Through the projection (and the embeddings).

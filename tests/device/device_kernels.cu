@@ -53,3 +53,26 @@ __global__ void radix_select_kernel(const std::uint64_t* keys, const rs::id_type
   if (n > k)
     kth[s] = rs::detail::radix_kth_largest(keys + offsets[s], n, k, histograms + s * rs::detail::radix_select_bins);
 }
+
+// The per-row pieces of dispatch_backward and combine_backward: the unit-weight sum of a token's slot
+// rows (8-column items, as a device runs it), a slot row scaled by its weight, and the double dot
+// product of dweight, for fp32 and bfloat16 rows.
+template <class T>
+__global__ void rows_backward_kernel(const T* dbuffer, const rs::id_type* token_offsets, const rs::id_type* token_slot,
+                                     const float* weight, rs::index T_, rs::index d, T* dx, T* d_expert_out,
+                                     float* dweight) {
+  const rs::index t = blockIdx.x * static_cast<rs::index>(blockDim.x) + threadIdx.x;
+  if (t >= T_) return;
+  const auto row_of = [&](rs::id_type i) { return dbuffer + token_slot[i] * d; };
+  rs::detail::combine_columns<8>(dx + t * d, row_of, rs::detail::unit_weights{}, token_offsets[t], token_offsets[t + 1],
+                                 0, d < 8 ? d : 8);
+  for (rs::id_type i = token_offsets[t]; i < token_offsets[t + 1]; ++i) {
+    rs::detail::scale_row(d_expert_out + token_slot[i] * d, dx + t * d, weight[i], d);
+    dweight[i] = static_cast<float>(rs::detail::dot_row(dx + t * d, dbuffer + token_slot[i] * d, d));
+  }
+}
+template __global__ void rows_backward_kernel<float>(const float*, const rs::id_type*, const rs::id_type*, const float*,
+                                                     rs::index, rs::index, float*, float*, float*);
+template __global__ void rows_backward_kernel<rs::bfloat16>(const rs::bfloat16*, const rs::id_type*, const rs::id_type*,
+                                                            const float*, rs::index, rs::index, rs::bfloat16*,
+                                                            rs::bfloat16*, float*);
