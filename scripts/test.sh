@@ -8,10 +8,20 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/deps.sh test
 failed=()
-scripts/tsan.sh || failed+=(tsan)
-scripts/fuzz.sh --ci || failed+=(fuzz)
-cmake --workflow --preset dev || failed+=(dev)
-cmake --workflow --preset asan-ubsan || failed+=(asan-ubsan)
+times=()
+# step NAME COMMAND...: runs one step, records its failure and its wall time.
+step() {
+  local name=$1 start=$SECONDS
+  shift
+  "$@" || failed+=("$name")
+  times+=("$name $((SECONDS - start)) s")
+}
+step tsan scripts/tsan.sh
+step fuzz scripts/fuzz.sh --ci
+step dev cmake --workflow --preset dev
+# The times so far, printed before the last step so that CTest's summary ends the run.
+echo "scripts/test.sh: ${times[*]}"
+step asan-ubsan cmake --workflow --preset asan-ubsan
 if ((${#failed[@]})); then
   echo "scripts/test.sh: failed: ${failed[*]}" >&2
   exit 1
