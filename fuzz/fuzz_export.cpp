@@ -78,6 +78,27 @@ tally counts;
 
 void count(int which, bool valid) { ++(valid ? counts.exported : counts.rejected)[which]; }
 
+// Calls make(be) on every host backend: it must throw a resonance::error exactly when !valid, and every
+// backend's result must equal (`same`) the first one's (serial's). Returns serial's result, if any.
+template <class Result, class Make, class Same>
+std::optional<Result> on_every_backend(const std::string& call, bool valid, Make make, Same same) {
+  std::optional<Result> want;
+  resonance_fuzz::for_each_host_backend([&](const auto& be, const char* name) {
+    const std::string what = call + " on " + name;
+    std::optional<Result> got;
+    const std::string error = error_of([&] { got = make(be); });
+    require_resonance_error(error, what);
+    require((error == "no throw") == valid, what + ": " + error);
+    if (!got) return;
+    if (!want) {
+      want = std::move(got);
+      return;
+    }
+    require(same(*got, *want), what + ": differs from serial's");
+  });
+  return want;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // The plan
 
@@ -308,22 +329,13 @@ void check_block_aligned(byte_source& in, const rs::routing_plan& plan) {
   }
   count(1, valid);
 
-  std::optional<rs::block_aligned_layout> want;
-  resonance_fuzz::for_each_host_backend([&](const auto& be, const char* name) {
-    const std::string what = std::string("to_block_aligned(block ") + std::to_string(block) + ") on " + name;
-    std::optional<rs::block_aligned_layout> got;
-    const std::string error = error_of([&] { got = rs::to_block_aligned(be, plan, block); });
-    require_resonance_error(error, what);
-    require((error == "no throw") == valid, what + ": " + error);
-    if (!got) return;
-    if (!want) {
-      want = std::move(got);
-      return;
-    }
-    require(got->block == want->block && got->num_tokens_post_pad == want->num_tokens_post_pad &&
-                got->sorted_token_ids == want->sorted_token_ids && got->expert_ids == want->expert_ids,
-            what + ": differs from serial's");
-  });
+  const std::optional<rs::block_aligned_layout> want = on_every_backend<rs::block_aligned_layout>(
+      "to_block_aligned(block " + std::to_string(block) + ")", valid,
+      [&](const auto& be) { return rs::to_block_aligned(be, plan, block); },
+      [](const rs::block_aligned_layout& a, const rs::block_aligned_layout& b) {
+        return a.block == b.block && a.num_tokens_post_pad == b.num_tokens_post_pad &&
+               a.sorted_token_ids == b.sorted_token_ids && a.expert_ids == b.expert_ids;
+      });
   if (!want) return;
 
   const rs::block_aligned_layout& out = *want;
@@ -381,25 +393,14 @@ void check_rank_layout(byte_source& in, const rs::routing_plan& plan) {
   for (id_type r : placement.rank_of_expert) valid &= r >= 0 && r < R;
   count(2, valid);
 
-  std::optional<rs::rank_layout> want;
-  resonance_fuzz::for_each_host_backend([&](const auto& be, const char* name) {
-    const std::string what = std::string("to_rank_layout(") + std::to_string(R) + " ranks, " +
-                             std::to_string(placement.ranks_per_node) + " per node) on " + name;
-    std::optional<rs::rank_layout> got;
-    const std::string error = error_of([&] { got = rs::to_rank_layout(be, plan, placement); });
-    require_resonance_error(error, what);
-    require((error == "no throw") == valid, what + ": " + error);
-    if (!got) return;
-    if (!want) {
-      want = std::move(got);
-      return;
-    }
-    require(got->num_ranks == want->num_ranks && got->num_tokens_per_rank == want->num_tokens_per_rank &&
-                got->num_tokens_per_node == want->num_tokens_per_node &&
-                got->num_tokens_per_expert == want->num_tokens_per_expert &&
-                got->is_token_in_rank == want->is_token_in_rank,
-            what + ": differs from serial's");
-  });
+  const std::optional<rs::rank_layout> want = on_every_backend<rs::rank_layout>(
+      "to_rank_layout(" + std::to_string(R) + " ranks, " + std::to_string(placement.ranks_per_node) + " per node)",
+      valid, [&](const auto& be) { return rs::to_rank_layout(be, plan, placement); },
+      [](const rs::rank_layout& a, const rs::rank_layout& b) {
+        return a.num_ranks == b.num_ranks && a.num_tokens_per_rank == b.num_tokens_per_rank &&
+               a.num_tokens_per_node == b.num_tokens_per_node && a.num_tokens_per_expert == b.num_tokens_per_expert &&
+               a.is_token_in_rank == b.is_token_in_rank;
+      });
   if (!want) return;
 
   const rs::rank_layout& out = *want;
