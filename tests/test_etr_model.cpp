@@ -1,7 +1,8 @@
-// The hand-written forward/backward of examples/etr_train (model.hpp, and train.hpp's router backward)
-// against central finite differences of the task loss, with the selection held fixed: every perturbed
-// loss re-routes (so the combine weights come from the perturbed logits exactly as in a training step)
-// and an entry is skipped when the perturbation changes the plan's assignments or a ReLU's sign.
+// The hand-written forward/backward of examples/etr_train (model.hpp, and train.hpp's training step with
+// two MoE layers and the balancing losses) against central finite differences of the step's loss, with
+// the selection held fixed: every perturbed loss re-routes (so the combine weights come from the
+// perturbed logits exactly as in a training step) and an entry is skipped when the perturbation changes
+// a layer's assignments or a ReLU's sign.
 
 #include <algorithm>
 #include <cmath>
@@ -29,6 +30,7 @@ etr::model_shape tiny_shape() {
   s.hidden = 6;
   s.experts = 4;
   s.classes = 4;
+  s.layers = 2;
   return s;
 }
 
@@ -50,55 +52,46 @@ void randomize(etr::parameters& p, std::mt19937_64& rng) {
   for (float& v : p.value) v = nd(rng);
 }
 
-// What must not change between the base point and a perturbed one for the loss to be smooth there.
+// What must not change between the base point and a perturbed one for the loss to be smooth there:
+// every layer's assignments and ReLU signs.
 struct snapshot {
   std::vector<rs::id_type> offsets, expert, slot;
   std::vector<bool> relu;
   bool operator==(const snapshot&) const = default;
 };
 
+// One training step (train.hpp's step_gradient: every layer, the head, the routers' backward with the
+// arm's balancing losses) at the current parameters: the gradient in p.grad, the loss returned.
 template <class Router>
-double forward_loss(etr::parameters& p, const Router& r, const etr::batch& b, snapshot& snap) {
+double step(etr::parameters& p, const std::vector<Router>& routers, const etr::arm_options& opt, const etr::batch& b,
+            snapshot& snap) {
+  std::vector<etr::detail::capacity_state<Router>> states(routers.size());
   etr::activations act;
-  etr::input_forward(p, b, act);
-  etr::detail::capacity_state<Router> state{};
-  const rs::routing_plan plan = etr::detail::route(r, act.h, state);
-  etr::experts_forward(p, plan, act);
-  etr::head_forward_backward(p, b, act, nullptr);
-  const auto off = plan.token_offsets();
-  const auto ex = plan.token_expert();
-  const auto sl = plan.token_slot();
-  snap.offsets.assign(off.begin(), off.end());
-  snap.expert.assign(ex.begin(), ex.end());
-  snap.slot.assign(sl.begin(), sl.end());
-  snap.relu.clear();
-  for (long i = 0; i < act.z1.size(); ++i) snap.relu.push_back(act.z1.data()[i] > 0.0f);
-  return act.loss;
+  std::vector<rs::routing_plan> plans;
+  const double extra = etr::detail::step_gradient(p, routers, states, opt, b, act, plans);
+  snap = {};
+  for (std::size_t l = 0; l < plans.size(); ++l) {
+    const auto off = plans[l].token_offsets();
+    const auto ex = plans[l].token_expert();
+    const auto sl = plans[l].token_slot();
+    snap.offsets.insert(snap.offsets.end(), off.begin(), off.end());
+    snap.expert.insert(snap.expert.end(), ex.begin(), ex.end());
+    snap.slot.insert(snap.slot.end(), sl.begin(), sl.end());
+    const rmat& z1 = act.layer[l].z1;
+    for (long i = 0; i < z1.size(); ++i) snap.relu.push_back(z1.data()[i] > 0.0f);
+  }
+  return act.loss + extra;
 }
 
-// Tokens kept (assignments) by the router at the current parameters.
+// Tokens kept (assignments, summed over the layers) by the routers at the current parameters.
 template <class Router>
-long kept_assignments(etr::parameters& p, const Router& r, const etr::batch& b) {
+long kept_assignments(etr::parameters& p, const std::vector<Router>& routers, const etr::batch& b) {
   snapshot snap;
-  forward_loss(p, r, b, snap);
-  return static_cast<long>(snap.offsets.back());
-}
-
-// One training step's gradient (train.hpp's composition, task loss only) into p.grad.
-template <class Router>
-void analytic_gradient(etr::parameters& p, const Router& r, const etr::batch& b) {
-  std::fill(p.grad.begin(), p.grad.end(), 0.0f);
-  etr::activations act;
-  rmat dy, dh;
-  std::vector<float> dweight;
-  etr::input_forward(p, b, act);
-  etr::detail::capacity_state<Router> state{};
-  const rs::routing_plan plan = etr::detail::route(r, act.h, state);
-  etr::experts_forward(p, plan, act);
-  etr::head_forward_backward(p, b, act, &dy);
-  etr::experts_backward(p, plan, act, dy, dweight, dh);
-  etr::detail::router_backward(p, r, etr::arm_options{}, act, plan, dweight, b.samples, dh);
-  etr::input_backward(p, b, act, dh);
+  step(p, routers, etr::arm_options{}, b, snap);
+  const std::size_t per_layer = etr::sz(b.tokens() + 1);  // each layer's token offsets: T + 1 entries
+  long kept = 0;
+  for (std::size_t l = 0; l < routers.size(); ++l) kept += static_cast<long>(snap.offsets[(l + 1) * per_layer - 1]);
+  return kept;
 }
 
 struct named_tensor {
@@ -108,13 +101,17 @@ struct named_tensor {
 
 std::vector<named_tensor> tensors_of(const etr::parameters& p, bool gate) {
   std::vector<named_tensor> out{{"proj", p.proj}};
-  if (gate) out.push_back({"gate", p.gate});
-  for (std::size_t e = 0; e < p.w1.size(); ++e) {
-    const std::string k = std::to_string(e);
-    out.push_back({"w1[" + k + "]", p.w1[e]});
-    out.push_back({"b1[" + k + "]", p.b1[e]});
-    out.push_back({"w2[" + k + "]", p.w2[e]});
-    out.push_back({"b2[" + k + "]", p.b2[e]});
+  for (std::size_t l = 0; l < p.layers.size(); ++l) {
+    const etr::layer_parameters& lp = p.layers[l];
+    const std::string layer = "layer " + std::to_string(l) + " ";
+    if (gate) out.push_back({layer + "gate", lp.gate});
+    for (std::size_t e = 0; e < lp.w1.size(); ++e) {
+      const std::string k = std::to_string(e);
+      out.push_back({layer + "w1[" + k + "]", lp.w1[e]});
+      out.push_back({layer + "b1[" + k + "]", lp.b1[e]});
+      out.push_back({layer + "w2[" + k + "]", lp.w2[e]});
+      out.push_back({layer + "b2[" + k + "]", lp.b2[e]});
+    }
   }
   out.push_back({"head_w", p.head_w});
   out.push_back({"head_b", p.head_b});
@@ -123,27 +120,27 @@ std::vector<named_tensor> tensors_of(const etr::parameters& p, bool gate) {
 
 // Every entry of every tensor (the model is tiny, so sampling would only weaken the check).
 template <class Router>
-void check_gradients(etr::parameters& p, const Router& r, const etr::batch& b, bool gate) {
-  const double step = 3e-3, rel = 2e-2, abs_tol = 3e-5;
-  analytic_gradient(p, r, b);
-  const std::vector<float> grad = p.grad;
+void check_gradients(etr::parameters& p, const std::vector<Router>& routers, const etr::arm_options& opt,
+                     const etr::batch& b, bool gate) {
+  const double step_size = 3e-3, rel = 2e-2, abs_tol = 3e-5;
   snapshot base, moved;
-  forward_loss(p, r, b, base);
+  step(p, routers, opt, b, base);
+  const std::vector<float> grad = p.grad;
   std::size_t total = 0, checked_total = 0, nonzero = 0;
   for (const named_tensor& nt : tensors_of(p, gate)) {
     std::size_t checked = 0;
     for (std::size_t i = nt.t.offset; i < nt.t.offset + nt.t.size(); ++i) {
       const float keep = p.value[i];
-      p.value[i] = keep + static_cast<float>(step);
-      const double up = forward_loss(p, r, b, moved);
+      p.value[i] = keep + static_cast<float>(step_size);
+      const double up = step(p, routers, opt, b, moved);
       const bool up_ok = moved == base;
-      p.value[i] = keep - static_cast<float>(step);
-      const double down = forward_loss(p, r, b, moved);
+      p.value[i] = keep - static_cast<float>(step_size);
+      const double down = step(p, routers, opt, b, moved);
       const bool down_ok = moved == base;
       p.value[i] = keep;
       if (!up_ok || !down_ok) continue;  // the selection or a ReLU flipped: not differentiable across
       ++checked;
-      const double fd = (up - down) / (2.0 * step);
+      const double fd = (up - down) / (2.0 * step_size);
       const double an = static_cast<double>(grad[i]);
       if (std::abs(an) > 10.0 * abs_tol) ++nonzero;
       INFO(nt.name, " entry ", i - nt.t.offset, ": analytic ", an, " finite difference ", fd);
@@ -161,29 +158,33 @@ void check_gradients(etr::parameters& p, const Router& r, const etr::batch& b, b
 
 }  // namespace
 
-TEST_CASE("test_etr_model: linear gate, top-1 pre-softmax with a capacity factor matches finite differences") {
+TEST_CASE("test_etr_model: two layers of linear gates, top-1 pre-softmax with a capacity factor, aux loss") {
   std::mt19937_64 rng(11);
   const etr::model_shape s = tiny_shape();
   etr::parameters p = etr::init_parameters(s, 3);
   randomize(p, rng);
   const etr::batch b = tiny_batch(rng, 3, 4, s.in, s.classes);
   // Factor 1 with 12 tokens on 4 experts: capacity 3, so some tokens are dropped (by position).
-  const rs::router<rs::affinity::linear, rs::routing::token_choice, rs::capacity::factor> r{
-      {.weight = p.view(p.gate)},
-      {.top_k = 1, .pre_softmax = true},
-      {.factor = 1.0, .drop = rs::drop_policy::position, .pad_to_capacity = true}};
-  CHECK(kept_assignments(p, r, b) < b.tokens());  // the dropped tokens' path is exercised too
-  check_gradients(p, r, b, true);
+  using router = rs::router<rs::affinity::linear, rs::routing::token_choice, rs::capacity::factor>;
+  std::vector<router> routers;
+  for (const etr::layer_parameters& l : p.layers)
+    routers.push_back(router{{.weight = p.view(l.gate)},
+                             {.top_k = 1, .pre_softmax = true},
+                             {.factor = 1.0, .drop = rs::drop_policy::position, .pad_to_capacity = true}});
+  CHECK(kept_assignments(p, routers, b) < 2 * b.tokens());  // the dropped tokens' path is exercised too
+  check_gradients(p, routers, etr::arm_options{.aux = 0.1}, b, true);
 }
 
-TEST_CASE("test_etr_model: grap_cosine, top-2 pre-softmax dropless matches finite differences") {
+TEST_CASE("test_etr_model: two layers of grap_cosine at τ 0.5, top-2 dropless, aux and locality losses") {
   std::mt19937_64 rng(12);
   const etr::model_shape s = tiny_shape();
   etr::parameters p = etr::init_parameters(s, 4);
   randomize(p, rng);
-  const etr::batch b = tiny_batch(rng, 3, 4, s.in, s.classes);
-  const rs::router<rs::affinity::grap_cosine, rs::routing::token_choice, rs::capacity::dropless> r{
-      {.num_experts = s.experts}, {.top_k = 2, .pre_softmax = true}, {}};
-  CHECK(kept_assignments(p, r, b) == 2 * b.tokens());
-  check_gradients(p, r, b, false);
+  const etr::batch b = tiny_batch(rng, 4, 4, s.in, s.classes);
+  // The losses see logits / τ (train.hpp): a missing 1/τ in their gradient fails here.
+  using router = rs::router<rs::affinity::grap_cosine, rs::routing::token_choice, rs::capacity::dropless>;
+  const std::vector<router> routers(
+      2, router{{.num_experts = s.experts}, {.top_k = 2, .pre_softmax = true, .temperature = 0.5f}, {}});
+  CHECK(kept_assignments(p, routers, b) == 2 * 2 * b.tokens());
+  check_gradients(p, routers, etr::arm_options{.aux = 0.1, .locality = 0.1}, b, false);
 }

@@ -27,6 +27,7 @@ struct load_record {
   double drop_rate = 0.0;
   double padding = 0.0;
   double load_cv = 0.0;
+  double local = 0.0;        // local_fraction, when measured
   std::vector<double> kept;  // per expert
 };
 
@@ -44,6 +45,22 @@ inline load_record measure_load(const rs::routing_plan& plan) {
   return r;
 }
 
+// The fraction of kept assignments whose expert sits on the token's node, with the locality loss's
+// virtual nodes: token t of a batch of `samples` samples is on node (t / s)·nodes / samples, expert e on
+// e·nodes / E. 1/nodes when routing ignores the nodes.
+inline double local_fraction(const rs::routing_plan& plan, long samples, long nodes) {
+  const auto off = plan.token_offsets();
+  const auto ex = plan.token_expert();
+  const long T = plan.num_tokens(), E = plan.num_experts(), s = T / samples;
+  long local = 0, kept = 0;
+  for (long t = 0; t < T; ++t)
+    for (rs::id_type j = off[static_cast<std::size_t>(t)]; j < off[static_cast<std::size_t>(t + 1)]; ++j) {
+      local += (t / s) * nodes / samples == static_cast<long>(ex[static_cast<std::size_t>(j)]) * nodes / E ? 1 : 0;
+      ++kept;
+    }
+  return kept > 0 ? static_cast<double>(local) / static_cast<double>(kept) : 0.0;
+}
+
 // Running means of load records (the kept vector is summed, not averaged).
 struct load_sum {
   load_record sum;
@@ -55,6 +72,7 @@ struct load_sum {
     sum.drop_rate += r.drop_rate;
     sum.padding += r.padding;
     sum.load_cv += r.load_cv;
+    sum.local += r.local;
     if (sum.kept.size() < r.kept.size()) sum.kept.resize(r.kept.size(), 0.0);
     for (std::size_t e = 0; e < r.kept.size(); ++e) sum.kept[e] += r.kept[e];
     ++n;
@@ -68,6 +86,7 @@ struct load_sum {
     m.drop_rate /= k;
     m.padding /= k;
     m.load_cv /= k;
+    m.local /= k;
     return m;
   }
 };
@@ -114,16 +133,27 @@ struct success_counts {
   }
 };
 
-// One row of a run's CSV: a log interval's means.
+// One row of a run's CSV: a log interval's means (the load and CH averaged over the layers too).
 struct step_record {
   long step = 0;
   double loss = 0.0, accuracy = 0.0;
   load_record load;
-  double ch = 0.0;                  // Calinski-Harabasz of this step's MoE inputs grouped by expert
-  double success = -1.0;            // Definition 2 on this step's batch (-1: not defined for the task)
-  double route_ms = 0.0;            // mean wall time of route() over the interval
-  double capacity_estimate = -1.0;  // capacity::adaptive's last raw estimate of C (inf: TCR regime); -1: none
+  double ch = 0.0;                        // Calinski-Harabasz of this step's MoE inputs grouped by expert
+  double success = -1.0;                  // Definition 2 on this step's batch (-1: not defined for the task)
+  double route_ms = 0.0;                  // mean wall time of route() over the interval, all layers
+  std::vector<double> capacity_estimate;  // capacity::adaptive's last raw estimate per layer (inf: TCR)
+  std::vector<double> layer_capacity;     // C of the interval's last step, per layer
 };
+
+inline std::string join(const std::vector<double>& v, const char* format) {
+  std::string s;
+  char cell[64];
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    std::snprintf(cell, sizeof cell, format, v[i]);
+    s += (i > 0 ? ";" : "") + std::string(cell);
+  }
+  return s;
+}
 
 inline void write_run_csv(const std::string& path, const std::vector<step_record>& rows) {
   std::FILE* f = std::fopen(path.c_str(), "w");
@@ -133,26 +163,36 @@ inline void write_run_csv(const std::string& path, const std::vector<step_record
   }
   std::fprintf(f,
                "step,loss,acc,tokens_per_expert,slots_per_expert,capacity,drop_rate,padding,load_cv,ch,success,"
-               "route_ms,capacity_estimate\n");
+               "local,route_ms,capacity_estimate,layer_capacity\n");
   for (const step_record& r : rows)
-    std::fprintf(f, "%ld,%.6f,%.6f,%.3f,%.3f,%.3f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.3f\n", r.step, r.loss, r.accuracy,
-                 r.load.kept_per_expert, r.load.slots_per_expert, r.load.capacity, r.load.drop_rate, r.load.padding,
-                 r.load.load_cv, r.ch, r.success, r.route_ms, r.capacity_estimate);
+    std::fprintf(f, "%ld,%.6f,%.6f,%.3f,%.3f,%.3f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%s,%s\n", r.step, r.loss,
+                 r.accuracy, r.load.kept_per_expert, r.load.slots_per_expert, r.load.capacity, r.load.drop_rate,
+                 r.load.padding, r.load.load_cv, r.ch, r.success, r.load.local, r.route_ms,
+                 join(r.capacity_estimate, "%.3f").c_str(), join(r.layer_capacity, "%.1f").c_str());
   std::fclose(f);
 }
 
-// The final evaluation of one arm on one task.
-struct run_summary {
-  std::string task, arm;
-  long steps = 0;
+// A held-out evaluation of the final model under one set of routers.
+struct eval_record {
   double loss = 0.0, accuracy = 0.0, perplexity = 0.0;
-  load_record load;                     // held-out set, routed with the final model and capacity
-  double train_slots_per_expert = 0.0;  // mean over all training steps (the work the FFNs did)
-  double train_kept_per_expert = 0.0;
+  load_record load;  // averaged over the routing groups and layers
   double ch = 0.0;
   double success = -1.0, success_matched = -1.0;
-  double route_ms = 0.0;  // mean over training steps
-  double seconds = 0.0;   // wall time of the arm (training + evaluation)
+  std::vector<double> layer_capacity;  // C per layer, averaged over the routing groups
+};
+
+// The final evaluation of one arm on one task and seed.
+struct run_summary {
+  std::string task, arm;
+  unsigned long long seed = 0;
+  long layers = 1;
+  long steps = 0;
+  eval_record trained;                  // routed with the trained capacity (training's routers)
+  eval_record unbounded;                // at C = infinity (token choice, every proposal kept)
+  double train_slots_per_expert = 0.0;  // mean over all training steps and layers (the work the FFNs did)
+  double train_kept_per_expert = 0.0;
+  double route_ms = 0.0;  // mean over training steps (all layers)
+  double seconds = 0.0;   // wall time of the arm (training + evaluations)
   double tokens_per_step = 0.0;
 };
 
@@ -163,21 +203,23 @@ inline void write_summary_csv(const std::string& path, const std::vector<run_sum
     return;
   }
   std::fprintf(f,
-               "task,arm,steps,tokens_per_step,loss,acc,ppl,tokens_per_expert,slots_per_expert,capacity,"
-               "train_slots_per_expert,train_tokens_per_expert,drop_rate,padding,load_cv,ch,success,success_matched,"
+               "task,arm,seed,layers,steps,tokens_per_step,loss,acc,ppl,tokens_per_expert,slots_per_expert,capacity,"
+               "train_slots_per_expert,train_tokens_per_expert,drop_rate,padding,load_cv,local,ch,success,"
+               "success_matched,inf_loss,inf_acc,inf_ppl,inf_capacity,inf_load_cv,inf_local,layer_capacity,"
                "route_ms,seconds,expert_load\n");
   for (const run_summary& r : rows) {
-    std::string loads;
-    for (std::size_t e = 0; e < r.load.kept.size(); ++e) {
-      if (e > 0) loads += ';';
-      loads += std::to_string(std::lround(r.load.kept[e]));
-    }
+    const eval_record& e = r.trained;
+    std::vector<double> loads;
+    for (double k : e.load.kept) loads.push_back(static_cast<double>(std::lround(k)));
     std::fprintf(f,
-                 "%s,%s,%ld,%.0f,%.6f,%.6f,%.6f,%.3f,%.3f,%.3f,%.3f,%.3f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.2f,%s\n",
-                 r.task.c_str(), r.arm.c_str(), r.steps, r.tokens_per_step, r.loss, r.accuracy, r.perplexity,
-                 r.load.kept_per_expert, r.load.slots_per_expert, r.load.capacity, r.train_slots_per_expert,
-                 r.train_kept_per_expert, r.load.drop_rate, r.load.padding, r.load.load_cv, r.ch, r.success,
-                 r.success_matched, r.route_ms, r.seconds, loads.c_str());
+                 "%s,%s,%llu,%ld,%ld,%.0f,%.6f,%.6f,%.6f,%.3f,%.3f,%.3f,%.3f,%.3f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,"
+                 "%.6f,%.6f,%.6f,%.6f,%.3f,%.6f,%.6f,%s,%.6f,%.2f,%s\n",
+                 r.task.c_str(), r.arm.c_str(), r.seed, r.layers, r.steps, r.tokens_per_step, e.loss, e.accuracy,
+                 e.perplexity, e.load.kept_per_expert, e.load.slots_per_expert, e.load.capacity,
+                 r.train_slots_per_expert, r.train_kept_per_expert, e.load.drop_rate, e.load.padding, e.load.load_cv,
+                 e.load.local, e.ch, e.success, e.success_matched, r.unbounded.loss, r.unbounded.accuracy,
+                 r.unbounded.perplexity, r.unbounded.load.capacity, r.unbounded.load.load_cv, r.unbounded.load.local,
+                 join(e.layer_capacity, "%.1f").c_str(), r.route_ms, r.seconds, join(loads, "%.0f").c_str());
   }
   std::fclose(f);
 }

@@ -2,9 +2,9 @@
 
 // The model, forward and backward written out (Eigen, fp32, single thread):
 //   x (dense tokens, or the concatenated embeddings of c characters)
-//   h = x·Pᵀ                                   input projection: the MoE input, d = E·g channels
-//   y = h + Σ_i w_i · FFN_{e_i}(h)               one MoE layer (ReLU FFN d -> hidden -> d), residual
-//   z = mean of y over a sample's tokens, logits = z·Whᵀ + bh, softmax cross-entropy.
+//   h_0 = x·Pᵀ                                   input projection: the first MoE input, d = E·g channels
+//   h_{l+1} = h_l + Σ_i w_i · FFN_{l,e_i}(h_l)    MoE layer l (ReLU FFN d -> hidden -> d), residual
+//   z = mean of h_L over a sample's tokens, logits = z·Whᵀ + bh, softmax cross-entropy.
 // Routing (route, the router's weights and their backward) is the trainer's; this file only moves rows
 // through dispatch / combine and the experts.
 
@@ -41,6 +41,7 @@ struct model_shape {
   long hidden = 0;   // expert FFN hidden size
   long experts = 0;  // E
   long classes = 0;  // head outputs
+  long layers = 1;   // L, MoE layers
 };
 
 // One parameter tensor: a rows x cols block of the flat store.
@@ -50,11 +51,17 @@ struct tensor {
   std::size_t size() const { return sz(rows * cols); }
 };
 
+// One MoE layer's parameters: its gate (used by the learned linear gates only) and E experts.
+struct layer_parameters {
+  tensor gate;
+  std::vector<tensor> w1, b1, w2, b2;
+};
+
 // All parameters in one flat vector (so the optimizer is one loop and views into it never move).
 struct parameters {
   model_shape shape;
-  tensor emb, proj, gate, head_w, head_b;
-  std::vector<tensor> w1, b1, w2, b2;
+  tensor emb, proj, head_w, head_b;
+  std::vector<layer_parameters> layers;
   std::vector<float> value, grad, m, v;  // Adam moments
   long adam_step = 0;
 
@@ -75,12 +82,15 @@ inline parameters init_parameters(const model_shape& s, std::uint64_t seed) {
   };
   p.emb = take(s.vocab, s.embed);
   p.proj = take(s.width, s.in);
-  p.gate = take(s.experts, s.width);
-  for (long e = 0; e < s.experts; ++e) {
-    p.w1.push_back(take(s.hidden, s.width));
-    p.b1.push_back(take(1, s.hidden));
-    p.w2.push_back(take(s.width, s.hidden));
-    p.b2.push_back(take(1, s.width));
+  p.layers.resize(sz(s.layers));
+  for (layer_parameters& l : p.layers) {
+    l.gate = take(s.experts, s.width);
+    for (long e = 0; e < s.experts; ++e) {
+      l.w1.push_back(take(s.hidden, s.width));
+      l.b1.push_back(take(1, s.hidden));
+      l.w2.push_back(take(s.width, s.hidden));
+      l.b2.push_back(take(1, s.width));
+    }
   }
   p.head_w = take(s.classes, s.width);
   p.head_b = take(1, s.classes);
@@ -103,10 +113,12 @@ inline parameters init_parameters(const model_shape& s, std::uint64_t seed) {
   } else {
     fill(p.proj, 1.0 / std::sqrt(static_cast<double>(s.in)));
   }
-  fill(p.gate, 0.01);
-  for (long e = 0; e < s.experts; ++e) {
-    fill(p.w1[sz(e)], 1.0 / std::sqrt(static_cast<double>(s.width)));
-    fill(p.w2[sz(e)], 1.0 / std::sqrt(static_cast<double>(s.hidden)));
+  for (const layer_parameters& l : p.layers) {
+    fill(l.gate, 0.01);
+    for (long e = 0; e < s.experts; ++e) {
+      fill(l.w1[sz(e)], 1.0 / std::sqrt(static_cast<double>(s.width)));
+      fill(l.w2[sz(e)], 1.0 / std::sqrt(static_cast<double>(s.hidden)));
+    }
   }
   fill(p.head_w, 1.0 / std::sqrt(static_cast<double>(s.width)));
   return p;
@@ -131,22 +143,32 @@ inline void adam_step(parameters& p, double lr) {
   }
 }
 
+// One MoE layer's activations: its input and the expert-major slot rows.
+struct layer_activations {
+  rmat h;                // T x d, the layer's input
+  rmat buf, z1, a, out;  // S x d, S x hidden, S x hidden, S x d
+};
+
 // Activations kept for the backward pass.
 struct activations {
-  rmat x, h;               // T x in, T x d
-  rmat buf, z1, a, out;    // S x d, S x hidden, S x hidden, S x d (expert-major slots)
-  rmat y, pooled, logits;  // T x d, B x d, B x classes
+  rmat x;  // T x in
+  std::vector<layer_activations> layer;
+  rmat y, pooled, logits;  // T x d (the last layer's output), B x d, B x classes
   double loss = 0.0;       // mean cross-entropy over the samples
   double accuracy = 0.0;
+
+  // The input of layer l; l == L is the last layer's output.
+  const rmat& input(std::size_t l) const { return l < layer.size() ? layer[l].h : y; }
 };
 
 inline rs::matrix_view<const float> view(const rmat& m) { return {m.data(), m.rows(), m.cols()}; }
 inline rs::matrix_view<float> view(rmat& m) { return {m.data(), m.rows(), m.cols()}; }
 
-// x and h = x·Pᵀ.
+// x and h_0 = x·Pᵀ.
 inline void input_forward(const parameters& p, const batch& b, activations& act) {
   const model_shape& s = p.shape;
   const long T = b.tokens();
+  act.layer.resize(p.layers.size());
   if (s.vocab == 0) {
     act.x = cmap(b.x.data(), T, s.in);
   } else {
@@ -156,32 +178,36 @@ inline void input_forward(const parameters& p, const batch& b, activations& act)
       for (long j = 0; j < s.context; ++j)
         act.x.row(t).segment(j * s.embed, s.embed) = emb.row(b.ids[sz(t * s.context + j)]);
   }
-  act.h.noalias() = act.x * p.mat(p.proj).transpose();
+  act.layer[0].h.noalias() = act.x * p.mat(p.proj).transpose();
 }
 
-// dispatch -> experts -> combine -> residual, for a plan routed from act.h.
-inline void experts_forward(const parameters& p, const rs::routing_plan& plan, activations& act) {
+// Layer l: dispatch -> experts -> combine -> residual, for a plan routed from its input; writes the
+// next layer's input (or y after the last layer).
+inline void experts_forward(const parameters& p, std::size_t l, const rs::routing_plan& plan, activations& act) {
   const rs::backend::serial be;
   const model_shape& s = p.shape;
-  const long S = plan.num_slots(), T = act.h.rows();
-  act.buf.resize(S, s.width);
-  rs::dispatch(be, plan, view(std::as_const(act.h)), view(act.buf));
-  act.z1.resize(S, s.hidden);
-  act.a.resize(S, s.hidden);
-  act.out.resize(S, s.width);
+  const layer_parameters& lp = p.layers[l];
+  layer_activations& la = act.layer[l];
+  const long S = plan.num_slots(), T = la.h.rows();
+  la.buf.resize(S, s.width);
+  rs::dispatch(be, plan, view(std::as_const(la.h)), view(la.buf));
+  la.z1.resize(S, s.hidden);
+  la.a.resize(S, s.hidden);
+  la.out.resize(S, s.width);
   const auto off = plan.expert_offsets();
   for (long e = 0; e < s.experts; ++e) {
     const long r0 = off[sz(e)], n = off[sz(e + 1)] - r0;
     if (n == 0) continue;
-    act.z1.middleRows(r0, n).noalias() = act.buf.middleRows(r0, n) * p.mat(p.w1[sz(e)]).transpose();
-    act.z1.middleRows(r0, n).rowwise() += p.mat(p.b1[sz(e)]).row(0);
-    act.a.middleRows(r0, n) = act.z1.middleRows(r0, n).cwiseMax(0.0f);
-    act.out.middleRows(r0, n).noalias() = act.a.middleRows(r0, n) * p.mat(p.w2[sz(e)]).transpose();
-    act.out.middleRows(r0, n).rowwise() += p.mat(p.b2[sz(e)]).row(0);
+    la.z1.middleRows(r0, n).noalias() = la.buf.middleRows(r0, n) * p.mat(lp.w1[sz(e)]).transpose();
+    la.z1.middleRows(r0, n).rowwise() += p.mat(lp.b1[sz(e)]).row(0);
+    la.a.middleRows(r0, n) = la.z1.middleRows(r0, n).cwiseMax(0.0f);
+    la.out.middleRows(r0, n).noalias() = la.a.middleRows(r0, n) * p.mat(lp.w2[sz(e)]).transpose();
+    la.out.middleRows(r0, n).rowwise() += p.mat(lp.b2[sz(e)]).row(0);
   }
-  act.y.resize(T, s.width);
-  rs::combine(be, plan, view(std::as_const(act.out)), view(act.y));
-  act.y += act.h;
+  rmat& next = l + 1 < act.layer.size() ? act.layer[l + 1].h : act.y;
+  next.resize(T, s.width);
+  rs::combine(be, plan, view(std::as_const(la.out)), view(next));
+  next += la.h;
 }
 
 // Pooling, head and cross-entropy; when `dy` is given, the head's gradients go to p.grad and dL/dy to dy.
@@ -217,18 +243,21 @@ inline void head_forward_backward(parameters& p, const batch& b, activations& ac
   for (long i = 0; i < B; ++i) dy->middleRows(i * s, s) = dpooled.row(i).replicate(s, 1) / static_cast<float>(s);
 }
 
-// Through combine and the experts: dL/dw for every kept assignment (plan.token_weight() order) into
-// dweight, the experts' gradients into p.grad, and dL/dh (residual + dispatch) into dh.
-inline void experts_backward(parameters& p, const rs::routing_plan& plan, const activations& act, const rmat& dy,
-                             std::vector<float>& dweight, rmat& dh) {
+// Through layer l's combine and experts, given dy = dL/d(its output): dL/dw for every kept assignment
+// (plan.token_weight() order) into dweight, the experts' gradients into p.grad, and dL/d(its input)
+// (residual + dispatch) into dh.
+inline void experts_backward(parameters& p, std::size_t l, const rs::routing_plan& plan, const activations& act,
+                             const rmat& dy, std::vector<float>& dweight, rmat& dh) {
   const rs::backend::serial be;
   const model_shape& s = p.shape;
-  const long S = plan.num_slots(), T = act.h.rows();
+  const layer_parameters& lp = p.layers[l];
+  const layer_activations& la = act.layer[l];
+  const long S = plan.num_slots(), T = la.h.rows();
   // combine's gradient: w_i·dy_t at each kept slot (zero rows at padding) and <dy_t, out_slot> per
   // assignment (summed in double, rounded once).
   rmat dout(S, s.width);
   dweight.resize(sz(plan.num_assignments()));
-  rs::combine_backward(be, plan, view(act.out), view(dy), view(dout),
+  rs::combine_backward(be, plan, view(la.out), view(dy), view(dout),
                        rs::vector_view<float>{dweight.data(), plan.num_assignments()});
   rmat dbuf(S, s.width);
   const auto off = plan.expert_offsets();
@@ -236,13 +265,13 @@ inline void experts_backward(parameters& p, const rs::routing_plan& plan, const 
     const long r0 = off[sz(e)], n = off[sz(e + 1)] - r0;
     if (n == 0) continue;
     const auto d_out = dout.middleRows(r0, n);
-    p.gmat(p.w2[sz(e)]).noalias() += d_out.transpose() * act.a.middleRows(r0, n);
-    p.gmat(p.b2[sz(e)]).row(0) += d_out.colwise().sum();
-    rmat dz = d_out * p.mat(p.w2[sz(e)]);
-    dz.array() *= (act.z1.middleRows(r0, n).array() > 0.0f).cast<float>();
-    p.gmat(p.w1[sz(e)]).noalias() += dz.transpose() * act.buf.middleRows(r0, n);
-    p.gmat(p.b1[sz(e)]).row(0) += dz.colwise().sum();
-    dbuf.middleRows(r0, n).noalias() = dz * p.mat(p.w1[sz(e)]);
+    p.gmat(lp.w2[sz(e)]).noalias() += d_out.transpose() * la.a.middleRows(r0, n);
+    p.gmat(lp.b2[sz(e)]).row(0) += d_out.colwise().sum();
+    rmat dz = d_out * p.mat(lp.w2[sz(e)]);
+    dz.array() *= (la.z1.middleRows(r0, n).array() > 0.0f).cast<float>();
+    p.gmat(lp.w1[sz(e)]).noalias() += dz.transpose() * la.buf.middleRows(r0, n);
+    p.gmat(lp.b1[sz(e)]).row(0) += dz.colwise().sum();
+    dbuf.middleRows(r0, n).noalias() = dz * p.mat(lp.w1[sz(e)]);
   }
   // dispatch's gradient (each token's slot rows summed in ascending expert order), then the residual.
   dh.resize(T, s.width);
@@ -250,7 +279,7 @@ inline void experts_backward(parameters& p, const rs::routing_plan& plan, const 
   dh += dy;
 }
 
-// Through the projection (and the embeddings).
+// Through the projection (and the embeddings), given dh = dL/dh_0.
 inline void input_backward(parameters& p, const batch& b, const activations& act, const rmat& dh) {
   const model_shape& s = p.shape;
   p.gmat(p.proj).noalias() += dh.transpose() * act.x;

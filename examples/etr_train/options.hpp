@@ -18,9 +18,13 @@ struct options {
   bool run_synthetic = true;
   bool run_text = true;
   std::vector<std::string> arms;  // empty: all
-  unsigned long long seed = 1;
-  long steps = 0;      // 0: the task default (synthetic 1500, text 500; 60 with --quick)
-  long log_every = 0;  // 0: about 60 log points per run
+  unsigned long long seed = 1;    // the first seed
+  long seeds = 0;                 // seeds seed, seed + 1, ... (0: 3, or 1 with --quick); each runs every arm
+  long layers = 2;                // MoE layers
+  long jobs = 0;                  // runs trained at once (0: the hardware's threads)
+  double locality = 0.01;         // μ of the locality loss on the LocMoE and ETR arms (etr_noloc: none)
+  long steps = 0;                 // 0: the task default (synthetic 1500, text 500; 60 with --quick)
+  long log_every = 0;             // 0: about 60 log points per run
   double lr = 3e-3;
   long experts = 8;
   long width = 64;        // d, the MoE width (a multiple of experts)
@@ -36,10 +40,12 @@ struct options {
 inline void usage(std::FILE* f) {
   std::fprintf(f,
                "usage: etr_train [--out DIR] [--quick] [--task synthetic|text|both] [--arms a,b,...]\n"
-               "                 [--seed N] [--steps N] [--log-every N] [--lr X] [--experts N] [--width N]\n"
-               "                 [--hidden N] [--seq N] [--batch N] [--signal X] [--context N]\n"
-               "                 [--text-batch N] [--tau X] [--text FILE]\n"
-               "arms: switch locmoe etr_tcr etr_ecr etr bias\n");
+               "                 [--seed N] [--seeds N] [--layers N] [--jobs N] [--steps N] [--log-every N]\n"
+               "                 [--lr X] [--experts N] [--width N] [--hidden N] [--seq N] [--batch N]\n"
+               "                 [--signal X] [--context N] [--text-batch N] [--tau X] [--locality X]\n"
+               "                 [--text FILE]\n"
+               "arms: switch locmoe etr_tcr etr_ecr etr etr_noloc bias\n"
+               "defaults: 3 seeds (1, 2, 3), 2 MoE layers, locality 0.01, all arms, both tasks\n");
 }
 
 [[noreturn]] inline void bad_argument(const std::string& arg, const std::string& why) {
@@ -58,18 +64,19 @@ inline long parse_long(const std::string& arg, const char* text, long lo, long h
   return v;
 }
 
-inline double parse_double(const std::string& arg, const char* text, double lo, double hi) {
+// A number in (lo, hi], or in [lo, hi] when `closed`.
+inline double parse_double(const std::string& arg, const char* text, double lo, double hi, bool closed = false) {
   char* end = nullptr;
   errno = 0;
   const double v = std::strtod(text, &end);
-  if (end == text || *end != '\0' || errno != 0 || !(v > lo) || !(v <= hi))
-    bad_argument(arg, std::string("expected a number in (") + std::to_string(lo) + ", " + std::to_string(hi) +
-                          "], got '" + text + "'");
+  if (end == text || *end != '\0' || errno != 0 || !(closed ? v >= lo : v > lo) || !(v <= hi))
+    bad_argument(arg, std::string("expected a number in ") + (closed ? "[" : "(") + std::to_string(lo) + ", " +
+                          std::to_string(hi) + "], got '" + text + "'");
   return v;
 }
 
 inline const std::vector<std::string>& known_arms() {
-  static const std::vector<std::string> names{"switch", "locmoe", "etr_tcr", "etr_ecr", "etr", "bias"};
+  static const std::vector<std::string> names{"switch", "locmoe", "etr_tcr", "etr_ecr", "etr", "etr_noloc", "bias"};
   return names;
 }
 
@@ -114,6 +121,14 @@ inline options parse(int argc, char** argv) {
       }
     } else if (a == "--seed") {
       o.seed = static_cast<unsigned long long>(parse_long(a, v, 0, 2147483647L));
+    } else if (a == "--seeds") {
+      o.seeds = parse_long(a, v, 1, 100);
+    } else if (a == "--layers") {
+      o.layers = parse_long(a, v, 1, 16);
+    } else if (a == "--jobs") {
+      o.jobs = parse_long(a, v, 1, 256);
+    } else if (a == "--locality") {
+      o.locality = parse_double(a, v, 0.0, 100.0, true);
     } else if (a == "--steps") {
       o.steps = parse_long(a, v, 1, 10000000L);
     } else if (a == "--log-every") {
@@ -142,6 +157,7 @@ inline options parse(int argc, char** argv) {
       bad_argument(a, "unknown option");
     }
   }
+  if (o.seeds == 0) o.seeds = o.quick ? 1 : 3;
   if (o.width % o.experts != 0)
     bad_argument("--width", "must be a multiple of --experts (" + std::to_string(o.experts) + ")");
   if (o.experts > 8 && o.run_synthetic)
