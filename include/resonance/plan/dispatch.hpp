@@ -29,6 +29,16 @@ namespace detail {
 // Rows per block of the dispatch and combine loops (tbb's task size): a row is d values.
 inline constexpr index dispatch_grain = 256;
 
+// Requests a row of d values into the cache (host, GCC/Clang): the rows the loops below gather are
+// scattered, which the hardware prefetcher cannot predict. Nothing on a device.
+template <class T>
+RESONANCE_HOST_DEVICE RESONANCE_FORCEINLINE void prefetch_row([[maybe_unused]] const T* row, [[maybe_unused]] index d) {
+#if defined(__GNUC__) && !RESONANCE_DEVICE_COMPILE
+  const char* p = reinterpret_cast<const char*>(row);
+  for (index b = 0; b < d * static_cast<index>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
+#endif
+}
+
 // out[c] = 0 + w·src[c] (First) or out[c] += w·src[c], for c in [0, d). Each column is computed on its
 // own, so the bits do not depend on how the loop is vectorised. Eight columns per step: a fixed-length
 // inner loop, which GCC's -O2 vectoriser takes (its very cheap cost model leaves a loop of unknown
@@ -147,16 +157,10 @@ void combine_rows(const Backend& be, const plan_view<Space>& plan, matrix_view<c
         const index t = columns > 0 ? item / runs : item;
         const index c0 = columns > 0 ? item % runs * columns : 0;
         const index c1 = columns > 0 && c0 + columns < d ? c0 + columns : d;
-#if defined(__GNUC__) && !RESONANCE_DEVICE_COMPILE
-        // The source rows are scattered gathers the hardware prefetcher cannot predict: request the
-        // rows two tokens ahead while this one is summed (whole rows only: a device splits them).
-        if (columns == 0 && t + 2 < num_tokens) {
-          for (id_type i = off[t + 2]; i < off[t + 3]; ++i) {
-            const char* p = reinterpret_cast<const char*>(src.row(slot[i]));
-            for (index b = 0; b < d * static_cast<index>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
-          }
-        }
-#endif
+        // Request the rows two tokens ahead while this one is summed (whole rows only: a device
+        // splits them).
+        if (columns == 0 && t + 2 < num_tokens)
+          for (id_type i = off[t + 2]; i < off[t + 3]; ++i) prefetch_row(src.row(slot[i]), d);
         const auto row_of = [&](id_type i) { return src.row(slot[i]); };
         combine_columns<columns>(y.row(t), row_of, w, off[t], off[t + 1], c0, c1);
       },
@@ -313,7 +317,8 @@ void dispatch_backward(const Backend& be, const Plan& source, matrix_view<G, GSp
 // does not depend on FMA contraction; double rows are summed in double.
 // Either output may be skipped: an empty view (rows or cols 0, e.g. matrix_view<float>{}) is not
 // written. Both outputs are written by for_each items that own their entries (a run of one slot row's
-// columns; one assignment), so every backend gives the same bits. Rows are float, double or bfloat16,
+// columns; one assignment; on the host, when both are wanted, one assignment writes both, reading dy[t]
+// and the expert row once), so every backend gives the same bits. Rows are float, double or bfloat16,
 // one type for expert_out, dy and d_expert_out (the inputs may be const or mutable views). Throws
 // resonance::error naming the argument, with both outputs untouched, on a shape mismatch.
 template <execution_backend Backend, plan_source Plan, class In, class Dy, class T, class W, class InSpace,
@@ -348,8 +353,35 @@ void combine_backward(const Backend& be, const Plan& source, matrix_view<In, InS
   const matrix_view<const T, InSpace> out{expert_out.data, expert_out.rows, expert_out.cols, expert_out.stride};
   const matrix_view<const T, DySpace> g{dy.data, dy.rows, dy.cols, dy.stride};
   const id_type* const slot_token = plan.slot_token_;
+  const id_type* const token_slot = plan.token_slot_;
   constexpr index columns = detail::columns_per_item<Backend>();
   const index grain = columns > 0 ? index{0} : detail::dispatch_grain;
+  if constexpr (columns == 0) {
+    if (!d_expert_out.empty() && !dweight.empty()) {
+      // Host: both outputs in one pass per assignment, so dy[t] and the expert row are read once for
+      // both (the entries are the two-pass form's, bit for bit); then the padding rows are zeroed.
+      const float* const weight = plan.token_weight_;
+      for_each(
+          be, nnz,
+          RESONANCE_LAMBDA(index i) {
+            if (i + 2 < nnz) detail::prefetch_row(out.row(token_slot[i + 2]), d);
+            const id_type s = token_slot[i];
+            const T* const gt = g.row(slot_token[s]);
+            *dweight.row(i) = static_cast<W>(detail::dot_row(gt, out.row(s), d));
+            detail::scale_row(d_expert_out.row(s), gt, weight[i], d);
+          },
+          grain);
+      for_each(
+          be, S,
+          RESONANCE_LAMBDA(index s) {
+            if (slot_token[s] >= 0) return;
+            T* const dst = d_expert_out.row(s);
+            for (index c = 0; c < d; ++c) dst[c] = T{};
+          },
+          grain);
+      return;
+    }
+  }
   if (!d_expert_out.empty()) {
     // One item per run of a slot row's columns, as dispatch: slot_weight is the weight of the slot's
     // kept assignment (the plan stores it in both orders), 0 at padding.
@@ -373,18 +405,12 @@ void combine_backward(const Backend& be, const Plan& source, matrix_view<In, InS
   }
   if (!dweight.empty()) {
     // One item per assignment: a dot product is not split by columns (that would change its order).
-    const id_type* const token_slot = plan.token_slot_;
     for_each(
         be, nnz,
         RESONANCE_LAMBDA(index i) {
-#if defined(__GNUC__) && !RESONANCE_DEVICE_COMPILE
           // The expert rows are scattered gathers (combine's reason): request the row two
           // assignments ahead while this one is summed.
-          if (columns == 0 && i + 2 < nnz) {
-            const char* p = reinterpret_cast<const char*>(out.row(token_slot[i + 2]));
-            for (index b = 0; b < d * static_cast<index>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
-          }
-#endif
+          if (columns == 0 && i + 2 < nnz) detail::prefetch_row(out.row(token_slot[i + 2]), d);
           const id_type s = token_slot[i];
           *dweight.row(i) = static_cast<W>(detail::dot_row(g.row(slot_token[s]), out.row(s), d));
         },
