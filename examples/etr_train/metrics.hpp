@@ -19,32 +19,6 @@ namespace etr {
 
 namespace rs = resonance;
 
-// The load of one plan.
-struct load_record {
-  double kept_per_expert = 0.0;   // mean tokens an expert kept (its real work)
-  double slots_per_expert = 0.0;  // mean buffer rows an expert ran its FFN on (kept + padding)
-  double capacity = 0.0;          // C; for a dropless plan the largest load (what a padded buffer needs)
-  double drop_rate = 0.0;
-  double padding = 0.0;
-  double load_cv = 0.0;
-  double local = 0.0;        // local_fraction, when measured
-  std::vector<double> kept;  // per expert
-};
-
-inline load_record measure_load(const rs::routing_plan& plan) {
-  const rs::balance::routing_stats st = rs::balance::compute_stats(plan);
-  const double E = static_cast<double>(plan.num_experts());
-  load_record r;
-  r.kept_per_expert = st.mean_load;
-  r.slots_per_expert = static_cast<double>(st.slots) / E;
-  r.capacity = st.capacity >= 0 ? static_cast<double>(st.capacity) : st.max_load;
-  r.drop_rate = st.drop_rate;
-  r.padding = st.padding_fraction;
-  r.load_cv = st.load_cv;
-  r.kept.assign(st.expert_kept.begin(), st.expert_kept.end());
-  return r;
-}
-
 // The fraction of kept assignments whose expert sits on the token's node, with the locality loss's
 // virtual nodes: token t of a batch of `samples` samples is on node (t / s)·nodes / samples, expert e on
 // e·nodes / E. 1/nodes when routing ignores the nodes.
@@ -59,6 +33,34 @@ inline double local_fraction(const rs::routing_plan& plan, long samples, long no
       ++kept;
     }
   return kept > 0 ? static_cast<double>(local) / static_cast<double>(kept) : 0.0;
+}
+
+// The load of one plan.
+struct load_record {
+  double kept_per_expert = 0.0;   // mean tokens an expert kept (its real work)
+  double slots_per_expert = 0.0;  // mean buffer rows an expert ran its FFN on (kept + padding)
+  double capacity = 0.0;          // C; for a dropless plan the largest load (what a padded buffer needs)
+  double drop_rate = 0.0;
+  double padding = 0.0;
+  double load_cv = 0.0;
+  double local = 0.0;        // local_fraction
+  std::vector<double> kept;  // per expert
+};
+
+// The load of a plan of a batch of `samples` samples, its locality on `nodes` virtual nodes included.
+inline load_record measure_load(const rs::routing_plan& plan, long samples, long nodes) {
+  const rs::balance::routing_stats st = rs::balance::compute_stats(plan);
+  const double E = static_cast<double>(plan.num_experts());
+  load_record r;
+  r.kept_per_expert = st.mean_load;
+  r.slots_per_expert = static_cast<double>(st.slots) / E;
+  r.capacity = st.capacity >= 0 ? static_cast<double>(st.capacity) : st.max_load;
+  r.drop_rate = st.drop_rate;
+  r.padding = st.padding_fraction;
+  r.load_cv = st.load_cv;
+  r.local = local_fraction(plan, samples, nodes);
+  r.kept.assign(st.expert_kept.begin(), st.expert_kept.end());
+  return r;
 }
 
 // Running means of load records (the kept vector is summed, not averaged).

@@ -216,10 +216,10 @@ double step_gradient(parameters& p, const std::vector<Router>& routers, std::vec
 }
 
 // Held-out loss, accuracy and load of the final model under the given routers.
+// p is not modified (head_forward_backward writes gradients only when asked for dy).
 template <class Router, class State>
-eval_record evaluate(const parameters& p_in, const std::vector<Router>& routers, const std::vector<State>& states,
+eval_record evaluate(parameters& p, const std::vector<Router>& routers, const std::vector<State>& states,
                      const task_setup& tk, long nodes) {
-  parameters p = p_in;  // head_forward_backward takes a mutable store (it writes no gradient here)
   const long E = tk.shape.experts;
   double loss = 0.0, correct = 0.0, samples = 0.0, ch = 0.0;
   load_sum load;
@@ -236,8 +236,7 @@ eval_record evaluate(const parameters& p_in, const std::vector<Router>& routers,
     correct += act.accuracy * static_cast<double>(b.samples);
     samples += static_cast<double>(b.samples);
     for (std::size_t l = 0; l < plans.size(); ++l) {
-      load_record lr = measure_load(plans[l]);
-      lr.local = local_fraction(plans[l], b.samples, nodes);
+      const load_record lr = measure_load(plans[l], b.samples, nodes);
       load.add(lr);
       layer_capacity[l] += lr.capacity / static_cast<double>(tk.eval.size());
       ch += rs::balance::calinski_harabasz(view(std::as_const(act.layer[l].h)), plans[l]);
@@ -312,12 +311,12 @@ arm_result run_arm(const std::string& name, const arm_options& opt, Factory&& ma
     if (opt.bias_rate > 0.0)
       for (std::size_t l = 0; l < L; ++l) bias[l].update(plans[l], {.rate = opt.bias_rate});
 
+    std::vector<load_record> loads;
     for (const rs::routing_plan& plan : plans) {
-      load_record load = measure_load(plan);
-      load.local = local_fraction(plan, b.samples, opt.nodes);
-      interval_load.add(load);
-      slots_total += load.slots_per_expert / layers_d;
-      kept_total += load.kept_per_expert / layers_d;
+      loads.push_back(measure_load(plan, b.samples, opt.nodes));
+      interval_load.add(loads.back());
+      slots_total += loads.back().slots_per_expert / layers_d;
+      kept_total += loads.back().kept_per_expert / layers_d;
     }
     loss_sum += act.loss;
     acc_sum += act.accuracy;
@@ -342,7 +341,7 @@ arm_result run_arm(const std::string& name, const arm_options& opt, Factory&& ma
         }
         if constexpr (std::is_same_v<typename Router::capacity_type, rs::capacity::adaptive>)
           r.capacity_estimate.push_back(states[l].estimate);
-        r.layer_capacity.push_back(measure_load(plans[l]).capacity);
+        r.layer_capacity.push_back(loads[l].capacity);
       }
       res.log.push_back(r);
       loss_sum = acc_sum = ms_sum = 0.0;
